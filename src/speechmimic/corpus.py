@@ -1,0 +1,353 @@
+"""Corpus manifests (JSONL, one :class:`Clip` per line) and scanners for common dataset layouts.
+
+Layouts understood by :func:`scan`:
+
+``librispeech``
+    ``<spk>/<chapter>/<spk>-<chapter>-<utt>.flac`` with ``<spk>-<chapter>.trans.txt`` beside the
+    audio, or the flat ``<spk>/<spk>-<chapter>-<utt>.flac``. Labels ``speaker``, ``chapter`` and
+    ``text`` (when a transcript line exists). Id: the utterance id.
+``speech_commands``
+    ``<word>/<hash>_nohash_<n>.wav`` with ``testing_list.txt`` / ``validation_list.txt`` at the
+    root. Labels ``word``, ``speaker`` (the hash) and ``split`` (train/validation/test). The
+    ``_background_noise_`` folder holds long noise recordings, not utterances: its files are
+    listed in ``skipped``. Id: ``<word>-<hash>_nohash_<n>``.
+``fsdd``
+    ``{digit}_{speaker}_{index}.wav`` anywhere below the root (usually ``recordings/``). Labels
+    ``digit`` (int), ``speaker``, ``index`` (int) and ``split`` (``test`` for index 0-4, the usual
+    split, else ``train``). Id: the file stem.
+``plain``
+    Every audio file; labels ``{"folder": <parent folder>}``, or ``{}`` for files at the root.
+    Id: the relative path without extension, ``/`` replaced by ``-``.
+
+Auto-detection picks the first of speech_commands, fsdd, librispeech whose naming every audio
+file follows, else plain. With a forced layout, files that do not follow its naming are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from speechmimic.audio import (
+    AUDIO_EXTENSIONS,
+    DEFAULT_SILENCE_THRESHOLD,
+    SAMPLE_RATE,
+    AudioError,
+    decode_audio,
+    load_audio,
+    resample,
+    validate_waveform,
+)
+
+LAYOUTS = ("plain", "librispeech", "speech_commands", "fsdd")
+
+_LIBRI_RE = re.compile(r"^(\d+)-(\d+)-(\d+)$")
+_SC_RE = re.compile(r"^([0-9a-f]+)_nohash_(\d+)$", re.IGNORECASE)
+_FSDD_RE = re.compile(r"^(\d)_(.+)_(\d+)$")
+_SC_NOISE_DIR = "_background_noise_"
+
+
+@dataclass
+class Clip:
+    """One utterance, or one segment of a file.
+
+    ``sampling_rate`` and ``num_samples`` describe the segment at the source file's rate;
+    ``offset`` and ``duration`` are in seconds.
+    """
+
+    id: str
+    path: str
+    sampling_rate: int
+    num_samples: int
+    duration: float
+    offset: float = 0.0
+    labels: dict = field(default_factory=dict)
+
+    def load(self, sample_rate: int = SAMPLE_RATE, min_samples: int = 0) -> np.ndarray:
+        """The clip as validated float32 mono at ``sample_rate``."""
+        return load_audio(
+            self.path,
+            offset=self.offset,
+            duration=self.duration,
+            sample_rate=sample_rate,
+            min_samples=min_samples,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Clip:
+        names = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.name not in ("offset", "labels")}
+        if missing := required - d.keys():
+            raise ValueError(f"missing keys {sorted(missing)}")
+        if unknown := d.keys() - names:
+            raise ValueError(f"unknown keys {sorted(unknown)}")
+        return cls(
+            id=str(d["id"]),
+            path=str(d["path"]),
+            sampling_rate=int(d["sampling_rate"]),
+            num_samples=int(d["num_samples"]),
+            duration=float(d["duration"]),
+            offset=float(d.get("offset", 0.0)),
+            labels=dict(d.get("labels") or {}),
+        )
+
+
+@dataclass
+class ScanResult:
+    clips: list[Clip]
+    skipped: list[tuple[str, str]]  # (path, reason); segment paths carry an "@k" suffix
+    layout: str
+
+    @property
+    def hours(self) -> float:
+        return sum(c.duration for c in self.clips) / 3600.0
+
+
+# ---------------------------------------------------------------- manifests
+
+
+def write_manifest(clips: Iterable[Clip], path: str | os.PathLike) -> None:
+    """Write clips as JSONL atomically; paths under the manifest's folder are stored relative to it."""
+    out = Path(path).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base = out.parent.resolve()
+    fd, tmp = tempfile.mkstemp(dir=base, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for clip in clips:
+                d = clip.to_dict()
+                audio = Path(clip.path).resolve()
+                d["path"] = audio.relative_to(base).as_posix() if audio.is_relative_to(base) else str(audio)
+                fh.write(json.dumps(d, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def iter_manifest(path: str | os.PathLike) -> Iterator[Clip]:
+    """Lazily yield the clips of a JSONL manifest, with paths resolved against its folder."""
+    path = Path(path)
+    base = path.absolute().parent
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                if not isinstance(d, dict):
+                    raise ValueError("not a JSON object")
+                clip = Clip.from_dict(d)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{path}:{lineno}: malformed manifest line: {e}") from e
+            clip.path = os.path.normpath(base / clip.path)
+            yield clip
+
+
+def read_manifest(path: str | os.PathLike) -> list[Clip]:
+    return list(iter_manifest(path))
+
+
+# ---------------------------------------------------------------- layouts
+
+
+def _match_librispeech(rel: Path) -> bool:
+    m = _LIBRI_RE.match(rel.stem)
+    if not m:
+        return False
+    parents = rel.parent.parts
+    spk, chapter = m.group(1), m.group(2)
+    return parents[-2:] == (spk, chapter) or parents[-1:] == (spk,)
+
+
+def _match_speech_commands(rel: Path) -> bool:
+    return len(rel.parts) >= 2 and (rel.parts[0] == _SC_NOISE_DIR or bool(_SC_RE.match(rel.stem)))
+
+
+def _match_fsdd(rel: Path) -> bool:
+    return bool(_FSDD_RE.match(rel.stem))
+
+
+_MATCHERS = {
+    "speech_commands": _match_speech_commands,
+    "fsdd": _match_fsdd,
+    "librispeech": _match_librispeech,
+}
+
+
+def detect_layout(rel_paths: list[Path]) -> str:
+    if rel_paths:
+        for name, match in _MATCHERS.items():
+            if all(match(p) for p in rel_paths):
+                return name
+    return "plain"
+
+
+def _read_lines(path: Path) -> set[str]:
+    if not path.is_file():
+        return set()
+    return {line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+
+
+class _Labeller:
+    """Per-layout ids and labels; raises ValueError for files that are not utterances of the layout."""
+
+    def __init__(self, root: Path, layout: str):
+        self.root = root
+        self.layout = layout
+        self._transcripts: dict[Path, dict[str, str]] = {}
+        if layout == "speech_commands":
+            self._test = _read_lines(root / "testing_list.txt")
+            self._valid = _read_lines(root / "validation_list.txt")
+
+    def _transcript(self, folder: Path) -> dict[str, str]:
+        if folder not in self._transcripts:
+            texts = {}
+            for trans in sorted(folder.glob("*.trans.txt")):
+                for line in trans.read_text(encoding="utf-8").splitlines():
+                    utt, _, text = line.strip().partition(" ")
+                    if utt:
+                        texts[utt] = text.strip()
+            self._transcripts[folder] = texts
+        return self._transcripts[folder]
+
+    def __call__(self, rel: Path) -> tuple[str, dict]:
+        if self.layout == "librispeech":
+            if not _match_librispeech(rel):
+                raise ValueError("name does not follow <spk>/[<chapter>/]<spk>-<chapter>-<utt>.<ext>")
+            utt = rel.stem
+            spk, chapter, _ = utt.split("-")
+            labels = {"speaker": spk, "chapter": chapter}
+            text = self._transcript(self.root / rel.parent).get(utt)
+            if text is not None:
+                labels["text"] = text
+            return utt, labels
+        if self.layout == "speech_commands":
+            if rel.parts[0] == _SC_NOISE_DIR:
+                raise ValueError("background noise recording, not an utterance")
+            m = _SC_RE.match(rel.stem)
+            if not m or len(rel.parts) < 2:
+                raise ValueError("name does not follow <word>/<hash>_nohash_<n>.<ext>")
+            word = rel.parent.name
+            key = f"{word}/{rel.name}"
+            split = "test" if key in self._test else "validation" if key in self._valid else "train"
+            return f"{word}-{rel.stem}", {"word": word, "speaker": m.group(1), "split": split}
+        if self.layout == "fsdd":
+            m = _FSDD_RE.match(rel.stem)
+            if not m:
+                raise ValueError("name does not follow {digit}_{speaker}_{index}.<ext>")
+            index = int(m.group(3))
+            labels = {
+                "digit": int(m.group(1)),
+                "speaker": m.group(2),
+                "index": index,
+                "split": "test" if index < 5 else "train",
+            }
+            return rel.stem, labels
+        labels = {"folder": rel.parent.name} if len(rel.parts) > 1 else {}
+        return rel.with_suffix("").as_posix().replace("/", "-"), labels
+
+
+# ---------------------------------------------------------------- scanning
+
+
+def _segment_bounds(num_samples: int, sr: int, max_seconds: float | None) -> list[tuple[int, int]]:
+    """Equal-length consecutive segments of at most ``max_seconds``; drops < n_segments tail samples."""
+    if max_seconds is None or num_samples <= max_seconds * sr:
+        return [(0, num_samples)]
+    max_len = max(1, math.floor(max_seconds * sr))
+    count = math.ceil(num_samples / max_len)
+    seg = num_samples // count
+    return [(k * seg, seg) for k in range(count)]
+
+
+def scan(
+    root: str | os.PathLike,
+    layout: str = "auto",
+    max_segment_seconds: float | None = None,
+    min_samples: int = 0,
+    progress: bool = True,
+    silence_threshold: float = DEFAULT_SILENCE_THRESHOLD,
+) -> ScanResult:
+    """Find, decode and validate every audio file under ``root``; bad files are skipped, never fatal.
+
+    ``min_samples`` counts samples at 16 kHz. With ``max_segment_seconds``, longer files become
+    segments ``<id>@<k>`` (label ``segment: k``), each validated on its own.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root}: not a directory")
+    if layout != "auto" and layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose auto or one of {', '.join(LAYOUTS)}")
+    if max_segment_seconds is not None and max_segment_seconds <= 0:
+        raise ValueError(f"max_segment_seconds must be > 0, got {max_segment_seconds}")
+    root = root.resolve()
+
+    files = (p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+    rel_paths = sorted((p.relative_to(root) for p in files), key=lambda p: p.as_posix())
+    if layout == "auto":
+        layout = detect_layout(rel_paths)
+    labeller = _Labeller(root, layout)
+
+    clips: list[Clip] = []
+    skipped: list[tuple[str, str]] = []
+    seen_ids: set[str] = set()
+    for rel in tqdm(rel_paths, desc=f"scanning {root.name}", unit="file", disable=not progress):
+        path = root / rel
+        try:
+            clip_id, labels = labeller(rel)
+        except ValueError as e:
+            skipped.append((str(path), str(e)))
+            continue
+        try:
+            wav, sr = decode_audio(path)
+            validate_waveform(wav, path, silence_threshold=silence_threshold)
+        except AudioError as e:
+            skipped.append((str(path), e.reason))
+            continue
+        clip_id = _unique(clip_id, rel, seen_ids)
+        bounds = _segment_bounds(len(wav), sr, max_segment_seconds)
+        for k, (start, n) in enumerate(bounds):
+            seg_path = f"{path}@{k}" if len(bounds) > 1 else str(path)
+            try:
+                validate_waveform(
+                    resample(wav[start : start + n], sr, SAMPLE_RATE),
+                    seg_path,
+                    min_samples=min_samples,
+                    silence_threshold=silence_threshold,
+                )
+            except AudioError as e:
+                skipped.append((seg_path, e.reason))
+                continue
+            if len(bounds) == 1:
+                clips.append(Clip(clip_id, str(path), sr, n, n / sr, 0.0, labels))
+            else:
+                clips.append(
+                    Clip(f"{clip_id}@{k}", str(path), sr, n, n / sr, start / sr, {**labels, "segment": k})
+                )
+    return ScanResult(clips=clips, skipped=skipped, layout=layout)
+
+
+def _unique(clip_id: str, rel: Path, seen: set[str]) -> str:
+    # Same stem with two extensions, or "a-b/c" vs "a/b-c" in plain trees, would collide.
+    candidate = clip_id
+    if candidate in seen:
+        candidate = f"{clip_id}{rel.suffix.lower()}"
+    n = 1
+    while candidate in seen:
+        n += 1
+        candidate = f"{clip_id}#{n}"
+    seen.add(candidate)
+    return candidate

@@ -1,0 +1,238 @@
+"""Stage 2: train the student to predict every layer the target returned (DistilHuBERT loss).
+
+Reads a manifest of queried clips and the ledger holding their paid responses; writes a student
+checkpoint. Loss per head: L1 + (-log sigmoid(cos)) between prediction and target frames, both in
+standardised units (per-dimension mean/std of the paid responses: without it, a cosine loss rewards
+copying the one large direction all target frames share), averaged over heads. AdamW, linear warm-up
+then cosine decay, batches capped by total seconds of (padded) audio, seeds, checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from speechmimic.corpus import Clip
+from speechmimic.ledger import Ledger
+from speechmimic.student import SAMPLE_RATE, HeadSpec, Student, align, build_student
+
+STATE_NAME = "train_state.pt"
+
+
+@dataclass
+class DistillConfig:
+    steps: int = 2000
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 100
+    batch_seconds: float = 40.0
+    crop_seconds: float = 6.0  # longer clips are randomly cropped so one batch never holds one huge clip
+    cos_weight: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 500
+    device: str = "cpu"
+
+
+def infer_heads(ledger: Ledger, keys: list[str]) -> list[HeadSpec]:
+    """Width and frame rate of each returned layer, read off the paid responses only."""
+    rates: dict[str, list[float]] = {}
+    dims: dict[str, int] = {}
+    for key in keys:
+        entry = ledger.entries[key]
+        for name, t in entry.frames.items():
+            rates.setdefault(name, []).append(t / entry.seconds)
+    for name, arr in ledger.get(keys[0]).items():
+        dims[name] = int(arr.shape[1])
+    # Rates are T/duration, biased by edge frames on short clips: take the longest clips' median.
+    longest = sorted(keys, key=lambda k: -ledger.entries[k].num_samples)[: max(1, len(keys) // 4)]
+    specs = []
+    for name in dims:
+        est = np.median([ledger.entries[k].frames[name] / ledger.entries[k].seconds for k in longest])
+        specs.append(HeadSpec(name=name, dim=dims[name], rate=float(round(est, 2))))
+    return specs
+
+
+class PairedClips:
+    """Waveforms and paid responses of the queried clips, cached in memory up to ``cache_bytes``."""
+
+    def __init__(self, clips: list[Clip], ledger: Ledger, cache_bytes: int = 4 << 30):
+        self.clips = [c for c in clips if ledger.key_of(c.id) in ledger.entries]
+        if not self.clips:
+            raise ValueError(f"none of the {len(clips)} clips has a paid response in {ledger.root}")
+        self.ledger = ledger
+        self.cache: dict[int, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
+        self.cache_left = cache_bytes
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def keys(self) -> list[str]:
+        return [self.ledger.key_of(c.id) for c in self.clips]
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        if i in self.cache:
+            return self.cache[i]
+        clip = self.clips[i]
+        item = (clip.load(), self.ledger.get(self.ledger.key_of(clip.id)))
+        size = item[0].nbytes + sum(v.nbytes for v in item[1].values())
+        if size <= self.cache_left:
+            self.cache[i] = item
+            self.cache_left -= size
+        return item
+
+
+def make_batches(durations: list[float], batch_seconds: float, crop_seconds: float,
+                 rng: random.Random) -> list[list[int]]:
+    """Group clips of similar length so that (clips x longest) stays under ``batch_seconds``."""
+    order = sorted(range(len(durations)), key=lambda i: (durations[i], rng.random()))
+    batches, cur, longest = [], [], 0.0
+    for i in order:
+        d = min(durations[i], crop_seconds)
+        if cur and (len(cur) + 1) * max(longest, d) > batch_seconds:
+            batches.append(cur)
+            cur, longest = [], 0.0
+        cur.append(i)
+        longest = max(longest, d)
+    if cur:
+        batches.append(cur)
+    rng.shuffle(batches)
+    return batches
+
+
+def _collate(items, student: Student, crop_seconds: float, rng: random.Random):
+    """Pad waveforms; crop long clips at a student-frame boundary so targets stay aligned."""
+    hop = student.cfg.hop
+    crop = int(crop_seconds * SAMPLE_RATE) // hop * hop
+    wavs, targets, lengths = [], [], []
+    for wav, resp in items:
+        if len(wav) > crop:
+            s = rng.randrange(0, (len(wav) - crop) // hop + 1) * hop
+            per_sample = {name: len(frames) / len(wav) for name, frames in resp.items()}
+            wav = wav[s: s + crop]
+            resp = {name: frames[round(s * per_sample[name]): round((s + crop) * per_sample[name])]
+                    for name, frames in resp.items()}
+        wavs.append(torch.from_numpy(wav))
+        targets.append({k: torch.from_numpy(v) for k, v in resp.items()})
+        lengths.append(len(wav))
+    batch = torch.zeros(len(wavs), max(lengths))
+    for i, w in enumerate(wavs):
+        batch[i, : len(w)] = w
+    return batch, torch.tensor(lengths), targets
+
+
+def distill_loss(student: Student, wav: torch.Tensor, lengths: torch.Tensor,
+                 targets: list[dict[str, torch.Tensor]], cos_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """DistilHuBERT loss averaged over heads; per-head parts returned for logging."""
+    _, _, preds = student(wav, lengths)
+    n_student = student.cfg.num_frames(lengths)
+    total, parts = 0.0, {}
+    for name, head in student.heads.items():
+        l1_sum, cos_sum, frames = 0.0, 0.0, 0
+        for i, tgt in enumerate(targets):
+            y = (tgt[name] - head.mean) / head.std
+            p = align(preds[name][i], int(n_student[i]) * head.ratio, len(y))
+            l1_sum = l1_sum + F.l1_loss(p, y, reduction="sum") / y.shape[1]
+            cos_sum = cos_sum - F.logsigmoid(F.cosine_similarity(p, y, dim=-1)).sum()
+            frames += len(y)
+        l1, cos = l1_sum / frames, cos_sum / frames
+        parts[name] = {"l1": float(l1.detach()), "cos": float(cos.detach())}
+        total = total + l1 + cos_weight * cos
+    return total / len(student.heads), parts
+
+
+def _lr_at(step: int, cfg: DistillConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def distill(clips: list[Clip], ledger: Ledger, out_dir: str | Path, cfg: DistillConfig,
+            student: Student | None = None, preset: str = "small", resume: bool = True,
+            progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> Student:
+    """Train a student on the paid responses of ``clips`` and save it to ``out_dir``.
+
+    With ``resume`` (default), a ``train_state.pt`` left in ``out_dir`` by an interrupted run is
+    picked up where it stopped: same weights, optimiser, step and random state.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    data = PairedClips(clips, ledger)
+    keys = data.keys()
+    if student is None:
+        student = build_student(preset, infer_heads(ledger, keys))
+    stats = ledger.layer_stats(keys)
+    for name, head in student.heads.items():
+        mean, std = stats[name]
+        head.mean.copy_(torch.from_numpy(mean))
+        head.std.copy_(torch.from_numpy(np.maximum(std, 1e-3 * float(std.mean()) + 1e-8)))
+    student.to(cfg.device).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = random.Random(cfg.seed)
+    step, epoch, log = 0, 0, []
+    state_path = out_dir / STATE_NAME
+    if resume and state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        student.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, epoch, log = state["step"], state["epoch"], state["log"]
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+    durations = [c.duration for c in data.clips]
+    bar = tqdm(total=cfg.steps, initial=step, desc="distill", unit="step", disable=not progress)
+    t0 = time.time()
+    while step < cfg.steps:
+        batches = make_batches(durations, cfg.batch_seconds, cfg.crop_seconds, random.Random(cfg.seed + epoch))
+        # Skip the batches of this epoch already done before a resume: the order is seeded per epoch.
+        done_in_epoch = sum(1 for e in log if e.get("epoch") == epoch)
+        for batch_idx in batches[done_in_epoch:]:
+            if step >= cfg.steps:
+                break
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, cfg)
+            wav, lengths, targets = _collate([data[i] for i in batch_idx], student, cfg.crop_seconds, rng)
+            loss, _ = distill_loss(student, wav.to(cfg.device), lengths.to(cfg.device),
+                                   [{k: v.to(cfg.device) for k, v in t.items()} for t in targets],
+                                   cfg.cos_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
+            opt.step()
+            step += 1
+            log.append({"step": step, "epoch": epoch, "loss": round(float(loss), 5)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+            if on_step:
+                on_step(step, float(loss))
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                _save_state(state_path, student, opt, step, epoch, log, rng)
+        else:
+            epoch += 1
+    bar.close()
+    student.eval()
+    student.save(out_dir, extra={"distill": asdict(cfg), "ledger": str(ledger.root),
+                                 "target": (ledger.header or {}).get("target"),
+                                 "queried_clips": len(data), "train_seconds": round(time.time() - t0, 1)})
+    (out_dir / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+    _save_state(state_path, student, opt, step, epoch, log, rng)
+    return student
+
+
+def _save_state(path: Path, student, opt, step, epoch, log, rng) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
+                "log": log, "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
+    tmp.replace(path)

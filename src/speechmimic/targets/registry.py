@@ -1,0 +1,108 @@
+"""Spec strings -> :class:`~speechmimic.targets.base.Target` instances.
+
+A spec is ``<kind>[:<location>][?key=value&...]``:
+
+- ``hf:<local dir or hub id>?layers=...&padding=per_clip|bucket&batch_seconds=60``
+- ``resemblyzer?layers=...&padding=per_clip``
+
+Backends are imported only when a spec asks for them, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+from speechmimic.targets.base import Target
+
+# kind -> (takes a location, accepted option keys)
+_KINDS: dict[str, tuple[bool, tuple[str, ...]]] = {
+    "hf": (True, ("layers", "padding", "batch_seconds")),
+    "resemblyzer": (False, ("layers", "padding")),
+}
+
+
+def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
+    """Split ``spec`` into ``(kind, location, options)``; ``location`` is ``""`` for kinds without one.
+
+    Raises ``ValueError`` for an unknown kind, a missing or unexpected location, a malformed or
+    repeated option, or an option the kind does not accept; the message lists what is valid.
+    """
+    head, sep, query = spec.partition("?")
+    kind, colon, location = head.partition(":")
+    kind = kind.strip()
+    if kind not in _KINDS:
+        raise ValueError(f"unknown target kind {kind!r} in spec {spec!r}; valid kinds: {sorted(_KINDS)}")
+    takes_location, valid_keys = _KINDS[kind]
+    if takes_location and not location:
+        raise ValueError(f"spec {spec!r} needs a location: {kind}:<local dir or hub id>")
+    if not takes_location and colon:
+        raise ValueError(f"target kind {kind!r} takes no location, got {spec!r}")
+
+    options: dict[str, str] = {}
+    if sep and query:
+        for item in query.split("&"):
+            key, eq, value = item.partition("=")
+            if not eq or not key or not value:
+                raise ValueError(f"malformed option {item!r} in spec {spec!r}; expected key=value")
+            if key not in valid_keys:
+                raise ValueError(
+                    f"unknown option {key!r} for target kind {kind!r}; valid options: {list(valid_keys)}"
+                )
+            if key in options:
+                raise ValueError(f"option {key!r} given twice in spec {spec!r}")
+            options[key] = value
+    return kind, location, options
+
+
+def load_target(spec: str, device: str = "cpu") -> Target:
+    """Build the target a spec names. The returned target's ``spec`` is a canonical form of ``spec``
+    (layers resolved to explicit indices, padding policy spelled out) that rebuilds it."""
+    kind, location, options = parse_spec(spec)
+    if kind == "hf":
+        from speechmimic.targets.hf import HFTarget
+
+        batch_seconds = options.get("batch_seconds", "60")
+        try:
+            seconds = float(batch_seconds)
+        except ValueError:
+            seconds = float("nan")
+        if not seconds > 0:
+            raise ValueError(f"batch_seconds must be a positive number of seconds, got {batch_seconds!r}")
+        return HFTarget(
+            location,
+            layers=options.get("layers"),
+            padding=options.get("padding", "per_clip"),
+            batch_seconds=seconds,
+            device=device,
+        )
+    from speechmimic.targets.resemblyzer import ResemblyzerTarget
+
+    return ResemblyzerTarget(
+        layers=options.get("layers"), padding=options.get("padding", "per_clip"), device=device
+    )
+
+
+def parse_layers(value: str | None, count: int, first: int, default: int) -> list[int]:
+    """Resolve a ``layers`` option to sorted-by-request, de-duplicated indices in ``[first, first + count)``.
+
+    ``None`` gives ``[default]``; ``all`` gives every index; otherwise a comma list where negative
+    entries count from the end (``-1`` is the last).
+    """
+    if value is None:
+        return [default]
+    if value.strip() == "all":
+        return list(range(first, first + count))
+    last = first + count - 1
+    indices: list[int] = []
+    for item in value.split(","):
+        try:
+            index = int(item)
+        except ValueError:
+            raise ValueError(
+                f"layers must be 'all' or a comma list of integers in [{first}, {last}] "
+                f"(or [-{count}, -1]), got {value!r}"
+            ) from None
+        resolved = first + count + index if index < 0 else index
+        if not first <= resolved <= last:
+            raise ValueError(f"layer {index} out of range: valid are {first}..{last} or -{count}..-1")
+        if resolved not in indices:
+            indices.append(resolved)
+    return indices
