@@ -91,8 +91,9 @@ class PairedClips:
         return item
 
 
-def make_batches(durations: list[float], batch_seconds: float, crop_seconds: float,
-                 rng: random.Random) -> list[list[int]]:
+def make_batches(
+    durations: list[float], batch_seconds: float, crop_seconds: float, rng: random.Random
+) -> list[list[int]]:
     """Group clips of similar length so that (clips x longest) stays under ``batch_seconds``."""
     order = sorted(range(len(durations)), key=lambda i: (durations[i], rng.random()))
     batches, cur, longest = [], [], 0.0
@@ -118,9 +119,11 @@ def _collate(items, student: Student, crop_seconds: float, rng: random.Random):
         if len(wav) > crop:
             s = rng.randrange(0, (len(wav) - crop) // hop + 1) * hop
             per_sample = {name: len(frames) / len(wav) for name, frames in resp.items()}
-            wav = wav[s: s + crop]
-            resp = {name: frames[round(s * per_sample[name]): round((s + crop) * per_sample[name])]
-                    for name, frames in resp.items()}
+            wav = wav[s : s + crop]
+            resp = {
+                name: frames[round(s * per_sample[name]) : round((s + crop) * per_sample[name])]
+                for name, frames in resp.items()
+            }
         wavs.append(torch.from_numpy(wav))
         targets.append({k: torch.from_numpy(v) for k, v in resp.items()})
         lengths.append(len(wav))
@@ -130,8 +133,13 @@ def _collate(items, student: Student, crop_seconds: float, rng: random.Random):
     return batch, torch.tensor(lengths), targets
 
 
-def distill_loss(student: Student, wav: torch.Tensor, lengths: torch.Tensor,
-                 targets: list[dict[str, torch.Tensor]], cos_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+def distill_loss(
+    student: Student,
+    wav: torch.Tensor,
+    lengths: torch.Tensor,
+    targets: list[dict[str, torch.Tensor]],
+    cos_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict]:
     """DistilHuBERT loss averaged over heads; per-head parts returned for logging."""
     _, _, preds = student(wav, lengths)
     n_student = student.cfg.num_frames(lengths)
@@ -157,9 +165,17 @@ def _lr_at(step: int, cfg: DistillConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def distill(clips: list[Clip], ledger: Ledger, out_dir: str | Path, cfg: DistillConfig,
-            student: Student | None = None, preset: str = "small", resume: bool = True,
-            progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> Student:
+def distill(
+    clips: list[Clip],
+    ledger: Ledger,
+    out_dir: str | Path,
+    cfg: DistillConfig,
+    student: Student | None = None,
+    preset: str = "small",
+    resume: bool = True,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> Student:
     """Train a student on the paid responses of ``clips`` and save it to ``out_dir``.
 
     With ``resume`` (default), a ``train_state.pt`` left in ``out_dir`` by an interrupted run is
@@ -195,7 +211,9 @@ def distill(clips: list[Clip], ledger: Ledger, out_dir: str | Path, cfg: Distill
     bar = tqdm(total=cfg.steps, initial=step, desc="distill", unit="step", disable=not progress)
     t0 = time.time()
     while step < cfg.steps:
-        batches = make_batches(durations, cfg.batch_seconds, cfg.crop_seconds, random.Random(cfg.seed + epoch))
+        batches = make_batches(
+            durations, cfg.batch_seconds, cfg.crop_seconds, random.Random(cfg.seed + epoch)
+        )
         # Skip the batches of this epoch already done before a resume: the order is seeded per epoch.
         done_in_epoch = sum(1 for e in log if e.get("epoch") == epoch)
         for batch_idx in batches[done_in_epoch:]:
@@ -204,28 +222,40 @@ def distill(clips: list[Clip], ledger: Ledger, out_dir: str | Path, cfg: Distill
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)
             wav, lengths, targets = _collate([data[i] for i in batch_idx], student, cfg.crop_seconds, rng)
-            loss, _ = distill_loss(student, wav.to(cfg.device), lengths.to(cfg.device),
-                                   [{k: v.to(cfg.device) for k, v in t.items()} for t in targets],
-                                   cfg.cos_weight)
+            loss, _ = distill_loss(
+                student,
+                wav.to(cfg.device),
+                lengths.to(cfg.device),
+                [{k: v.to(cfg.device) for k, v in t.items()} for t in targets],
+                cfg.cos_weight,
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
             opt.step()
             step += 1
-            log.append({"step": step, "epoch": epoch, "loss": round(float(loss), 5)})
+            loss = float(loss.detach())
+            log.append({"step": step, "epoch": epoch, "loss": round(loss, 5)})
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}")
             if on_step:
-                on_step(step, float(loss))
+                on_step(step, loss)
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 _save_state(state_path, student, opt, step, epoch, log, rng)
         else:
             epoch += 1
     bar.close()
     student.eval()
-    student.save(out_dir, extra={"distill": asdict(cfg), "ledger": str(ledger.root),
-                                 "target": (ledger.header or {}).get("target"),
-                                 "queried_clips": len(data), "train_seconds": round(time.time() - t0, 1)})
+    student.save(
+        out_dir,
+        extra={
+            "distill": asdict(cfg),
+            "ledger": str(ledger.root),
+            "target": (ledger.header or {}).get("target"),
+            "queried_clips": len(data),
+            "train_seconds": round(time.time() - t0, 1),
+        },
+    )
     (out_dir / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
     _save_state(state_path, student, opt, step, epoch, log, rng)
     return student
@@ -233,6 +263,16 @@ def distill(clips: list[Clip], ledger: Ledger, out_dir: str | Path, cfg: Distill
 
 def _save_state(path: Path, student, opt, step, epoch, log, rng) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
-                "log": log, "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
+    torch.save(
+        {
+            "model": student.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "epoch": epoch,
+            "log": log,
+            "rng": rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp,
+    )
     tmp.replace(path)

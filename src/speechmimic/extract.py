@@ -22,15 +22,17 @@ from speechmimic.student import Student
 from speechmimic.targets import Target
 
 
-def query_clips(target: Target, clips: list[Clip], ledger: Ledger, batch_size: int = 8,
-                progress: bool = True) -> dict:
+def query_clips(
+    target: Target, clips: list[Clip], ledger: Ledger, batch_size: int = 8, progress: bool = True
+) -> dict:
     """Pay for the target's answers to ``clips`` (already paid ones are reused)."""
     loader = ((c.id, lambda c=c: c.load(min_samples=target.min_samples)) for c in clips)
     return ledger.query(target, loader, batch_size=batch_size, progress=progress, total=len(clips))
 
 
-def heldout_fidelity(student: Student, target: Target, heldout: list[Clip], eval_ledger: Ledger,
-                     progress: bool = True) -> dict:
+def heldout_fidelity(
+    student: Student, target: Target, heldout: list[Clip], eval_ledger: Ledger, progress: bool = True
+) -> dict:
     """Fidelity on clips the attack never queried; ``mean_target`` is the student's stored mean
     of the queried frames (its heads' de-standardisation means)."""
     query_clips(target, heldout, eval_ledger, progress=progress)
@@ -39,11 +41,20 @@ def heldout_fidelity(student: Student, target: Target, heldout: list[Clip], eval
     return evaluate_fidelity(student, pairs, mean_target, total=len(heldout), progress=progress)
 
 
-def extract(target: Target, pool: list[Clip], out_dir: str | Path, budget: Budget,
-            strategy: str = "random", seed: int = 0, preset: str = "small",
-            distill_cfg: DistillConfig | None = None, ledger_dir: str | Path | None = None,
-            heldout: list[Clip] | None = None, eval_ledger_dir: str | Path | None = None,
-            progress: bool = True) -> dict:
+def extract(
+    target: Target,
+    pool: list[Clip],
+    out_dir: str | Path,
+    budget: Budget,
+    strategy: str = "random",
+    seed: int = 0,
+    preset: str = "small",
+    distill_cfg: DistillConfig | None = None,
+    ledger_dir: str | Path | None = None,
+    heldout: list[Clip] | None = None,
+    eval_ledger_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
     """Run one budgeted extraction; writes ``selected.jsonl``, the ledger, ``student/`` and
     ``result.json`` under ``out_dir`` and returns the result. Ledgers may be shared between runs
     (``ledger_dir``, ``eval_ledger_dir``): a clip already paid is never paid again."""

@@ -30,7 +30,8 @@ class FidelityMeter:
     def __init__(self, mean_target: dict[str, np.ndarray]):
         self.mean = {k: v.astype(np.float64) for k, v in mean_target.items()}
         self.sums: dict[str, dict[str, float]] = {
-            k: {"cos": 0.0, "l1": 0.0, "sse": 0.0, "sst": 0.0, "const_cos": 0.0, "frames": 0} for k in self.mean
+            k: {"cos": 0.0, "l1": 0.0, "sse": 0.0, "sst": 0.0, "const_cos": 0.0, "frames": 0}
+            for k in self.mean
         }
         self.clips = 0
 
@@ -66,9 +67,13 @@ def mean_r2(fidelity: dict[str, dict[str, float]]) -> float:
     return float(np.mean([v["r2"] for v in fidelity.values()]))
 
 
-def evaluate_fidelity(student: Student, pairs: Iterable[tuple[np.ndarray, dict[str, np.ndarray]]],
-                      mean_target: dict[str, np.ndarray], total: int | None = None,
-                      progress: bool = True) -> dict[str, dict[str, float]]:
+def evaluate_fidelity(
+    student: Student,
+    pairs: Iterable[tuple[np.ndarray, dict[str, np.ndarray]]],
+    mean_target: dict[str, np.ndarray],
+    total: int | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
     """Fidelity of ``student`` on (waveform, target response) pairs of held-out clips."""
     meter = FidelityMeter(mean_target)
     student.eval()

@@ -77,8 +77,9 @@ class Ledger:
     (already paid responses count); ``None`` means no cap.
     """
 
-    def __init__(self, root: str | os.PathLike, budget_clips: int | None = None,
-                 budget_seconds: float | None = None):
+    def __init__(
+        self, root: str | os.PathLike, budget_clips: int | None = None, budget_seconds: float | None = None
+    ):
         self.root = Path(root)
         self.budget_clips = budget_clips
         self.budget_seconds = budget_seconds
@@ -200,8 +201,13 @@ class Ledger:
 
     def bind(self, target: Target) -> None:
         """Record which target this ledger pays; refuse to mix responses of two targets."""
-        header = {"target": target.spec, "frame_rate": target.frame_rate, "layers": list(target.layers),
-                  "padding": target.padding, "sample_rate": SAMPLE_RATE}
+        header = {
+            "target": target.spec,
+            "frame_rate": target.frame_rate,
+            "layers": list(target.layers),
+            "padding": target.padding,
+            "sample_rate": SAMPLE_RATE,
+        }
         if self.header is None:
             tmp = self.root / "ledger.json.tmp"
             tmp.write_text(json.dumps(header, indent=2))
@@ -232,12 +238,21 @@ class Ledger:
     def _would_exceed(self, extra_clips: int, extra_seconds: float) -> bool:
         if self.budget_clips is not None and self.spent_clips + extra_clips > self.budget_clips:
             return True
-        if self.budget_seconds is not None and self.spent_seconds + extra_seconds > self.budget_seconds + 1e-9:
+        if (
+            self.budget_seconds is not None
+            and self.spent_seconds + extra_seconds > self.budget_seconds + 1e-9
+        ):
             return True
         return False
 
-    def query(self, target: Target, clips: Iterable[tuple[str, Callable[[], np.ndarray]]],
-              batch_size: int = 8, progress: bool = True, total: int | None = None) -> dict:
+    def query(
+        self,
+        target: Target,
+        clips: Iterable[tuple[str, Callable[[], np.ndarray]]],
+        batch_size: int = 8,
+        progress: bool = True,
+        total: int | None = None,
+    ) -> dict:
         """Pay for the responses of ``clips`` (pairs of clip id and a loader of its waveform).
 
         Clips already paid (by id or by content) cost nothing; a clip that would exceed the budget is
@@ -295,8 +310,12 @@ class Ledger:
 
 
 def _entry_json(entry: Entry) -> dict:
-    return {"key": entry.key, "clip_id": entry.clip_id, "num_samples": entry.num_samples,
-            "frames": entry.frames}
+    return {
+        "key": entry.key,
+        "clip_id": entry.clip_id,
+        "num_samples": entry.num_samples,
+        "frames": entry.frames,
+    }
 
 
 def _read_metadata(path: Path) -> dict[str, str]:

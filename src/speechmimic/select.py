@@ -57,8 +57,9 @@ def take_within(clips: Sequence[Clip], ranking: Sequence[int], budget: Budget) -
 Strategy = Callable[[Sequence[Clip], "np.ndarray | None", Budget, random.Random], list[int]]
 
 
-def random_strategy(clips: Sequence[Clip], scores: np.ndarray | None, budget: Budget,
-                    rng: random.Random) -> list[int]:
+def random_strategy(
+    clips: Sequence[Clip], scores: np.ndarray | None, budget: Budget, rng: random.Random
+) -> list[int]:
     order = list(range(len(clips)))
     rng.shuffle(order)
     return take_within(clips, order, budget)
@@ -67,8 +68,13 @@ def random_strategy(clips: Sequence[Clip], scores: np.ndarray | None, budget: Bu
 STRATEGIES: dict[str, Strategy] = {"random": random_strategy}
 
 
-def select(clips: Sequence[Clip], budget: Budget, strategy: str = "random", seed: int = 0,
-           scores: np.ndarray | None = None) -> list[Clip]:
+def select(
+    clips: Sequence[Clip],
+    budget: Budget,
+    strategy: str = "random",
+    seed: int = 0,
+    scores: np.ndarray | None = None,
+) -> list[Clip]:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {sorted(STRATEGIES)}")
     idx = STRATEGIES[strategy](clips, scores, budget, random.Random(seed))

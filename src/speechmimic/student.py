@@ -92,8 +92,9 @@ class StudentConfig:
 
 PRESETS: dict[str, StudentConfig] = {
     # DistilHuBERT's size: waveform CNN, 2 transformer layers, 768-d, FFN 3072, 12 heads.
-    "distilhubert": StudentConfig(frontend="conv", dim=768, layers=2, heads=12, ffn=3072, dropout=0.1,
-                                  pos_kernel=127),
+    "distilhubert": StudentConfig(
+        frontend="conv", dim=768, layers=2, heads=12, ffn=3072, dropout=0.1, pos_kernel=127
+    ),
     # A CPU-sized student (~3 M parameters): trains at ~15x real time on 2 cores.
     "small": StudentConfig(frontend="fbank", dim=256, layers=3, heads=4, ffn=1024),
     "tiny": StudentConfig(frontend="fbank", dim=64, layers=1, heads=2, ffn=128),
@@ -102,6 +103,7 @@ PRESETS: dict[str, StudentConfig] = {
 
 def mel_filterbank(n_mels: int, n_fft: int = 400, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
     """HTK-style triangular mel filters, (n_fft // 2 + 1, n_mels)."""
+
     def hz_to_mel(f):
         return 2595.0 * torch.log10(1.0 + f / 700.0)
 
@@ -109,8 +111,9 @@ def mel_filterbank(n_mels: int, n_fft: int = 400, sample_rate: int = SAMPLE_RATE
         return 700.0 * (10 ** (m / 2595.0) - 1.0)
 
     freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1)
-    edges = mel_to_hz(torch.linspace(hz_to_mel(torch.tensor(20.0)), hz_to_mel(torch.tensor(sample_rate / 2)),
-                                     n_mels + 2))
+    edges = mel_to_hz(
+        torch.linspace(hz_to_mel(torch.tensor(20.0)), hz_to_mel(torch.tensor(sample_rate / 2)), n_mels + 2)
+    )
     lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]
     up = (freqs[:, None] - lower) / (centre - lower)
     down = (upper - freqs[:, None]) / (upper - centre)
@@ -187,11 +190,17 @@ class Student(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.frontend = FbankFrontend(cfg) if cfg.frontend == "fbank" else ConvFrontend(cfg)
-        self.pos_conv = nn.Conv1d(cfg.dim, cfg.dim, cfg.pos_kernel, padding=cfg.pos_kernel // 2,
-                                  groups=16 if cfg.dim % 16 == 0 else 1)
+        self.pos_conv = nn.Conv1d(
+            cfg.dim,
+            cfg.dim,
+            cfg.pos_kernel,
+            padding=cfg.pos_kernel // 2,
+            groups=16 if cfg.dim % 16 == 0 else 1,
+        )
         self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(cfg.dim, cfg.heads, cfg.ffn, cfg.dropout, activation="gelu",
-                                       batch_first=True, norm_first=True)
+            nn.TransformerEncoderLayer(
+                cfg.dim, cfg.heads, cfg.ffn, cfg.dropout, activation="gelu", batch_first=True, norm_first=True
+            )
             for _ in range(cfg.layers)
         )
         self.final_norm = nn.LayerNorm(cfg.dim)
@@ -203,8 +212,9 @@ class Student(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def encode(self, wav: torch.Tensor, lengths: torch.Tensor | None = None
-               ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def encode(
+        self, wav: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Student hidden states (front end + each layer), each (B, T, D), and a (B, T) validity mask."""
         x = self.frontend(wav)
         b, t, _ = x.shape
@@ -272,8 +282,9 @@ def align(pred: torch.Tensor, n_pred: int, n_target: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def infer(student: Student, wav: torch.Tensor, target_frames: dict[str, int] | None = None
-          ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+def infer(
+    student: Student, wav: torch.Tensor, target_frames: dict[str, int] | None = None
+) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """One clip through the student: its states (T, D) and its prediction of each target layer.
 
     Predictions are in the target's units, (T_target, D). ``target_frames`` gives the target's frame
@@ -283,12 +294,15 @@ def infer(student: Student, wav: torch.Tensor, target_frames: dict[str, int] | N
     n_student = int(student.cfg.num_frames(wav.shape[-1]))
     out = {}
     for name, head in student.heads.items():
-        n_target = (target_frames or {}).get(name) or max(1, round(wav.shape[-1] / SAMPLE_RATE * head.spec.rate))
+        n_target = (target_frames or {}).get(name) or max(
+            1, round(wav.shape[-1] / SAMPLE_RATE * head.spec.rate)
+        )
         out[name] = head.denormalise(align(preds[name][0], n_student * head.ratio, n_target))
     return [s[0] for s in states], out
 
 
-def predict(student: Student, wav: torch.Tensor, target_frames: dict[str, int] | None = None
-            ) -> dict[str, torch.Tensor]:
+def predict(
+    student: Student, wav: torch.Tensor, target_frames: dict[str, int] | None = None
+) -> dict[str, torch.Tensor]:
     """The student's prediction of each target layer for one clip (see :func:`infer`)."""
     return infer(student, wav, target_frames)[1]

@@ -38,8 +38,11 @@ class StudentUpstream(nn.Module):
         self.ratio = max(ratios)  # heads share the target's frame rate in practice
         self.downsample_rate = student.cfg.hop // self.ratio
         n = student.cfg.layers
-        self.hidden_state_names = (["student.frontend"] + [f"student.layer{i + 1}" for i in range(n)]
-                                   + [f"pred.{name}" for name in student.heads])
+        self.hidden_state_names = (
+            ["student.frontend"]
+            + [f"student.layer{i + 1}" for i in range(n)]
+            + [f"pred.{name}" for name in student.heads]
+        )
 
     @torch.no_grad()
     def forward(self, wavs: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
@@ -49,8 +52,10 @@ class StudentUpstream(nn.Module):
             states, preds = infer(self.student, wav)
             n = int(self.student.cfg.num_frames(wav.shape[0])) * self.ratio
             feats = [s.repeat_interleave(self.ratio, 0)[:n] for s in states]
-            feats += [p[:n] if len(p) >= n else F.pad(p, (0, 0, 0, n - len(p)), mode="replicate")
-                      for p in preds.values()]
+            feats += [
+                p[:n] if len(p) >= n else F.pad(p, (0, 0, 0, n - len(p)), mode="replicate")
+                for p in preds.values()
+            ]
             per_clip.append(feats)
         return {"hidden_states": [_pad_stack([c[i] for c in per_clip]) for i in range(len(per_clip[0]))]}
 
@@ -65,8 +70,11 @@ class TargetUpstream(nn.Module):
     @torch.no_grad()
     def forward(self, wavs: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
         out = self.target([w.float().reshape(-1).cpu().numpy() for w in wavs])
-        return {"hidden_states": [_pad_stack([torch.from_numpy(o[name]) for o in out])
-                                  for name in self.hidden_state_names]}
+        return {
+            "hidden_states": [
+                _pad_stack([torch.from_numpy(o[name]) for o in out]) for name in self.hidden_state_names
+            ]
+        }
 
 
 def load_upstream(path_or_spec: str | Path, device: str = "cpu") -> nn.Module:

@@ -1,0 +1,44 @@
+"""The ``speechmimic`` command. Each subcommand lives in its own module with ``register(subparsers)``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from speechmimic.audio import AudioError
+from speechmimic.cli import corpus, demo, distill, embed, extract, fidelity, query, select
+
+COMMANDS = (demo, corpus, select, query, distill, extract, fidelity, embed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="speechmimic",
+        description=(
+            "Query-budgeted model extraction of self-supervised speech encoders. The data flows one way: "
+            "corpus scan -> select -> query (paid, through the ledger) -> distill -> fidelity / embed. "
+            "'extract' chains select, query and distill; 'demo' runs a whole attack on a real pretrained "
+            "encoder with the corpus shipped in the package."
+        ),
+        epilog="Run 'speechmimic COMMAND --help' for the options of each command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (AudioError, ValueError, FileNotFoundError, KeyError) as e:
+        print(f"speechmimic {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

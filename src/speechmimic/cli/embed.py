@@ -1,0 +1,48 @@
+"""``speechmimic embed``: hidden states of any upstream for audio files, into an .npz."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from speechmimic.audio import load_audio
+from speechmimic.upstream import load_upstream
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="write the hidden states of a student or target for audio files to .npz",
+        description="Run an upstream (an extracted student folder, or a target spec) on audio "
+        "files and save every hidden state. Keys are '<file index>/<state name>', "
+        "arrays (T, D); 'files', 'names' and 'downsample_rate' describe them.",
+    )
+    p.add_argument(
+        "--model", required=True, help="extracted student folder, or a target spec (hf:..., resemblyzer)"
+    )
+    p.add_argument("--out", required=True, help=".npz file to write")
+    p.add_argument(
+        "files", nargs="+", metavar="FILES", help="audio files (wav/flac/ogg; resampled to 16 kHz mono)"
+    )
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    upstream = load_upstream(args.model, device=args.device)
+    names = list(upstream.hidden_state_names)
+    arrays: dict[str, np.ndarray] = {}
+    for i, path in enumerate(args.files):
+        wav = torch.from_numpy(load_audio(path)).to(args.device)
+        states = upstream([wav])["hidden_states"]
+        for name, s in zip(names, states, strict=True):
+            arrays[f"{i}/{name}"] = s[0].cpu().numpy()
+    np.savez(
+        args.out,
+        files=np.array(args.files),
+        names=np.array(names),
+        downsample_rate=np.array(upstream.downsample_rate),
+        **arrays,
+    )
+    print(f"{len(args.files)} files x {len(names)} states -> {args.out}")
+    return 0

@@ -1,0 +1,114 @@
+"""``speechmimic demo``: a real extraction on a laptop CPU with nothing beyond ``pip install``.
+
+Target: resemblyzer's pretrained GE2E speaker encoder returning all three LSTM layers. Thief's pool
+and held-out clips: the synthetic corpus shipped in ``speechmimic/data/demo_corpus`` (its
+``split`` label). Stage 2 runs at each budget with the same training compute, then the report
+compares held-out fidelity across budgets.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import resources
+from pathlib import Path
+
+from speechmimic.corpus import Clip, read_manifest
+from speechmimic.distill import DistillConfig
+from speechmimic.extract import extract
+from speechmimic.fidelity import mean_r2
+from speechmimic.report import fidelity_table, write_report
+from speechmimic.select import Budget
+from speechmimic.targets import load_target
+
+DEMO_TARGET = "resemblyzer?layers=all"
+
+
+def demo_corpus() -> tuple[list[Clip], list[Clip]]:
+    """The shipped corpus as (pool, held-out) clips."""
+    manifest = Path(str(resources.files("speechmimic") / "data" / "demo_corpus" / "manifest.jsonl"))
+    clips = read_manifest(manifest)
+    pool = [c for c in clips if c.labels.get("split") == "pool"]
+    heldout = [c for c in clips if c.labels.get("split") == "heldout"]
+    return pool, heldout
+
+
+def run_demo(
+    out_dir: str | Path,
+    budgets: tuple[str, ...] = ("10%", "100%"),
+    steps: int = 350,
+    seed: int = 0,
+    preset: str = "small",
+    target_spec: str = DEMO_TARGET,
+    progress: bool = True,
+) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    pool, heldout = demo_corpus()
+    pool_seconds = sum(c.duration for c in pool)
+    target = load_target(target_spec)
+    runs = []
+    for text in budgets:
+        budget = Budget.parse(text, pool_seconds=pool_seconds)
+        label = text if text.endswith("%") else str(budget)
+        run_dir = out_dir / "runs" / f"budget-{text.replace('%', 'pct')}"
+        done = run_dir / "result.json"
+        if done.exists() and json.loads(done.read_text()).get("steps") == steps:
+            result = json.loads(done.read_text())  # finished in an earlier, interrupted demo
+        else:
+            result = extract(
+                target,
+                pool,
+                run_dir,
+                budget,
+                seed=seed,
+                preset=preset,
+                distill_cfg=DistillConfig(steps=steps, seed=seed),
+                ledger_dir=out_dir / "ledger",
+                heldout=heldout,
+                eval_ledger_dir=out_dir / "eval_ledger",
+                progress=progress,
+            )
+            result["steps"] = steps
+            done.write_text(json.dumps(result, indent=2))
+        result["label"] = label
+        runs.append(result)
+        print(
+            f"budget {label}: {result['queries']} clips, {result['queried_seconds']:.0f} s queried, "
+            f"held-out r2 {mean_r2(result['fidelity']):.3f}",
+            flush=True,
+        )
+    best = max(runs, key=lambda r: r["queried_seconds"])
+    report = {
+        "target": target.spec,
+        "student": best["student"],
+        "pool": {"clips": len(pool), "seconds": round(pool_seconds, 1)},
+        "heldout_clips": len(heldout),
+        "steps_per_run": steps,
+        "seed": seed,
+        "runs": [
+            {
+                k: r[k]
+                for k in (
+                    "label",
+                    "budget_seconds",
+                    "queries",
+                    "queried_seconds",
+                    "fidelity",
+                    "student",
+                    "timings",
+                )
+            }
+            for r in runs
+        ],
+        "timings": {
+            "total": round(time.time() - t_start, 1),
+            **{f"run {r['label']}": sum(r["timings"].values()) for r in runs},
+        },
+    }
+    paths = write_report(report, out_dir)
+    print()
+    print(fidelity_table(report["runs"]))
+    print(f"\nwrote {paths['json']}, {paths['md']} and {paths['plot']}")
+    return report
