@@ -44,21 +44,20 @@ class DistillConfig:
 
 
 def infer_heads(ledger: Ledger, keys: list[str]) -> list[HeadSpec]:
-    """Width and frame rate of each returned layer, read off the paid responses only."""
-    rates: dict[str, list[float]] = {}
-    dims: dict[str, int] = {}
-    for key in keys:
-        entry = ledger.entries[key]
-        for name, t in entry.frames.items():
-            rates.setdefault(name, []).append(t / entry.seconds)
-    for name, arr in ledger.get(keys[0]).items():
-        dims[name] = int(arr.shape[1])
-    # Rates are T/duration, biased by edge frames on short clips: take the longest clips' median.
-    longest = sorted(keys, key=lambda k: -ledger.entries[k].num_samples)[: max(1, len(keys) // 4)]
+    """Width and frame rate of each returned layer, read off the paid responses only.
+
+    The rate is the slope of frames against seconds over the clips: edge frames (centred windows,
+    receptive fields) only shift the intercept, so the slope is unbiased even on short clips.
+    """
+    seconds = np.array([ledger.entries[k].seconds for k in keys])
     specs = []
-    for name in dims:
-        est = np.median([ledger.entries[k].frames[name] / ledger.entries[k].seconds for k in longest])
-        specs.append(HeadSpec(name=name, dim=dims[name], rate=float(round(est, 2))))
+    for name, arr in ledger.get(keys[0]).items():
+        frames = np.array([ledger.entries[k].frames[name] for k in keys], dtype=float)
+        if np.ptp(seconds) > 0.05:
+            rate = np.polyfit(seconds, frames, 1)[0]
+        else:  # all clips of one length: no slope to fit
+            rate = float(np.median(frames / seconds))
+        specs.append(HeadSpec(name=name, dim=int(arr.shape[1]), rate=round(float(rate), 1)))
     return specs
 
 

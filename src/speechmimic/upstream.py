@@ -49,13 +49,9 @@ class StudentUpstream(nn.Module):
         per_clip: list[list[torch.Tensor]] = []
         for wav in wavs:
             wav = wav.float().reshape(-1)
-            states, preds = infer(self.student, wav)
             n = int(self.student.cfg.num_frames(wav.shape[0])) * self.ratio
-            feats = [s.repeat_interleave(self.ratio, 0)[:n] for s in states]
-            feats += [
-                p[:n] if len(p) >= n else F.pad(p, (0, 0, 0, n - len(p)), mode="replicate")
-                for p in preds.values()
-            ]
+            states, preds = infer(self.student, wav, {name: n for name in self.student.heads})
+            feats = [s.repeat_interleave(self.ratio, 0)[:n] for s in states] + list(preds.values())
             per_clip.append(feats)
         return {"hidden_states": [_pad_stack([c[i] for c in per_clip]) for i in range(len(per_clip[0]))]}
 

@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="Run 'speechmimic COMMAND --help' for the options of each command.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, help="one stage of the attack, or the demo"
+    )
     for module in COMMANDS:
         module.register(sub)
     return parser

@@ -18,7 +18,9 @@ def register(subparsers) -> None:
         help="build and inspect audio corpora (manifests of validated clips)",
         description="Build and inspect audio corpora: manifests of validated clips.",
     )
-    sub = corpus.add_subparsers(dest="corpus_command", metavar="COMMAND", required=True)
+    sub = corpus.add_subparsers(
+        dest="corpus_command", metavar="COMMAND", required=True, help="what to do with a corpus"
+    )
     p = sub.add_parser(
         "scan",
         help="decode and validate every audio file under DIR and write a JSONL manifest",

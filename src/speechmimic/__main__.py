@@ -1,0 +1,5 @@
+import sys
+
+from speechmimic.cli import main
+
+sys.exit(main())
