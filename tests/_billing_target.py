@@ -16,7 +16,7 @@ The "server side" of the API keeps its state in files under ``--state`` because 
 * ``calls/call-NNNN`` (plain target only): a marker written when call NNNN starts.
 
 Every line is written with a single ``write()`` on an ``O_APPEND`` descriptor; readers ignore a
-torn tail.
+torn tail and writers cut it off before appending.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
+from speechmimic.audio import AudioError
 from speechmimic.targets.base import SAMPLE_RATE, Target
 
 
@@ -256,11 +257,13 @@ class Ledger:
         """Pay for the responses of ``clips`` (pairs of clip id and a loader of its waveform).
 
         Clips already paid (by id or by content) cost nothing; a clip that would exceed the budget is
-        skipped and counted as ``over_budget``. Returns counts of what was paid, reused and skipped.
+        skipped and counted as ``over_budget``; a clip whose loader raises :class:`AudioError` is
+        listed in ``unusable`` with the reason. Returns what was paid, reused and skipped.
         """
         self.bind(target)
         takes_keys = "keys" in inspect.signature(target.__call__).parameters
         paid = reused = over_budget = 0
+        unusable: list[tuple[str, str]] = []
         batch: list[tuple[str, str, np.ndarray]] = []
         pending: set[str] = set()
         bar = tqdm(total=total, desc="query", unit="clip", disable=not progress)
@@ -272,7 +275,11 @@ class Ledger:
             keys = [k for _, k, _ in batch]
             self._append({"event": "send", "keys": keys, "time": time.time()})
             wavs = [w for _, _, w in batch]
-            responses = target(wavs, keys=keys) if takes_keys else target(wavs)
+            try:
+                responses = target(wavs, keys=keys) if takes_keys else target(wavs)
+            except BaseException:
+                self.in_doubt |= set(keys)  # sent, no answer on disk
+                raise
             for (clip_id, key, wav), response in zip(batch, responses, strict=True):
                 self._store(key, clip_id, wav, response)
                 paid += 1
@@ -286,7 +293,11 @@ class Ledger:
             if known is not None and known in self.entries:
                 reused += 1
                 continue
-            wav = load()
+            try:
+                wav = load()
+            except AudioError as e:  # a bad clip is reported, never sent, and stops nothing
+                unusable.append((clip_id, e.reason))
+                continue
             key = content_key(wav)
             if key in self.entries or key in pending:
                 self._append({"event": "alias", "clip_id": clip_id, "key": key})
@@ -303,7 +314,13 @@ class Ledger:
                 flush()
         flush()
         bar.close()
-        return {"paid": paid, "reused": reused, "over_budget": over_budget, **self.summary()}
+        return {
+            "paid": paid,
+            "reused": reused,
+            "over_budget": over_budget,
+            "unusable": unusable,
+            **self.summary(),
+        }
 
     def keys(self) -> Iterator[str]:
         return iter(self.entries)

@@ -1,0 +1,469 @@
+"""The ledger of paid queries: round trips, dedup, budgets, crash recovery, and SIGKILL resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from speechmimic.ledger import Ledger, content_key
+
+SR = 16_000
+HERE = Path(__file__).resolve().parent
+BILLING_SCRIPT = HERE / "_billing_target.py"
+
+_spec = importlib.util.spec_from_file_location("_billing_target", BILLING_SCRIPT)
+billing = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(billing)
+
+
+# -- a small deterministic target honouring the Target protocol ---------------------------------------
+def _features(wav: np.ndarray) -> dict[str, np.ndarray]:
+    t = len(wav) // 320
+    fa = wav[: t * 320].reshape(t, 320).astype(np.float64)
+    a = np.stack([fa.mean(1), fa.std(1), np.abs(fa).max(1), (fa**2).mean(1)], axis=1)
+    t2 = len(wav) // 640
+    fb = wav[: t2 * 640].reshape(t2, 640).astype(np.float64)
+    b = np.stack([fb.mean(1), np.sqrt((fb**2).mean(1)), fb[:, ::2].mean(1)], axis=1)
+    return {"a": a.astype(np.float32), "b": b.astype(np.float32)}
+
+
+class FakeTarget:
+    """Deterministic in-process target; counts how often each clip (by content) is requested."""
+
+    frame_rate = 50.0
+    padding = "per_clip"
+    min_samples = 640
+
+    def __init__(self, spec: str = "fake:test", layers=("a", "b"), fail_on_call: int | None = None):
+        self.spec = spec
+        self.layers = list(layers)
+        self.fail_on_call = fail_on_call
+        self.calls: list[list[str]] = []  # content keys of each call
+        self.idem_keys: list[list[str] | None] = []  # the keys= argument of each call
+        self.requests: Counter = Counter()
+
+    def __call__(self, wavs: list[np.ndarray], keys: list[str] | None = None) -> list[dict[str, np.ndarray]]:
+        ks = [content_key(w) for w in wavs]
+        self.calls.append(ks)
+        self.idem_keys.append(None if keys is None else list(keys))
+        self.requests.update(ks)
+        if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
+            raise ConnectionError("simulated crash mid-request")
+        return [_features(w) for w in wavs]
+
+
+def _wavs(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(int(0.2 * SR), 2 * SR + 1, size=n)
+    return [(0.1 * rng.standard_normal(int(m))).astype(np.float32) for m in lengths]
+
+
+def _clips(wavs, prefix: str = "c"):
+    return [(f"{prefix}{i}", lambda w=w: w) for i, w in enumerate(wavs)]
+
+
+def _events(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / "index.jsonl").read_bytes().splitlines()]
+
+
+def _paid_lines(root: Path) -> Counter:
+    return Counter(e["key"] for e in _events(root) if e["event"] == "paid")
+
+
+def _assert_response_equal(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].dtype == np.float32
+        np.testing.assert_array_equal(got[name], want[name])
+
+
+# -- unit tests ---------------------------------------------------------------------------------------
+def test_paid_responses_round_trip(tmp_path):
+    wavs = _wavs(7, seed=1)
+    target = FakeTarget()
+    ledger = Ledger(tmp_path / "led")
+    stats = ledger.query(target, _clips(wavs), batch_size=3, progress=False)
+
+    assert stats["paid"] == 7 and stats["reused"] == 0 and stats["over_budget"] == 0
+    assert [len(c) for c in target.calls] == [3, 3, 1]
+    assert ledger.spent_clips == len(ledger) == 7
+    assert ledger.spent_seconds == pytest.approx(sum(len(w) for w in wavs) / SR)
+    for i, w in enumerate(wavs):
+        key = content_key(w)
+        assert key in ledger and ledger.key_of(f"c{i}") == key
+        _assert_response_equal(ledger.get(key), _features(w))
+        _assert_response_equal(ledger.get_clip(f"c{i}"), _features(w))
+        assert ledger.entries[key].num_samples == len(w)
+        assert ledger.entries[key].frames == {"a": len(w) // 320, "b": len(w) // 640}
+    with pytest.raises(KeyError):
+        ledger.get_clip("never-queried")
+
+    # Everything survives a reopen, byte for byte.
+    again = Ledger(tmp_path / "led")
+    assert set(again.keys()) == set(ledger.keys()) and again.in_doubt == set()
+    assert again.spent_seconds == pytest.approx(ledger.spent_seconds)
+    for i, w in enumerate(wavs):
+        _assert_response_equal(again.get_clip(f"c{i}"), _features(w))
+    assert json.loads((tmp_path / "led" / "ledger.json").read_text())["target"] == "fake:test"
+
+
+def test_identical_audio_is_paid_once_and_rerun_pays_nothing(tmp_path):
+    w = _wavs(4, seed=2)
+    # "dup-same-batch" shares a batch with its twin; "dup-later" arrives after its twin was paid.
+    clips = [
+        ("a", lambda: w[0]),
+        ("dup-same-batch", lambda: w[0].copy()),
+        ("b", lambda: w[1]),
+        ("c", lambda: w[2]),
+        ("d", lambda: w[3]),
+        ("dup-later", lambda: w[1].copy()),
+    ]
+    target = FakeTarget()
+    ledger = Ledger(tmp_path / "led")
+    stats = ledger.query(target, clips, batch_size=3, progress=False)
+    assert stats["paid"] == 4 and stats["reused"] == 2
+    assert all(n == 1 for n in target.requests.values()) and len(target.requests) == 4
+    assert ledger.spent_clips == 4
+    assert ledger.key_of("dup-same-batch") == ledger.key_of("a") == content_key(w[0])
+    assert ledger.key_of("dup-later") == ledger.key_of("b")
+    _assert_response_equal(ledger.get_clip("dup-same-batch"), _features(w[0]))
+    _assert_response_equal(ledger.get_clip("dup-later"), _features(w[1]))
+
+    # A re-run, in this process and after a reopen, pays nothing and does not even load known clips.
+    def must_not_load():
+        raise AssertionError("a clip already paid by id was loaded again")
+
+    known = [(cid, must_not_load) for cid, _ in clips]
+    for led in (ledger, Ledger(tmp_path / "led")):
+        stats = led.query(target, known, batch_size=3, progress=False)
+        assert stats["paid"] == 0 and stats["reused"] == len(clips)
+    # A new clip id with known audio is an alias, not a payment.
+    stats = Ledger(tmp_path / "led").query(target, [("e", lambda: w[3].copy())], progress=False)
+    assert stats["paid"] == 0 and stats["reused"] == 1
+    assert Ledger(tmp_path / "led").key_of("e") == content_key(w[3])
+    assert len(target.calls) == 2 and sum(target.requests.values()) == 4
+
+
+def test_clip_budget_is_never_exceeded(tmp_path):
+    wavs = _wavs(14, seed=3)
+    target = FakeTarget()
+    ledger = Ledger(tmp_path / "led", budget_clips=5)
+    stats = ledger.query(target, _clips(wavs[:8]), batch_size=3, progress=False)
+    assert stats["paid"] == 5 and stats["over_budget"] == 3
+    assert ledger.spent_clips == 5
+    # The first five are paid; the rest are skipped, not sent.
+    assert set(target.requests) == {content_key(w) for w in wavs[:5]}
+
+    stats = ledger.query(target, _clips(wavs[8:], prefix="n"), progress=False)
+    assert stats["paid"] == 0 and stats["over_budget"] == 6
+
+    reopened = Ledger(tmp_path / "led", budget_clips=5)
+    stats = reopened.query(target, _clips(wavs), progress=False)
+    assert stats["paid"] == 0 and stats["reused"] == 5 and stats["over_budget"] == 9
+    assert reopened.spent_clips == 5 and sum(target.requests.values()) == 5
+
+    # A larger budget later admits exactly the difference.
+    bigger = Ledger(tmp_path / "led", budget_clips=7)
+    stats = bigger.query(target, _clips(wavs), batch_size=4, progress=False)
+    assert stats["paid"] == 2 and stats["over_budget"] == 7
+    assert Ledger(tmp_path / "led").spent_clips == 7 and sum(target.requests.values()) == 7
+
+
+def test_seconds_budget_is_never_exceeded(tmp_path):
+    wavs = _wavs(16, seed=4)
+    budget = 6.0
+    target = FakeTarget()
+
+    def expected(order, spent):
+        """Greedy: a clip is paid iff it still fits, a clip that does not fit is skipped."""
+        paid = []
+        for w in order:
+            if spent + len(w) / SR <= budget + 1e-9:
+                spent += len(w) / SR
+                paid.append(content_key(w))
+        return paid, spent
+
+    ledger = Ledger(tmp_path / "led", budget_seconds=budget)
+    first, spent = expected(wavs[:8], 0.0)
+    stats = ledger.query(target, _clips(wavs[:8]), batch_size=3, progress=False)
+    assert stats["paid"] == len(first) and stats["over_budget"] == 8 - len(first)
+    assert 0 < len(first) < 8, "the test data should put the budget in play"
+    assert set(ledger.keys()) == set(first)
+    assert ledger.spent_seconds <= budget + 1e-9
+
+    second, spent = expected(wavs[8:], spent)
+    stats = ledger.query(target, _clips(wavs[8:], prefix="n"), batch_size=3, progress=False)
+    assert stats["paid"] == len(second) and stats["over_budget"] == 8 - len(second)
+    assert ledger.spent_seconds <= budget + 1e-9
+
+    reopened = Ledger(tmp_path / "led", budget_seconds=budget)
+    assert reopened.spent_seconds == pytest.approx(spent)
+    third, spent = expected([w for w in wavs if content_key(w) not in reopened.entries], spent)
+    stats = reopened.query(target, _clips(wavs, prefix="r"), batch_size=5, progress=False)
+    assert stats["paid"] == len(third)
+    assert stats["reused"] + stats["over_budget"] + stats["paid"] == 16
+    assert Ledger(tmp_path / "led").spent_seconds <= budget + 1e-9
+    assert all(n == 1 for n in target.requests.values())
+    assert set(target.requests) == set(Ledger(tmp_path / "led").keys())
+
+
+def test_torn_last_line_is_cut_and_nothing_earlier_is_lost(tmp_path):
+    root = tmp_path / "led"
+    wavs = _wavs(8, seed=5)
+    target = FakeTarget()
+    Ledger(root).query(target, _clips(wavs[:5]), batch_size=2, progress=False)
+    before = (root / "index.jsonl").read_bytes()
+    with open(root / "index.jsonl", "ab") as f:  # a crash in the middle of an append
+        f.write(b'{"clip_id": "c9", "event": "paid", "frames": {"a": 3')
+
+    ledger = Ledger(root)
+    assert (root / "index.jsonl").read_bytes() == before
+    assert len(ledger) == 5 and ledger.in_doubt == set()
+    for i, w in enumerate(wavs[:5]):
+        _assert_response_equal(ledger.get_clip(f"c{i}"), _features(w))
+
+    # The ledger keeps working: new clips are paid, old ones are not re-sent, the index parses.
+    stats = ledger.query(target, _clips(wavs), batch_size=2, progress=False)
+    assert stats["paid"] == 3 and stats["reused"] == 5
+    assert all(n == 1 for n in target.requests.values())
+    assert _paid_lines(root) == Counter({content_key(w): 1 for w in wavs})
+    assert len(Ledger(root)) == 8
+
+
+def test_orphan_blob_is_reindexed_on_open(tmp_path):
+    root = tmp_path / "led"
+    wavs = _wavs(4, seed=6)
+    target = FakeTarget()
+    Ledger(root).query(target, _clips(wavs), batch_size=2, progress=False)
+    lines = (root / "index.jsonl").read_bytes().splitlines(keepends=True)
+    last_paid = max(i for i, line in enumerate(lines) if json.loads(line)["event"] == "paid")
+    lost = json.loads(lines[last_paid])
+    assert lost["key"] == content_key(wavs[3])
+    # The crash came after the blob's rename and before its "paid" line.
+    (root / "index.jsonl").write_bytes(b"".join(lines[:last_paid] + lines[last_paid + 1 :]))
+
+    ledger = Ledger(root)
+    assert lost["key"] in ledger and len(ledger) == 4 and ledger.in_doubt == set()
+    entry = ledger.entries[lost["key"]]
+    assert (entry.clip_id, entry.num_samples, entry.frames) == ("c3", len(wavs[3]), lost["frames"])
+    _assert_response_equal(ledger.get_clip("c3"), _features(wavs[3]))
+    assert _paid_lines(root)[lost["key"]] == 1  # re-indexed once, durably
+
+    stats = Ledger(root).query(target, _clips(wavs), progress=False)
+    assert stats["paid"] == 0 and sum(target.requests.values()) == 4
+    assert _paid_lines(root) == Counter({content_key(w): 1 for w in wavs})
+
+
+def test_torn_paid_line_with_blob_on_disk_is_recovered(tmp_path):
+    root = tmp_path / "led"
+    wavs = _wavs(3, seed=7)
+    Ledger(root).query(FakeTarget(), _clips(wavs), progress=False)
+    raw = (root / "index.jsonl").read_bytes()
+    (root / "index.jsonl").write_bytes(raw[:-20])  # the last "paid" line was torn
+    ledger = Ledger(root)
+    assert len(ledger) == 3 and ledger.in_doubt == set()
+    assert _paid_lines(root) == Counter({content_key(w): 1 for w in wavs})
+    _assert_response_equal(ledger.get_clip("c2"), _features(wavs[2]))
+
+
+def test_sent_but_unpaid_keys_are_in_doubt_and_resent_exactly(tmp_path):
+    root = tmp_path / "led"
+    wavs = _wavs(8, seed=8)
+    crashing = FakeTarget(fail_on_call=2)
+    with pytest.raises(ConnectionError):
+        Ledger(root).query(crashing, _clips(wavs), batch_size=4, progress=False)
+    doubtful = set(crashing.calls[1])
+    assert doubtful == {content_key(w) for w in wavs[4:]}
+
+    ledger = Ledger(root)
+    assert ledger.in_doubt == doubtful
+    assert set(ledger.keys()) == {content_key(w) for w in wavs[:4]}
+    assert ledger.summary()["in_doubt"] == 4
+
+    target = FakeTarget()
+    stats = ledger.query(target, _clips(wavs), batch_size=4, progress=False)
+    assert stats["paid"] == 4 and stats["reused"] == 4
+    assert target.requests == Counter(dict.fromkeys(doubtful, 1))  # exactly the in-doubt keys, once
+    # They are re-sent with the same idempotency keys as the first time.
+    assert target.idem_keys == crashing.idem_keys[1:] == [crashing.calls[1]]
+    assert ledger.in_doubt == set() and Ledger(root).in_doubt == set()
+    for i, w in enumerate(wavs):
+        _assert_response_equal(ledger.get_clip(f"c{i}"), _features(w))
+
+
+def test_target_without_keys_argument_is_called_without_keys(tmp_path):
+    class NoKeys(FakeTarget):
+        def __call__(self, wavs):
+            return super().__call__(wavs)
+
+    target = NoKeys()
+    wavs = _wavs(3, seed=9)
+    stats = Ledger(tmp_path / "led").query(target, _clips(wavs), progress=False)
+    assert stats["paid"] == 3 and target.idem_keys == [None]
+
+
+def test_binding_to_another_target_raises(tmp_path):
+    root = tmp_path / "led"
+    wavs = _wavs(3, seed=10)
+    Ledger(root).query(FakeTarget(), _clips(wavs), progress=False)
+    others = [FakeTarget(spec="fake:other"), FakeTarget(layers=("a", "c")), FakeTarget(layers=("b", "a"))]
+    for other in others:
+        with pytest.raises(ValueError, match="holds responses of"):
+            Ledger(root).query(other, _clips(_wavs(2, seed=11), prefix="x"), progress=False)
+        with pytest.raises(ValueError):
+            Ledger(root).bind(other)
+        assert other.calls == []  # refused before anything was sent
+    # The same target binds again fine, and nothing was changed.
+    same = FakeTarget()
+    assert Ledger(root).query(same, _clips(wavs), progress=False)["paid"] == 0
+    assert json.loads((root / "ledger.json").read_text())["layers"] == ["a", "b"]
+
+
+def test_layer_stats_match_numpy(tmp_path):
+    wavs = _wavs(6, seed=12)
+    ledger = Ledger(tmp_path / "led")
+    ledger.query(FakeTarget(), _clips(wavs), batch_size=4, progress=False)
+
+    def check(stats, subset):
+        assert sorted(stats) == ["a", "b"]
+        for name in ("a", "b"):
+            frames = np.concatenate([_features(w)[name] for w in subset]).astype(np.float64)
+            mean, std = stats[name]
+            assert mean.shape == std.shape == (frames.shape[1],)
+            np.testing.assert_allclose(mean, frames.mean(0), rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(std, frames.std(0), rtol=1e-4, atol=1e-7)
+
+    check(ledger.layer_stats(), wavs)
+    check(ledger.layer_stats([content_key(w) for w in wavs[1:3]]), wavs[1:3])
+
+
+# -- SIGKILL: a query process killed mid-run, then resumed, with no paid query lost or paid twice ------
+DEADLINE = 60.0
+
+
+def _start(led: Path, state: Path, n: int, log: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, str(BILLING_SCRIPT), "--ledger", str(led), "--state", str(state)]
+    cmd += ["--num-clips", str(n), "--batch-size", "4", *extra]
+    with open(log, "ab") as err:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+
+
+def _wait_for(cond, what: str, proc: subprocess.Popen, log: Path, timeout: float = DEADLINE) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if proc.poll() is not None:
+            rc = proc.returncode
+            pytest.fail(f"query process exited ({rc}) while waiting for {what}:\n{log.read_text()}")
+        if time.monotonic() > end:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}:\n{log.read_text()}")
+        time.sleep(0.005)
+
+
+def _finish(proc: subprocess.Popen, log: Path) -> None:
+    try:
+        rc = proc.wait(timeout=DEADLINE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"query process did not finish within {DEADLINE:.0f} s:\n{log.read_text()}")
+    assert rc == 0, f"query process failed ({rc}):\n{log.read_text()}"
+
+
+def _sigkill(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=DEADLINE) == -signal.SIGKILL, "the process had already finished"
+
+
+def _index_lines(led: Path) -> int:
+    path = led / "index.jsonl"
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def _assert_complete(led: Path, n: int) -> Ledger:
+    ledger = Ledger(led)  # reopens cleanly
+    assert ledger.in_doubt == set()
+    distinct = {content_key(billing.make_wav(i)) for i in range(n)}
+    assert set(ledger.keys()) == distinct
+    for i in range(n):
+        wav = billing.make_wav(i)
+        assert ledger.key_of(billing.clip_id(i)) == content_key(wav)
+        _assert_response_equal(ledger.get_clip(billing.clip_id(i)), billing.respond(wav))
+    assert _paid_lines(led) == Counter(dict.fromkeys(distinct, 1))
+    return ledger
+
+
+def test_sigkill_at_random_moments_loses_nothing_and_pays_nothing_twice(tmp_path):
+    n, batch, kills = 150, 4, 5
+    led, state, log = tmp_path / "ledger", tmp_path / "server", tmp_path / "stderr.log"
+    rng = random.Random(20240601)
+    for k in range(kills):
+        proc = _start(led, state, n, log)
+        grown = _index_lines(led) + rng.randint(2, 20)
+        _wait_for(lambda g=grown: _index_lines(led) >= g, f"progress before kill {k + 1}", proc, log)
+        time.sleep(rng.uniform(0.0, 0.06))
+        _sigkill(proc)
+    assert len(Ledger(led)) < n - 20, "the kills should all have landed before the end"
+    proc = _start(led, state, n, log)
+    _finish(proc, log)
+
+    ledger = _assert_complete(led, n)
+    charges = billing.read_charges(state)
+    assert charges, "the billing target was never charged"
+    paid_twice = {k: c for k, c in charges.items() if c > 1}
+    assert not paid_twice, f"charged more than once: {paid_twice}"
+    assert set(charges) == set(ledger.keys()), "a charged response is missing from the ledger"
+    requested = Counter(k for r in billing.read_requests(state) for k in r["keys"])
+    resent = sum(requested.values()) - len(requested)
+    assert resent <= kills * batch, f"{resent} keys re-sent after {kills} kills"
+    assert set(requested) == set(ledger.keys())
+
+
+def test_sigkill_with_request_in_flight_resends_only_that_batch(tmp_path):
+    n, hang_at = 40, 4
+    led, state, log = tmp_path / "ledger", tmp_path / "server", tmp_path / "stderr.log"
+    proc = _start(led, state, n, log, "--plain", "--hang-at", str(hang_at), "--latency", "0.01")
+    marker = state / "calls" / f"call-{hang_at:04d}"
+    _wait_for(marker.exists, f"call {hang_at} to start", proc, log)
+    _sigkill(proc)
+
+    requests = billing.read_requests(state)
+    assert [r["call"] for r in requests] == list(range(1, hang_at + 1))
+    in_flight = set(requests[-1]["keys"])
+    on_disk = {blob.stem for blob in (led / "blobs").glob("*/*.safetensors")}
+    assert len(in_flight) == 4 and not in_flight & on_disk
+    assert on_disk == {k for r in requests[:-1] for k in r["keys"]}
+    assert Ledger(led).in_doubt == in_flight
+
+    _finish(_start(led, state, n, log, "--plain", "--latency", "0.01"), log)
+    _assert_complete(led, n)
+    requested = Counter(k for r in billing.read_requests(state) for k in r["keys"])
+    assert {k: requested[k] for k in on_disk} == dict.fromkeys(on_disk, 1), "a paid clip was asked again"
+    assert {k: requested[k] for k in in_flight} == dict.fromkeys(in_flight, 2)
+    assert all(c == 1 for k, c in requested.items() if k not in in_flight)
+
+
+def test_unusable_clip_is_listed_and_stops_nothing(tmp_path):
+    from speechmimic.audio import TooShortAudioError
+
+    def too_short():
+        raise TooShortAudioError("short.wav", "10 samples, fewer than the 400 required")
+
+    wavs = _wavs(3)
+    ledger = Ledger(tmp_path / "ledger")
+    clips = [("a", lambda: wavs[0]), ("short", too_short), ("b", lambda: wavs[1])]
+    stats = ledger.query(FakeTarget(), clips, batch_size=2, progress=False)
+    assert stats["paid"] == 2 and stats["unusable"] == [("short", "10 samples, fewer than the 400 required")]
+    assert ledger.key_of("short") is None and len(ledger) == 2
