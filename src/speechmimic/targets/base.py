@@ -31,3 +31,15 @@ class Target(Protocol):
     min_samples: int
 
     def __call__(self, wavs: list[np.ndarray]) -> list[dict[str, np.ndarray]]: ...
+
+
+def as_clip(wav: np.ndarray, min_samples: int) -> np.ndarray:
+    """A waveform as the float32 1-D array a target accepts; ValueError if it is not one."""
+    wav = np.asarray(wav, dtype=np.float32)
+    if wav.ndim != 1:
+        raise ValueError(f"expected a mono 1-D waveform, got shape {wav.shape}")
+    if len(wav) < min_samples:
+        raise ValueError(
+            f"clip of {len(wav)} samples is shorter than the model's receptive field ({min_samples} samples)"
+        )
+    return wav

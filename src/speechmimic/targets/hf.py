@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 
-from speechmimic.targets.base import SAMPLE_RATE
+from speechmimic.targets.base import SAMPLE_RATE, as_clip
 from speechmimic.targets.registry import parse_layers
 
 PADDINGS = ("per_clip", "bucket")
@@ -99,14 +99,7 @@ class HFTarget:
         return results
 
     def _prepare(self, wav: np.ndarray) -> np.ndarray:
-        wav = np.asarray(wav, dtype=np.float32)
-        if wav.ndim != 1:
-            raise ValueError(f"expected a mono 1-D waveform, got shape {wav.shape}")
-        if len(wav) < self.min_samples:
-            raise ValueError(
-                f"clip of {len(wav)} samples is shorter than the model's receptive field "
-                f"({self.min_samples} samples)"
-            )
+        wav = as_clip(wav, self.min_samples)
         if self.normalize:
             # Same formula as transformers' Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm.
             wav = (wav - wav.mean()) / np.sqrt(wav.var() + 1e-7)

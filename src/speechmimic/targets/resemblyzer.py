@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from speechmimic.targets.base import SAMPLE_RATE
+from speechmimic.targets.base import SAMPLE_RATE, as_clip
 from speechmimic.targets.registry import parse_layers
 
 N_FFT = 400  # 25 ms window, resemblyzer's hparams.mel_window_length
@@ -108,11 +108,7 @@ class ResemblyzerTarget:
         return results
 
     def _prepare(self, wav: np.ndarray) -> np.ndarray:
-        wav = np.asarray(wav, dtype=np.float32)
-        if wav.ndim != 1:
-            raise ValueError(f"expected a mono 1-D waveform, got shape {wav.shape}")
-        if len(wav) < self.min_samples:
-            raise ValueError(f"clip of {len(wav)} samples is shorter than {self.min_samples} samples")
+        wav = as_clip(wav, self.min_samples)
         return normalize_volume(wav)
 
     def _forward(self, batch: torch.Tensor) -> list[dict[str, np.ndarray]]:
