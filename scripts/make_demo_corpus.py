@@ -268,11 +268,13 @@ def make_speaker(idx: int, spec: tuple, args: argparse.Namespace) -> list[Clip]:
                 raise RuntimeError(f"could not make a sentence of the right length for {name}")
             clips.append(Clip(f"{name}-s{k}", name, engine, "sentence", text, finish(x, rng.uniform(lo, hi))))
 
-    # Stratified held-out split: ~15 % of each kind, at least one clip of each kind.
+    # Stratified held-out split, at least one clip of each kind. Held-out clips are never queried:
+    # they measure fidelity and are the probes' data, so keywords get a larger share.
     split = {c.id: "pool" for c in clips}
     for kind in ("keyword", "sentence"):
         ids = [c.id for c in clips if c.kind == kind]
-        n_held = max(1, int(round(args.heldout_frac * len(ids))))
+        frac = args.heldout_keyword_frac if kind == "keyword" else args.heldout_frac
+        n_held = max(1, int(round(frac * len(ids))))
         if kind == "keyword":
             # distinct words in the held-out set, one random take of each
             words = rng.choice(KEYWORDS, size=min(n_held, len(KEYWORDS)), replace=False)
@@ -337,8 +339,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--heldout-frac",
         type=float,
-        default=0.15,
-        help="fraction of each speaker's clips (per kind) in the heldout split (default: %(default)s)",
+        default=0.34,
+        help="fraction of each speaker's sentences in the heldout split (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--heldout-keyword-frac",
+        type=float,
+        default=0.5,
+        help="fraction of each speaker's keyword clips in the heldout split, one take per word "
+        "(default: %(default)s: every word once)",
     )
     ap.add_argument(
         "--speakers",
@@ -434,8 +443,9 @@ def write_readme(out: Path, args: argparse.Namespace, specs: list, rows: list[di
     fl_version = _version(["flite", "--version"], r"flite-(\S+)")
     s_range = f"{args.sentence_min:g}-{args.sentence_max:g}"
     split_doc = (
-        f"`pool` (query/training) or `heldout` (~{args.heldout_frac:.0%} of each speaker's clips, "
-        "stratified by kind, at least one of each kind; held-out keywords are distinct words, one take each)"
+        f"`pool` (query/training) or `heldout` (never queried: fidelity and probes; "
+        f"~{args.heldout_keyword_frac:.0%} of each speaker's keyword clips, distinct words, one take each, "
+        f"and ~{args.heldout_frac:.0%} of its sentences)"
     )
     spk_lines = "\n".join(
         f"| `{n}` | {e} | `{v}` | {p:g} {'(-p)' if e == 'espeak-ng' else 'Hz'} | "

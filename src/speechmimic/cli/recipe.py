@@ -1,0 +1,132 @@
+"""``speechmimic recipe``: build labelled task folders (train/dev/test manifests) from a dataset."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+from collections import Counter
+
+from speechmimic.cli import _options
+from speechmimic.recipes import MODULES, RECIPES, ROOTLESS
+from speechmimic.tasks import SPLITS, Task
+
+_MAX_LISTED_CLASSES = 40
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+_FIXED = {"root", "out", "seed", "progress"}
+
+
+def _summary(module) -> str:
+    return (module.__doc__ or "").strip().splitlines()[0].replace("``", "")
+
+
+def _options_help() -> str:
+    lines = ["recipe options (-o KEY=VALUE):"]
+    for name, module in MODULES.items():
+        lines.append(f"  {name}:")
+        lines += [f"    {key}: {text}" for key, text in module.OPTIONS.items()] or ["    (none)"]
+    return "\n".join(lines)
+
+
+def register(sub) -> None:
+    recipes = "\n".join(f"  {name:<16} {_summary(module)}" for name, module in MODULES.items())
+    p = sub.add_parser(
+        "recipe",
+        help="build labelled task folders (train/dev/test manifests) from a standard dataset layout",
+        description="Write one task folder (task.json + train/dev/test.jsonl) per task of a dataset "
+        f"under --out.\n\nrecipes:\n{recipes}",
+        epilog=_options_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("name", metavar="NAME", choices=sorted(RECIPES), help="the recipe (listed above)")
+    p.add_argument(
+        "root",
+        metavar="ROOT",
+        nargs="?",
+        help=f"the dataset folder (not taken by {', '.join(sorted(ROOTLESS))}, which generates its data)",
+    )
+    p.add_argument("--out", required=True, help="folder to write the task folders in")
+    _options.add_seed(p)
+    p.add_argument(
+        "-o",
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe option (repeatable); the options of each recipe are listed below",
+    )
+    _options.add_progress(p)
+    p.set_defaults(func=run)
+
+
+def _convert(name: str, key: str, value: str, default):
+    # The build function's default says what type the option takes; None/tuple defaults stay strings.
+    try:
+        if isinstance(default, bool):
+            if value.lower() not in _TRUE | _FALSE:
+                raise ValueError("expected true or false")
+            return value.lower() in _TRUE
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except ValueError as e:
+        raise ValueError(f"recipe {name}: option {key}={value!r}: {e}") from e
+    return value
+
+
+def parse_options(name: str, items: list[str]) -> dict:
+    """``["key=value", ...]`` -> keyword arguments of recipe ``name``'s build, typed by its defaults."""
+    params = inspect.signature(RECIPES[name]).parameters
+    allowed = [k for k in params if k not in _FIXED]
+    options = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or not key:
+            raise ValueError(f"option {item!r}: expected KEY=VALUE")
+        if key not in allowed:
+            raise ValueError(f"recipe {name} has no option {key!r}; options: {', '.join(allowed) or 'none'}")
+        options[key] = _convert(name, key, value, params[key].default)
+    return options
+
+
+def run(args) -> int:
+    build = RECIPES[args.name]
+    options = parse_options(args.name, args.option)
+    params = inspect.signature(build).parameters
+    if "seed" in params:
+        options["seed"] = args.seed
+    options["progress"] = not args.no_progress
+    if args.name in ROOTLESS:
+        if args.root is not None:
+            raise ValueError(f"recipe {args.name} generates its data and takes no ROOT (got {args.root})")
+        tasks = build(args.out, **options)
+    else:
+        if args.root is None:
+            raise ValueError(f"recipe {args.name} needs the dataset folder ROOT")
+        tasks = build(args.root, args.out, **options)
+    print(f"wrote {len(tasks)} task(s) under {args.out}")
+    for task in tasks:
+        print(describe(task))
+    return 0
+
+
+def describe(task: Task) -> str:
+    """Split sizes and per-class (classify) or token-set (phones, chars) counts of a written task."""
+    splits = {s: task.split(s) for s in SPLITS}
+    sizes = ", ".join(f"{s} {len(splits[s])}" for s in SPLITS)
+    lines = [f"  {task.name} ({task.kind}, {task.metric}) -> {task.root}: {sizes}"]
+    if task.kind == "classify":
+        counts = {s: Counter(task.label(c) for c in splits[s]) for s in SPLITS}
+        lines.append(f"    {len(task.classes)} classes")
+        if len(task.classes) <= _MAX_LISTED_CLASSES:
+            lines += [
+                f"      {cls:<16} " + " / ".join(str(counts[s][cls]) for s in SPLITS) for cls in task.classes
+            ]
+        else:
+            train = [counts["train"][cls] for cls in task.classes]
+            lines.append(f"      train clips per class: min {min(train)}, max {max(train)}")
+    else:
+        tokens = {t for s in SPLITS for c in splits[s] for t in task.tokens(c)}
+        lines.append(f"    {len(tokens)} distinct {'phones' if task.kind == 'phones' else 'characters'}")
+    return "\n".join(lines)
