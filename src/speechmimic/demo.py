@@ -3,23 +3,27 @@
 Target: resemblyzer's pretrained GE2E speaker encoder returning all three LSTM layers. Thief's pool
 and held-out clips: the synthetic corpus shipped in ``speechmimic/data/demo_corpus`` (its
 ``split`` label). Stage 2 runs at each budget with the same training compute, then the report
-compares held-out fidelity across budgets.
+compares held-out fidelity across budgets, and probes target, student and MFCC on a keyword task and
+a speaker-ID task built from held-out clips only (never queried).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import time
 from importlib import resources
 from pathlib import Path
 
 from speechmimic.corpus import Clip, read_manifest
 from speechmimic.distill import DistillConfig
+from speechmimic.evaluate import evaluate, merge_into_report, plot_probes, probe_table
 from speechmimic.extract import extract
 from speechmimic.fidelity import mean_r2
 from speechmimic.report import fidelity_table, write_report
 from speechmimic.select import Budget
 from speechmimic.targets import load_target
+from speechmimic.tasks import SPLITS, Task, write_task
 
 DEMO_TARGET = "resemblyzer?layers=all"
 
@@ -33,6 +37,45 @@ def demo_corpus() -> tuple[list[Clip], list[Clip]]:
     return pool, heldout
 
 
+def demo_tasks(heldout: list[Clip], out_dir: Path, seed: int = 0) -> list[Task]:
+    """Keyword spotting (10 words; speakers disjoint across splits) and speaker ID (24 speakers; each
+    speaker's clips split by word) from held-out clips."""
+    rng = random.Random(seed)
+    speakers = sorted({c.labels["speaker"] for c in heldout})
+    rng.shuffle(speakers)
+    n = len(speakers)
+    part = {s: ("test" if i < n // 6 else "dev" if i < n // 3 else "train") for i, s in enumerate(speakers)}
+    keywords = [c for c in heldout if c.labels["kind"] == "keyword"]
+    ks = {s: [c for c in keywords if part[c.labels["speaker"]] == s] for s in SPLITS}
+    sid: dict[str, list[Clip]] = {s: [] for s in SPLITS}
+    for speaker in sorted(part):
+        own = [c for c in heldout if c.labels["speaker"] == speaker]
+        words = sorted({c.labels["keyword"] for c in own if c.labels["kind"] == "keyword"})
+        rng.shuffle(words)
+        dev, test = set(words[:2]), set(words[2:4])
+        for c in own:
+            word = c.labels.get("keyword")
+            sid["dev" if word in dev else "test" if word in test else "train"].append(c)
+    return [
+        write_task(
+            out_dir / "keywords",
+            "keywords",
+            "classify",
+            "keyword",
+            ks,
+            "10 keywords; train/dev/test speakers disjoint; held-out clips only",
+        ),
+        write_task(
+            out_dir / "speakers",
+            "speakers",
+            "classify",
+            "speaker",
+            sid,
+            "24 synthetic speakers; sentences + 6 keywords train, 2 dev, 2 test; held-out clips only",
+        ),
+    ]
+
+
 def run_demo(
     out_dir: str | Path,
     budgets: tuple[str, ...] = ("10%", "100%"),
@@ -40,6 +83,7 @@ def run_demo(
     seed: int = 0,
     preset: str = "small",
     target_spec: str = DEMO_TARGET,
+    probes: bool = True,
     progress: bool = True,
 ) -> dict:
     out_dir = Path(out_dir)
@@ -110,5 +154,20 @@ def run_demo(
     paths = write_report(report, out_dir)
     print()
     print(fidelity_table(report["runs"]))
+
+    if probes:
+        t = time.time()
+        tasks = demo_tasks(heldout, out_dir / "tasks", seed=seed)
+        results = evaluate(
+            target.spec, best["student"]["path"], tasks, out_dir / "probes", seed=seed, progress=progress
+        )
+        plots = plot_probes(results, out_dir / "probes")
+        report["timings"]["probes"] = round(time.time() - t, 1)
+        report["timings"]["total"] = round(time.time() - t_start, 1)
+        paths = write_report(report, out_dir)
+        merge_into_report(results, out_dir, plots)
+        report["probes"] = json.loads(paths["json"].read_text())["probes"]
+        print()
+        print(probe_table(results))
     print(f"\nwrote {paths['json']}, {paths['md']} and {paths['plot']}")
     return report

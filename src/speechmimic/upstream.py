@@ -10,6 +10,9 @@ never changes a clip's features.
   every target layer (the stolen representations), all at the heads' frame rate (student states
   are repeated to that rate).
 - A target spec (``hf:...``, ``resemblyzer...``): the layers its API returns.
+- ``mfcc`` or ``fbank``: the learning-free baselines of :mod:`speechmimic.baselines` (39-d MFCC with
+  deltas, or 80 log-mel; one state at 100 Hz); ``mfcc+cmvn`` / ``fbank+cmvn`` add per-utterance
+  CMVN. These names win over a folder of the same name: write ``./mfcc`` for the folder.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speechmimic.baselines import BASELINES
 from speechmimic.student import CONFIG_NAME, SAMPLE_RATE, Student, infer
 from speechmimic.targets import load_target
 
@@ -74,7 +78,9 @@ class TargetUpstream(nn.Module):
 
 
 def load_upstream(path_or_spec: str | Path, device: str = "cpu") -> nn.Module:
-    """An upstream from an extracted student's directory, or from any target spec."""
+    """An upstream from an extracted student's directory, any target spec, or a baseline (``mfcc``...)."""
+    if isinstance(path_or_spec, str) and path_or_spec in BASELINES:
+        return BASELINES[path_or_spec]().to(device)
     path = Path(path_or_spec)
     if (path / CONFIG_NAME).exists():
         try:

@@ -6,9 +6,21 @@ import argparse
 import sys
 
 from speechmimic.audio import AudioError
-from speechmimic.cli import corpus, demo, distill, embed, extract, fidelity, query, select
+from speechmimic.cli import (
+    corpus,
+    demo,
+    distill,
+    embed,
+    evaluate,
+    extract,
+    fidelity,
+    probe,
+    query,
+    recipe,
+    select,
+)
 
-COMMANDS = (demo, corpus, select, query, distill, extract, fidelity, embed)
+COMMANDS = (demo, corpus, recipe, select, query, distill, extract, fidelity, probe, evaluate, embed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="speechmimic",
         description=(
             "Query-budgeted model extraction of self-supervised speech encoders. The data flows one way: "
-            "corpus scan -> select -> query (paid, through the ledger) -> distill -> fidelity / embed. "
+            "corpus scan -> select -> query (paid, through the ledger) -> distill -> fidelity -> "
+            "probe / evaluate. "
             "'extract' chains select, query and distill; 'demo' runs a whole attack on a real pretrained "
             "encoder with the corpus shipped in the package."
         ),

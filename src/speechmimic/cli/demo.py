@@ -25,6 +25,11 @@ def register(sub) -> None:
         "--steps", type=int, default=350, help="training steps per budget, equal for all (default: 350)"
     )
     p.add_argument("--preset", default="small", help="student preset (default: small)")
+    p.add_argument(
+        "--no-probes",
+        action="store_true",
+        help="skip the downstream probes (keywords, speaker ID) on held-out clips",
+    )
     p.add_argument("--target", default=DEMO_TARGET, help=f"target spec (default: {DEMO_TARGET})")
     _options.add_seed(p)
     _options.add_progress(p)
@@ -41,6 +46,7 @@ def run(args) -> int:
         seed=args.seed,
         preset=args.preset,
         target_spec=args.target,
+        probes=not args.no_probes,
         progress=not args.no_progress,
     )
     return 0

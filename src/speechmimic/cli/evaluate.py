@@ -1,0 +1,74 @@
+"""``speechmimic evaluate``: target, student and baseline probed side by side on downstream tasks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from speechmimic.cli import _options
+from speechmimic.evaluate import evaluate, merge_into_report, plot_probes, probe_table
+from speechmimic.tasks import load_task
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="probe target, student and an MFCC baseline on the same tasks; table of the recovered share",
+        description="Probe the target, the extracted student and a learning-free baseline on the same "
+        "tasks and splits (SUPERB-style: frozen upstream, learnable layer weights, light head). Prints "
+        "target, student and baseline test scores, student/target and the recovered share = "
+        "(student - baseline) / (target - baseline), plots them, and merges them into a report.json "
+        "(under 'probes') and report.md when --report is given.",
+    )
+    _options.add_target(p)
+    p.add_argument("--student", required=True, help="extracted student folder")
+    p.add_argument(
+        "--tasks",
+        required=True,
+        nargs="+",
+        metavar="TASK_DIR",
+        help="task folders (task.json + train/dev/test manifests, e.g. from 'speechmimic recipe')",
+    )
+    p.add_argument(
+        "--baseline",
+        default="mfcc",
+        choices=("mfcc", "fbank", "mfcc+cmvn", "fbank+cmvn"),
+        help="learning-free upstream the advantage is measured over (default: mfcc)",
+    )
+    p.add_argument(
+        "--out", required=True, help="folder for probes.json, plots, probe results and feature cache"
+    )
+    p.add_argument(
+        "--report",
+        default=None,
+        help="folder of an extraction report (report.json, report.md) to merge the results into",
+    )
+    p.add_argument("--cache", default=None, help="feature cache folder (default: OUT/feature_cache)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    _options.add_seed(p)
+    _options.add_progress(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    tasks = [load_task(t) for t in args.tasks]
+    results = evaluate(
+        args.target,
+        args.student,
+        tasks,
+        args.out,
+        baseline=args.baseline,
+        seed=args.seed,
+        device=args.device,
+        cache_dir=args.cache,
+        progress=not args.no_progress,
+    )
+    plots = plot_probes(results, Path(args.out))
+    print(probe_table(results))
+    print(f"\nplots: {plots['scores']}, {plots['layer_weights']}")
+    if args.report:
+        merge_into_report(results, args.report, plots)
+        print(f"merged into {Path(args.report) / 'report.json'} and report.md")
+    else:
+        print(json.dumps({"probes": str(Path(args.out) / "probes.json")}))
+    return 0

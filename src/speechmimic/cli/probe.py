@@ -1,0 +1,82 @@
+"""``speechmimic probe``: score a frozen upstream on a downstream task with a light SUPERB-style head."""
+
+from __future__ import annotations
+
+import json
+
+from speechmimic.cli import _options
+from speechmimic.probe import probe
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "probe",
+        help="score a frozen upstream on a task (keyword/speaker/... accuracy, PER, WER)",
+        description="Train a softmax-weighted sum of the upstream's layers and a light head on a task "
+        "folder's train split, pick the epoch by the dev split, and score the test split once. "
+        "Upstream features are computed once per clip and cached when --cache is given.",
+    )
+    p.add_argument(
+        "--upstream",
+        required=True,
+        metavar="SPEC_OR_DIR",
+        help="an extracted student's folder, a target spec ('resemblyzer?layers=all', 'hf:...'), "
+        "or a learning-free baseline: 'mfcc' or 'fbank'",
+    )
+    p.add_argument("--task", required=True, metavar="TASK_DIR", help="task folder (task.json + splits)")
+    p.add_argument("--out", default=None, metavar="DIR", help="folder for result.json and the probe weights")
+    _options.add_seed(p)
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="maximum epochs (default: 200 classify, 100 phones, 60 chars)",
+    )
+    p.add_argument(
+        "--lr", type=float, default=None, help="Adam learning rate (default: 1e-3; 1e-2 for phones)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="clips per batch (default: 32 classify, 16 CTC)"
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="stop after this many epochs without a better dev score (default: 30 classify, 15 phones, "
+        "10 chars)",
+    )
+    p.add_argument(
+        "--cache",
+        default=None,
+        metavar="DIR",
+        help="folder caching upstream features across runs (default: none)",
+    )
+    _options.add_progress(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    result = probe(
+        args.upstream,
+        args.task,
+        out_dir=args.out,
+        seed=args.seed,
+        device=args.device,
+        max_epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        patience=args.patience,
+        cache_dir=args.cache,
+        progress=not args.no_progress,
+    )
+    base = ", ".join(f"{k} {v:.3f}" for k, v in result["baselines"].items())
+    print(
+        f"{result['task']} {result['metric']}: test {result['test']:.4f} (dev {result['dev']:.4f}, "
+        f"epoch {result['best_epoch']}/{result['epochs']}; baselines: {base}) upstream {result['upstream']}"
+    )
+    if args.out:
+        print(f"-> {args.out}/result.json")
+    else:
+        print(json.dumps(result["layer_weights"]))
+    return 0
