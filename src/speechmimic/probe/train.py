@@ -133,7 +133,8 @@ def probe(
     projection(256) -> mean pooling -> linear, trained on cached per-clip means; for ``phones`` /
     ``chars`` a CTC head on frames, linear or, with ``lstm`` (default: chars tasks only), after a
     2-layer BiLSTM of ``lstm_hidden`` units. Adam; dev scored every epoch; training stops after
-    ``patience`` epochs without a better dev score (classify: ties broken by lower dev loss) and the
+    ``patience`` epochs without a better dev score (ties broken by lower dev loss: a CTC head sits at
+    all-blank output, error rate 1.0, for a while before its loss turns into transcripts) and the
     best-dev state is scored once on test.
 
     Baselines needing no upstream come with the result: the majority train class (classify), or
@@ -170,7 +171,8 @@ def probe(
         refs = {s: [task.tokens(c) for c in cs] for s, cs in clips.items()}
         vocab = sorted({t for seq in refs["train"] for t in seq})
         index = {t: i + 1 for i, t in enumerate(vocab)}  # 0 is the CTC blank
-        targets = {"train": [torch.tensor([index[t] for t in seq]) for seq in refs["train"]]}
+        # Dev/test tokens unseen in training cannot be emitted; they only count in the error rate.
+        targets = {s: [torch.tensor([index[t] for t in seq if t in index]) for seq in refs[s]] for s in refs}
         units = {s: [words(r) for r in refs[s]] for s in refs} if task.kind == "chars" else refs
         baselines = {"blank": 1.0, "unigram": _unigram_error(units["train"], units["test"])}
         n_out = len(vocab) + 1
@@ -182,11 +184,11 @@ def probe(
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
 
-    def loss_of(split: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_of(split: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, lengths = data[split].batch(idx, device)
         out = model(x, lengths)
         if classify:
-            return F.cross_entropy(out, targets[split][idx].to(device)), out
+            return F.cross_entropy(out, targets[split][idx].to(device)), out, lengths
         ys = [targets[split][i] for i in idx.tolist()]
         loss = F.ctc_loss(
             out.transpose(0, 1),
@@ -196,7 +198,7 @@ def probe(
             blank=0,
             zero_infinity=True,  # a clip with fewer frames than its labels need adds no loss, not inf
         )
-        return loss, out
+        return loss, out, lengths
 
     @torch.no_grad()
     def evaluate(split: str) -> tuple[float, float]:
@@ -204,18 +206,21 @@ def probe(
         hyps, total_loss = [], 0.0
         for idx in _batches(data[split].n, max(batch_size, 64), None):
             if classify:
-                loss, out = loss_of(split, idx)
+                loss, out, _ = loss_of(split, idx)
                 total_loss += float(loss) * len(idx)
                 hyps += [task.classes[i] for i in out.argmax(-1).tolist()]
             else:
-                x, lengths = data[split].batch(idx, device)
-                hyps += [[vocab[i - 1] for i in seq] for seq in ctc_greedy_decode(model(x, lengths), lengths)]
+                loss, out, lengths = loss_of(split, idx)
+                total_loss += float(loss) * len(idx)
+                hyps += [[vocab[i - 1] for i in seq] for seq in ctc_greedy_decode(out, lengths)]
         model.train()
         if classify:
             return accuracy(hyps, refs[split]), total_loss / data[split].n
         if task.kind == "chars":
-            return error_rate([words(h) for h in hyps], [words(r) for r in refs[split]]), 0.0
-        return error_rate(hyps, refs[split]), 0.0
+            return error_rate([words(h) for h in hyps], [words(r) for r in refs[split]]), total_loss / data[
+                split
+            ].n
+        return error_rate(hyps, refs[split]), total_loss / data[split].n
 
     sign = 1.0 if classify else -1.0  # accuracy: higher is better; error rates: lower
     best_key, best_state, best_epoch, best_dev, epoch = None, None, 0, None, 0

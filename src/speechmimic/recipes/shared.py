@@ -2,7 +2,7 @@
 
 ``root`` is that data folder, holding:
 
-- ``fsdd/recordings`` -> ``digits`` (10 digits; test = take index 0-4, 500 clips) and
+- ``fsdd/recordings`` -> ``digits`` (10 digits; test = take index 0-4, 300 clips) and
   ``fsdd_sid`` (6 speakers), see :mod:`speechmimic.recipes.fsdd`;
 - ``speech_commands_subset`` (30 words x 10) -> ``words`` (30 classes; its lists leave some words
   without a test clip, so the per-word speaker split applies), see
