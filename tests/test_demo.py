@@ -37,3 +37,9 @@ def test_demo_meets_its_promise(tmp_path):
     states = upstream([torch.zeros(16000).uniform_(-0.1, 0.1)])["hidden_states"]
     assert [s.shape[-1] for s in states[-3:]] == [256, 256, 256]
     assert report["runs"][0]["fidelity"] == saved["runs"][0]["fidelity"]
+    # Probes on held-out clips only: target, student and MFCC side by side, in json and markdown.
+    assert set(saved["probes"]) == {"keywords", "speakers"}
+    for row in saved["probes"].values():
+        assert {"target", "student", "baseline", "ratio", "recovered"} <= set(row)
+        assert row["target"] > 0.5  # a real pretrained target on 10 words / 24 voices
+    assert "## Downstream probes" in (tmp_path / "d" / "report.md").read_text()

@@ -1,0 +1,87 @@
+"""Target, student and baseline side by side: the numbers, the command and the report merge."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from speechmimic.cli import main
+from speechmimic.demo import demo_corpus, demo_tasks
+from speechmimic.distill import DistillConfig, distill
+from speechmimic.evaluate import compare
+from speechmimic.extract import query_clips
+from speechmimic.ledger import Ledger
+from speechmimic.targets import load_target
+
+
+def test_recovered_share_and_ratio():
+    assert compare({"target": 0.9, "student": 0.7, "baseline": 0.5}, "accuracy") == {
+        "ratio": pytest.approx(0.7 / 0.9, abs=1e-4),
+        "recovered": 0.5,
+    }
+    # Error rates: the same share on the 1 - error scale (student halfway from baseline to target).
+    assert compare({"target": 0.2, "student": 0.5, "baseline": 0.8}, "per")["recovered"] == pytest.approx(0.5)
+    # A student below the baseline recovers a negative share; equal target and baseline: undefined.
+    assert compare({"target": 0.9, "student": 0.4, "baseline": 0.5}, "accuracy")["recovered"] < 0
+    assert compare({"target": 0.5, "student": 0.4, "baseline": 0.5}, "accuracy")["recovered"] is None
+
+
+def test_evaluate_command_prints_table_and_merges_report(tmp_path, speech_clips, capsys):
+    pool, _ = speech_clips
+    _, heldout = demo_corpus()
+    ledger = Ledger(tmp_path / "ledger")
+    query_clips(load_target("resemblyzer?layers=all"), pool[:16], ledger, progress=False)
+    distill(
+        pool[:16],
+        ledger,
+        tmp_path / "student",
+        DistillConfig(steps=10, warmup=2),
+        preset="tiny",
+        progress=False,
+    )
+    demo_tasks(heldout, tmp_path / "tasks")
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.json").write_text(json.dumps({"target": "resemblyzer?layers=1,2,3", "runs": []}))
+    (report / "report.md").write_text("# extraction report\n")
+    args = [
+        "evaluate",
+        "--target",
+        "resemblyzer?layers=all",
+        "--student",
+        str(tmp_path / "student"),
+        "--tasks",
+        str(tmp_path / "tasks" / "keywords"),
+        "--out",
+        str(tmp_path / "eval"),
+        "--report",
+        str(report),
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| keywords | accuracy |" in out and "recovered share" in out
+    merged = json.loads((report / "report.json").read_text())
+    assert merged["runs"] == [] and set(merged["probes"]) == {"keywords"}
+    row = merged["probes"]["keywords"]
+    assert {"target", "student", "baseline", "ratio", "recovered"} <= set(row)
+    assert 0 <= row["student"] <= 1 and row["target"] > 0.3  # a real upstream on 10 keywords
+    assert (tmp_path / "eval" / "probes.png").exists() and (tmp_path / "eval" / "layer_weights.png").exists()
+    # Merging again replaces the section (same seed: same numbers), never duplicates it.
+    assert main(args) == 0
+    md = (report / "report.md").read_text()
+    assert md.count("## Downstream probes") == 1 and md.startswith("# extraction report")
+    assert json.loads((report / "report.json").read_text())["probes"] == merged["probes"]
+
+
+def test_demo_tasks_never_share_speakers_or_clips(tmp_path):
+    pool, heldout = demo_corpus()
+    ks, sid = demo_tasks(heldout, tmp_path)
+    pool_ids = {c.id for c in pool}
+    speakers = {s: {c.labels["speaker"] for c in ks.split(s)} for s in ("train", "dev", "test")}
+    assert not (speakers["train"] & speakers["test"]) and not (speakers["dev"] & speakers["test"])
+    for task in (ks, sid):
+        ids = [c.id for s in ("train", "dev", "test") for c in task.split(s)]
+        assert len(ids) == len(set(ids)) and not (set(ids) & pool_ids)  # never a queried clip
+    assert len(ks.classes) == 10 and len(sid.classes) == 24
