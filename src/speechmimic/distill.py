@@ -236,7 +236,7 @@ def distill(
             loss = float(loss.detach())
             log.append({"step": step, "epoch": epoch, "loss": round(loss, 5)})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             if on_step:
                 on_step(step, loss)
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:

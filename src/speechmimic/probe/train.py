@@ -240,7 +240,9 @@ def probe(
             if best_key is None or key > best_key:
                 best_key, best_epoch, best_dev = key, epoch, dev
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            bar.set_postfix({task.metric: f"{dev:.3f}", "best": f"{best_dev:.3f}@{best_epoch}"})
+            bar.set_postfix(
+                {task.metric: f"{dev:.3f}", "best": f"{best_dev:.3f}@{best_epoch}"}, refresh=False
+            )
             if epoch - best_epoch >= patience:
                 break
         bar.close()
