@@ -8,6 +8,7 @@ new strategy only has to rank. Register a strategy in ``STRATEGIES`` to expose i
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,49 @@ from dataclasses import dataclass
 import numpy as np
 
 from speechmimic.corpus import Clip
+
+
+@dataclass
+class Scores:
+    """What informed strategies rank by, one row per candidate clip (in ``ids`` order).
+
+    ``uncertainty``: higher = the stage-1 student knows the clip less (masked-prediction loss or
+    predictive entropy). ``embeddings``: utterance embeddings (N, D) for diversity.
+    """
+
+    ids: list[str]
+    uncertainty: np.ndarray | None = None
+    embeddings: np.ndarray | None = None
+
+    def save(self, path: str | os.PathLike) -> None:
+        arrays = {"ids": np.array(self.ids)}
+        if self.uncertainty is not None:
+            arrays["uncertainty"] = np.asarray(self.uncertainty, dtype=np.float32)
+        if self.embeddings is not None:
+            arrays["embeddings"] = np.asarray(self.embeddings, dtype=np.float32)
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Scores:
+        with np.load(path) as f:
+            return cls(
+                [str(i) for i in f["ids"]],
+                f["uncertainty"] if "uncertainty" in f else None,
+                f["embeddings"] if "embeddings" in f else None,
+            )
+
+    def aligned(self, clips: Sequence[Clip]) -> Scores:
+        """These scores reordered to ``clips``; KeyError naming a clip that has none."""
+        row = {clip_id: i for i, clip_id in enumerate(self.ids)}
+        missing = [c.id for c in clips if c.id not in row]
+        if missing:
+            raise KeyError(f"{len(missing)} clips have no scores, e.g. {missing[:3]}")
+        idx = np.array([row[c.id] for c in clips], dtype=int)
+        return Scores(
+            [c.id for c in clips],
+            None if self.uncertainty is None else self.uncertainty[idx],
+            None if self.embeddings is None else self.embeddings[idx],
+        )
 
 
 @dataclass(frozen=True)
