@@ -192,3 +192,24 @@ def test_budget_and_random_selection(speech_clips):
     assert chosen != select(pool, Budget(seconds=20), seed=2)
     # A smaller budget with the same seed is a prefix of a larger one: ledgers are shared across budgets.
     assert select(pool, Budget(clips=5), seed=1) == select(pool, Budget(clips=10), seed=1)[:5]
+
+
+def test_stage2_starts_from_a_stage1_checkpoint(tmp_path, speech_clips):
+    pool, _ = speech_clips
+    stage1 = build_student("tiny", [], dim=48)
+    stage1.save(tmp_path / "stage1")
+    ledger = Ledger(tmp_path / "ledger")
+    query_clips(load_target("resemblyzer?layers=2"), pool[:4], ledger, progress=False)
+    student = distill(
+        pool[:4], ledger, tmp_path / "s", DistillConfig(steps=0), init=tmp_path / "stage1", progress=False
+    )
+    assert student.cfg.dim == 48 and list(student.heads) == ["lstm2"]  # its architecture, new heads
+    own = student.state_dict()
+    for k, v in stage1.state_dict().items():
+        assert torch.equal(own[k], v), k
+    with pytest.raises(ValueError, match="not a speechmimic student"):
+        (tmp_path / "bad").mkdir()
+        (tmp_path / "bad" / "config.json").write_text("{}")
+        distill(
+            pool[:4], ledger, tmp_path / "s2", DistillConfig(steps=0), init=tmp_path / "bad", progress=False
+        )

@@ -20,11 +20,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from speechmimic.corpus import Clip
 from speechmimic.ledger import Ledger
-from speechmimic.student import SAMPLE_RATE, HeadSpec, Student, align, build_student
+from speechmimic.student import (
+    CONFIG_NAME,
+    SAMPLE_RATE,
+    WEIGHTS_NAME,
+    HeadSpec,
+    Student,
+    StudentConfig,
+    align,
+    build_student,
+)
 
 STATE_NAME = "train_state.pt"
 
@@ -157,6 +167,24 @@ def distill_loss(
     return total / len(student.heads), parts
 
 
+def student_from_stage1(directory: str | Path, heads: list[HeadSpec]) -> Student:
+    """A student with the architecture and trunk weights of a stage-1 checkpoint and new ``heads``."""
+    directory = Path(directory)
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    if config.get("speechmimic") != "student":
+        raise ValueError(f"{directory} is not a speechmimic student checkpoint")
+    cfg = StudentConfig.from_dict({**config["student"], "targets": []})
+    cfg.targets = list(heads)
+    student = Student(cfg)
+    own = student.state_dict()
+    state = load_file(directory / WEIGHTS_NAME)
+    trunk = {k: v for k, v in state.items() if k in own and not k.startswith("heads.")}
+    if not trunk:
+        raise ValueError(f"{directory} holds no trunk weights this student can use")
+    student.load_state_dict(trunk, strict=False)
+    return student
+
+
 def _lr_at(step: int, cfg: DistillConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -171,12 +199,15 @@ def distill(
     cfg: DistillConfig,
     student: Student | None = None,
     preset: str = "small",
+    init: str | Path | None = None,
     resume: bool = True,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
 ) -> Student:
     """Train a student on the paid responses of ``clips`` and save it to ``out_dir``.
 
+    ``init``: a stage-1 checkpoint (``speechmimic pretrain``) whose architecture and trunk weights
+    the student starts from (``preset`` is then ignored); the heads are new, sized from the answers.
     With ``resume`` (default), a ``train_state.pt`` left in ``out_dir`` by an interrupted run is
     picked up where it stopped: same weights, optimiser, step and random state.
     """
@@ -187,7 +218,9 @@ def distill(
     torch.manual_seed(cfg.seed)
     data = PairedClips(clips, ledger)
     keys = data.keys()
-    if student is None:
+    if student is None and init is not None:
+        student = student_from_stage1(init, infer_heads(ledger, keys))
+    elif student is None:
         student = build_student(preset, infer_heads(ledger, keys))
     stats = ledger.layer_stats(keys)
     for name, head in student.heads.items():

@@ -17,7 +17,7 @@ from speechmimic.corpus import Clip, write_manifest
 from speechmimic.distill import DistillConfig, distill
 from speechmimic.fidelity import evaluate_fidelity
 from speechmimic.ledger import Ledger
-from speechmimic.select import Budget, select
+from speechmimic.select import Budget, Scores, select
 from speechmimic.student import Student
 from speechmimic.targets import Target
 
@@ -49,6 +49,8 @@ def extract(
     strategy: str = "random",
     seed: int = 0,
     preset: str = "small",
+    init: str | Path | None = None,
+    scores: Scores | None = None,
     distill_cfg: DistillConfig | None = None,
     ledger_dir: str | Path | None = None,
     heldout: list[Clip] | None = None,
@@ -63,7 +65,7 @@ def extract(
     distill_cfg = distill_cfg or DistillConfig(seed=seed)
     timings = {}
     t = time.time()
-    chosen = select(pool, budget, strategy=strategy, seed=seed)
+    chosen = select(pool, budget, strategy=strategy, seed=seed, scores=scores)
     if not chosen:
         raise ValueError(f"budget {budget} admits no clip of the pool")
     write_manifest(chosen, out_dir / "selected.jsonl")
@@ -75,12 +77,15 @@ def extract(
     timings["query"] = time.time() - t
 
     t = time.time()
-    student = distill(chosen, ledger, out_dir / "student", distill_cfg, preset=preset, progress=progress)
+    student = distill(
+        chosen, ledger, out_dir / "student", distill_cfg, preset=preset, init=init, progress=progress
+    )
     timings["distill"] = time.time() - t
 
     result = {
         "target": target.spec,
         "strategy": strategy,
+        "stage1": init and str(init),
         "seed": seed,
         "budget": {"clips": budget.clips, "seconds": budget.seconds},
         "budget_seconds": budget.seconds,

@@ -73,12 +73,27 @@ def add_distill(p: argparse.ArgumentParser) -> None:
         default=_D.checkpoint_every,
         help=f"save a resumable training state every N steps (default: {_D.checkpoint_every})",
     )
+    g.add_argument(
+        "--stage1",
+        default=None,
+        metavar="DIR",
+        help="stage-1 checkpoint (from 'speechmimic pretrain') the student starts from: its architecture "
+        "replaces --preset and its trunk weights are loaded; heads are new",
+    )
+    g.add_argument(
+        "--from-scratch", action="store_true", help="ignore --stage1 and start from random weights"
+    )
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     g.add_argument(
         "--no-resume",
         action="store_true",
         help="start training afresh even if the output folder holds an interrupted run",
     )
+
+
+def init_dir(args: argparse.Namespace) -> str | None:
+    """The stage-1 checkpoint to start from, if any."""
+    return None if args.from_scratch else args.stage1
 
 
 def distill_config(args: argparse.Namespace) -> DistillConfig:

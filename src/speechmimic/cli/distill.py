@@ -34,6 +34,7 @@ def run(args) -> int:
         args.out,
         _options.distill_config(args),
         preset=args.preset,
+        init=_options.init_dir(args),
         resume=not args.no_resume,
         progress=not args.no_progress,
     )

@@ -7,7 +7,7 @@ import json
 from speechmimic.cli import _options
 from speechmimic.corpus import read_manifest
 from speechmimic.extract import extract
-from speechmimic.select import STRATEGIES, Budget
+from speechmimic.select import STRATEGIES, Budget, Scores
 from speechmimic.targets import load_target
 
 
@@ -24,6 +24,12 @@ def register(sub) -> None:
     _options.add_budget(p, required=True)
     p.add_argument(
         "--strategy", choices=sorted(STRATEGIES), default="random", help="clip selection (default: random)"
+    )
+    p.add_argument(
+        "--scores",
+        default=None,
+        metavar="FILE.npz",
+        help="per-clip uncertainty and embeddings from 'speechmimic score', needed by informed strategies",
     )
     p.add_argument(
         "--heldout",
@@ -50,6 +56,8 @@ def run(args) -> int:
         strategy=args.strategy,
         seed=args.seed,
         preset=args.preset,
+        init=_options.init_dir(args),
+        scores=Scores.load(args.scores) if args.scores else None,
         distill_cfg=_options.distill_config(args),
         heldout=read_manifest(args.heldout) if args.heldout else None,
         progress=not args.no_progress,
