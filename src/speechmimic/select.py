@@ -1,9 +1,22 @@
 """Clip selection under a query budget.
 
-A strategy is a small function ``(clips, scores, budget, rng) -> list of indices, in the order they
-should be queried``. ``scores`` holds whatever the strategy needs per clip (a loss, an embedding) or
-is ``None``. ``Budget`` caps clips, seconds or both; ``take_within`` applies it to any ranking, so a
-new strategy only has to rank. Register a strategy in ``STRATEGIES`` to expose it in the CLI.
+A strategy is a small function ``(clips, scores, budget, rng) -> indices in query order``.
+``scores`` is a :class:`Scores` aligned to ``clips`` (or ``None``) holding what informed strategies
+rank by: stage-1 uncertainty and/or utterance embeddings (``speechmimic score``). ``Budget`` caps
+clips, seconds or both; ``take_within`` applies it to any ranking, so most strategies only rank.
+A strategy may return a :class:`Ranking` (a ``list[int]``) to report the score each clip was chosen
+by. Register a strategy in ``STRATEGIES`` (and what its score means in ``SCORE_MEANING``) to expose
+it in the CLI.
+
+Strategies and what they need:
+
+``random``       nothing; a smaller clip budget with the same seed is a prefix of a larger one.
+``longest``      nothing; longest clips first (most audio per query when paying per clip).
+``uncertainty``  ``uncertainty``; highest first.
+``diversity``    ``embeddings``; greedy k-center on L2-normalised embeddings (chunked: no N x N matrix).
+``cluster``      ``embeddings``; MiniBatchKMeans, then one clip of every cluster, then clusters in
+                 proportion to their size; random order within a cluster.
+``hybrid``       ``embeddings`` and ``uncertainty``; as ``cluster``, most uncertain first within a cluster.
 """
 
 from __future__ import annotations
@@ -11,7 +24,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -98,18 +111,254 @@ def take_within(clips: Sequence[Clip], ranking: Sequence[int], budget: Budget) -
     return chosen
 
 
-Strategy = Callable[[Sequence[Clip], "np.ndarray | None", Budget, random.Random], list[int]]
+class Ranking(list):
+    """Chosen indices in query order (a plain ``list[int]``) and what each was chosen by.
+
+    ``scores[k]``: the k-th pick's score (``None`` where there is none); ``clusters[k]``: its cluster
+    for the clustered strategies, else ``clusters`` is ``None``.
+    """
+
+    def __init__(self, indices=(), scores=None, clusters=None):
+        super().__init__(int(i) for i in indices)
+        self.scores = [None] * len(self) if scores is None else list(scores)
+        self.clusters = None if clusters is None else list(clusters)
+
+
+Strategy = Callable[[Sequence[Clip], "Scores | None", Budget, random.Random], list[int]]
+
+_WHAT = {
+    "uncertainty": "stage-1 masked-prediction loss or predictive entropy",
+    "embeddings": "stage-1 utterance embeddings",
+}
+
+# Whole-array passes over the embeddings go this many rows at a time, so temporaries stay O(chunk x D).
+CHUNK = 8192
+MAX_CLUSTERS = 50
+
+
+def _need(scores: Scores | None, clips: Sequence[Clip], strategy: str, *what: str) -> list[np.ndarray]:
+    missing = [w for w in what if scores is None or getattr(scores, w) is None]
+    if missing:
+        need = " and ".join(f"{w} ({_WHAT[w]})" for w in missing)
+        raise ValueError(
+            f"strategy {strategy!r} needs per-clip {need}: run `speechmimic score` with the stage-1 "
+            "student on these clips and pass its .npz (--scores)"
+        )
+    arrays = [getattr(scores, w) for w in what]
+    for w, a in zip(what, arrays, strict=True):
+        if len(a) != len(clips):
+            raise ValueError(f"{len(a)} rows of {w} for {len(clips)} clips: align the scores to the clips")
+    return arrays
+
+
+def _shuffled(n: int, rng: random.Random) -> np.ndarray:
+    order = list(range(n))
+    rng.shuffle(order)
+    return np.array(order, dtype=np.int64)
+
+
+def _take(clips, order, budget, score=None, cluster=None) -> Ranking:
+    idx = take_within(clips, order, budget)
+    return Ranking(
+        idx,
+        # tolist(): plain Python numbers, so the manifest's JSON can hold them.
+        None if score is None else np.asarray(score)[idx].tolist(),
+        None if cluster is None else np.asarray(cluster)[idx].tolist(),
+    )
+
+
+def _highest_first(values: np.ndarray, rng: random.Random) -> np.ndarray:
+    # Shuffling before a stable sort breaks ties at random: equal durations (e.g. 1 s keyword clips)
+    # would otherwise be taken in manifest order, i.e. one folder first.
+    perm = _shuffled(len(values), rng)
+    return perm[np.argsort(-values[perm], kind="stable")]
 
 
 def random_strategy(
-    clips: Sequence[Clip], scores: np.ndarray | None, budget: Budget, rng: random.Random
-) -> list[int]:
+    clips: Sequence[Clip], scores: Scores | None, budget: Budget, rng: random.Random
+) -> Ranking:
     order = list(range(len(clips)))
     rng.shuffle(order)
-    return take_within(clips, order, budget)
+    return _take(clips, order, budget)
 
 
-STRATEGIES: dict[str, Strategy] = {"random": random_strategy}
+def longest_strategy(
+    clips: Sequence[Clip], scores: Scores | None, budget: Budget, rng: random.Random
+) -> Ranking:
+    durations = np.array([c.duration for c in clips], dtype=np.float64)
+    return _take(clips, _highest_first(durations, rng), budget, durations)
+
+
+def uncertainty_strategy(
+    clips: Sequence[Clip], scores: Scores | None, budget: Budget, rng: random.Random
+) -> Ranking:
+    (u,) = _need(scores, clips, "uncertainty", "uncertainty")
+    u = np.asarray(u, dtype=np.float64)
+    if not np.isfinite(u).all():
+        raise ValueError("uncertainty contains NaN or inf")
+    return _take(clips, _highest_first(u, rng), budget, u)
+
+
+def _row_norms(x: np.ndarray, chunk: int) -> np.ndarray:
+    norms = np.empty(len(x), dtype=np.float32)
+    for s in range(0, len(x), chunk):
+        norms[s : s + chunk] = np.linalg.norm(np.asarray(x[s : s + chunk], dtype=np.float32), axis=1)
+    if not np.isfinite(norms).all():
+        raise ValueError("embeddings contain NaN or inf")
+    # A zero embedding then sits at distance sqrt(2) from everything instead of producing NaN.
+    return np.maximum(norms, 1e-12)
+
+
+def k_center_greedy(
+    embeddings: np.ndarray,
+    durations: Sequence[float],
+    budget: Budget,
+    rng: random.Random,
+    chunk: int = CHUNK,
+) -> tuple[list[int], list[float | None]]:
+    """Greedy k-center on L2-normalised ``embeddings`` within ``budget``.
+
+    Starts from a random clip that fits, then repeatedly takes the clip farthest (Euclidean, after
+    normalising) from those chosen. Returns the picks and each one's distance to the nearest earlier
+    pick (``None`` for the first). Clips that no longer fit a seconds budget are skipped. Memory is
+    O(N + chunk x D) beyond ``embeddings`` (which may be a memmap); time O(picks x N x D).
+    """
+    n = len(embeddings)
+    dur = np.asarray(durations, dtype=np.float64)
+    norms = _row_norms(embeddings, chunk)
+    # Squared distance of each clip to its nearest pick; -inf marks clips chosen or no longer fitting.
+    gap = np.full(n, np.inf, dtype=np.float32)
+    picks: list[int] = []
+    dists: list[float | None] = []
+    spent = 0.0
+
+    def drop_unfit() -> None:
+        if budget.seconds is not None:
+            gap[dur > budget.seconds - spent + 1e-9] = -np.inf
+
+    drop_unfit()
+    fitting = np.flatnonzero(gap > -np.inf)
+    if not len(fitting) or budget.clips == 0:
+        return picks, dists
+    pick, dist = int(fitting[rng.randrange(len(fitting))]), None
+    while True:
+        picks.append(pick)
+        dists.append(dist)
+        spent += dur[pick]
+        gap[pick] = -np.inf
+        if budget.clips is not None and len(picks) >= budget.clips:
+            break
+        center = np.asarray(embeddings[pick], dtype=np.float32) / norms[pick]
+        for s in range(0, n, chunk):
+            rows = slice(s, s + chunk)
+            # einsum, not @: a threaded BLAS matvec on chunks this small stalls 10-50x on a busy machine.
+            cos = np.einsum("ij,j->i", np.asarray(embeddings[rows], dtype=np.float32), center) / norms[rows]
+            np.minimum(gap[rows], np.maximum(2.0 - 2.0 * cos, 0.0), out=gap[rows])
+        drop_unfit()
+        pick = int(np.argmax(gap))
+        if gap[pick] == -np.inf:
+            break
+        dist = float(np.sqrt(gap[pick]))
+    return picks, dists
+
+
+def diversity_strategy(
+    clips: Sequence[Clip], scores: Scores | None, budget: Budget, rng: random.Random
+) -> Ranking:
+    (emb,) = _need(scores, clips, "diversity", "embeddings")
+    picks, dists = k_center_greedy(emb, [c.duration for c in clips], budget, rng)
+    return Ranking(picks, dists)
+
+
+def cluster_ids(embeddings: np.ndarray, rng: random.Random, k: int | None = None) -> np.ndarray:
+    """MiniBatchKMeans labels of the L2-normalised embeddings.
+
+    ``k`` defaults to ``min(MAX_CLUSTERS, N // 4)`` (at least 1): enough strata to spread a budget
+    over the pool's variety, while clusters keep a few members each.
+    """
+    from sklearn.cluster import MiniBatchKMeans  # only the clustered strategies need scikit-learn
+
+    n = len(embeddings)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    k = k or max(1, min(MAX_CLUSTERS, n // 4))
+    x = np.empty((n, embeddings.shape[1]), dtype=np.float32)
+    norms = _row_norms(embeddings, CHUNK)
+    for s in range(0, n, CHUNK):
+        rows = slice(s, s + CHUNK)
+        x[rows] = np.asarray(embeddings[rows], dtype=np.float32) / norms[rows, None]
+    km = MiniBatchKMeans(n_clusters=k, n_init=3, random_state=rng.randrange(2**31))
+    return km.fit_predict(x).astype(np.int64)
+
+
+def _interleave(labels: np.ndarray, grouped: np.ndarray, rng: random.Random) -> np.ndarray:
+    """Merge clusters into one query order: a round over every cluster, then in proportion to size.
+
+    ``grouped`` lists every index, cluster by cluster, each cluster in the order it should be taken.
+    The j-th clip of a cluster of n gets priority j / n (Adams' divisor method): every cluster's first
+    clip comes before any second one, and any prefix holds each cluster in proportion to its size
+    give or take one clip. Ties go to the larger cluster, then to clusters in a random order.
+    """
+    lab = labels[grouped]
+    sizes = np.bincount(labels)
+    starts = np.cumsum(sizes) - sizes
+    key = (np.arange(len(grouped)) - starts[lab]) / sizes[lab]
+    tie = _shuffled(len(sizes), rng)
+    return grouped[np.lexsort((tie[lab], -sizes[lab], key))]
+
+
+def cluster_strategy(
+    clips: Sequence[Clip], scores: Scores | None, budget: Budget, rng: random.Random
+) -> Ranking:
+    (emb,) = _need(scores, clips, "cluster", "embeddings")
+    labels = cluster_ids(emb, rng)
+    perm = _shuffled(len(clips), rng)
+    grouped = perm[np.argsort(labels[perm], kind="stable")]
+    return _take(clips, _interleave(labels, grouped, rng), budget, labels, labels)
+
+
+def hybrid_strategy(
+    clips: Sequence[Clip], scores: Scores | None, budget: Budget, rng: random.Random
+) -> Ranking:
+    emb, u = _need(scores, clips, "hybrid", "embeddings", "uncertainty")
+    u = np.asarray(u, dtype=np.float64)
+    if not np.isfinite(u).all():
+        raise ValueError("uncertainty contains NaN or inf")
+    labels = cluster_ids(emb, rng)
+    perm = _shuffled(len(clips), rng)
+    # By cluster, then most uncertain first; lexsort is stable, so ties keep the random order.
+    grouped = perm[np.lexsort((-u[perm], labels[perm]))]
+    return _take(clips, _interleave(labels, grouped, rng), budget, u, labels)
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "random": random_strategy,
+    "longest": longest_strategy,
+    "uncertainty": uncertainty_strategy,
+    "diversity": diversity_strategy,
+    "cluster": cluster_strategy,
+    "hybrid": hybrid_strategy,
+}
+
+# What ``labels["selection"]["score"]`` holds for each strategy (None: no score).
+SCORE_MEANING: dict[str, str | None] = {
+    "random": None,
+    "longest": "duration (s)",
+    "uncertainty": "uncertainty",
+    "diversity": "distance to the nearest earlier pick",
+    "cluster": "cluster id",
+    "hybrid": "uncertainty",
+}
+
+# What each strategy needs from ``speechmimic score``, for help texts and errors.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "random": (),
+    "longest": (),
+    "uncertainty": ("uncertainty",),
+    "diversity": ("embeddings",),
+    "cluster": ("embeddings",),
+    "hybrid": ("embeddings", "uncertainty"),
+}
 
 
 def select(
@@ -117,9 +366,27 @@ def select(
     budget: Budget,
     strategy: str = "random",
     seed: int = 0,
-    scores: np.ndarray | None = None,
+    scores: Scores | None = None,
 ) -> list[Clip]:
+    """The chosen clips in query order, as copies labelled ``labels["selection"]``.
+
+    The label is ``{"strategy", "rank", "score"}`` (plus ``"cluster"`` for the clustered strategies);
+    see ``SCORE_MEANING``. ``scores`` may cover more clips than ``clips``, in any order.
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {sorted(STRATEGIES)}")
-    idx = STRATEGIES[strategy](clips, scores, budget, random.Random(seed))
-    return [clips[i] for i in idx]
+    if scores is not None:
+        try:
+            scores = scores.aligned(clips)
+        except KeyError as e:
+            raise ValueError(f"the scores do not cover the clips: {e.args[0]}") from None
+    picks = STRATEGIES[strategy](clips, scores, budget, random.Random(seed))
+    values = getattr(picks, "scores", None) or [None] * len(picks)
+    clusters = getattr(picks, "clusters", None)
+    chosen = []
+    for rank, i in enumerate(picks):
+        info = {"strategy": strategy, "rank": rank, "score": values[rank]}
+        if clusters is not None:
+            info["cluster"] = clusters[rank]
+        chosen.append(replace(clips[i], labels={**clips[i].labels, "selection": info}))
+    return chosen

@@ -4,7 +4,21 @@ from __future__ import annotations
 
 from speechmimic.cli import _options
 from speechmimic.corpus import read_manifest, write_manifest
-from speechmimic.select import STRATEGIES, Budget, select
+from speechmimic.select import NEEDS, SCORE_MEANING, STRATEGIES, Budget, Scores, select
+
+_STRATEGY_HELP = {
+    "random": "uniformly at random",
+    "longest": "longest clips first",
+    "uncertainty": "highest stage-1 uncertainty first",
+    "diversity": "greedy k-center on the embeddings: each next clip the farthest from those chosen",
+    "cluster": "k-means on the embeddings; a clip of every cluster, then clusters in proportion to size",
+    "hybrid": "as cluster, most uncertain first within each cluster",
+}
+
+
+def _describe(name: str) -> str:
+    needs = " + ".join(NEEDS.get(name, ())) or "nothing"
+    return f"{name} ({_STRATEGY_HELP.get(name, 'see speechmimic.select')}; needs {needs})"
 
 
 def register(sub) -> None:
@@ -12,7 +26,9 @@ def register(sub) -> None:
         "select",
         help="choose which clips of a manifest to query, within a budget",
         description="Choose the clips of a manifest to send to the target, within a budget, "
-        "and write them as a manifest in query order.",
+        "and write them as a manifest in query order; each clip gets labels.selection = "
+        "{strategy, rank, score}. Informed strategies read per-clip scores from 'speechmimic score' "
+        "(stage 1).",
     )
     p.add_argument("--manifest", required=True, help="JSONL manifest of the thief's candidate clips")
     _options.add_budget(p, required=True)
@@ -20,19 +36,36 @@ def register(sub) -> None:
         "--strategy",
         choices=sorted(STRATEGIES),
         default="random",
-        help="how clips are ranked before the budget is applied (default: random)",
+        help="how clips are ranked before the budget is applied: "
+        + "; ".join(_describe(n) for n in STRATEGIES)
+        + " (default: random)",
+    )
+    p.add_argument(
+        "--scores",
+        metavar="FILE.npz",
+        default=None,
+        help="per-clip scores written by 'speechmimic score' with the stage-1 student: 'uncertainty' "
+        "(for uncertainty, hybrid) and/or 'embeddings' (for diversity, cluster, hybrid); "
+        "must cover every clip of the manifest",
     )
     _options.add_seed(p)
-    p.add_argument("--out", required=True, help="manifest of the chosen clips to write")
+    p.add_argument("--out", required=True, help="manifest of the chosen clips to write, in query order")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     clips = read_manifest(args.manifest)
     budget = Budget.parse(args.budget, pool_seconds=sum(c.duration for c in clips))
-    chosen = select(clips, budget, strategy=args.strategy, seed=args.seed)
+    scores = Scores.load(args.scores) if args.scores else None
+    chosen = select(clips, budget, strategy=args.strategy, seed=args.seed, scores=scores)
     write_manifest(chosen, args.out)
+    seconds, pool_seconds = sum(c.duration for c in chosen), sum(c.duration for c in clips)
+    values = [c.labels["selection"]["score"] for c in chosen]
+    values = [v for v in values if v is not None]
+    meaning = SCORE_MEANING.get(args.strategy, "score")
+    score = f"; {meaning} {min(values):.4g} .. {max(values):.4g}" if meaning and values else ""
     print(
-        f"selected {len(chosen)} of {len(clips)} clips, {sum(c.duration for c in chosen):.1f} s -> {args.out}"
+        f"selected {len(chosen)} of {len(clips)} clips, {seconds:.1f} of {pool_seconds:.1f} s "
+        f"(strategy {args.strategy}{score}) -> {args.out}"
     )
     return 0
