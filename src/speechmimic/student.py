@@ -204,6 +204,9 @@ class Student(nn.Module):
             for _ in range(cfg.layers)
         )
         self.final_norm = nn.LayerNorm(cfg.dim)
+        # Stands in for masked front-end frames in stage-1 masked prediction (HuBERT). Zeros, not random:
+        # building a student draws the same random numbers as before this parameter existed.
+        self.mask_emb = nn.Parameter(torch.zeros(cfg.dim))
         self.heads = nn.ModuleDict(
             {h.name: Head(h, cfg.dim, cfg.layers + 1, cfg.frame_rate) for h in cfg.targets}
         )
@@ -213,10 +216,15 @@ class Student(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def encode(
-        self, wav: torch.Tensor, lengths: torch.Tensor | None = None
+        self, wav: torch.Tensor, lengths: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Student hidden states (front end + each layer), each (B, T, D), and a (B, T) validity mask."""
+        """Student hidden states (front end + each layer), each (B, T, D), and a (B, T) validity mask.
+
+        ``mask`` (B, T) bool: front-end frames replaced by ``mask_emb`` before the positional conv.
+        """
         x = self.frontend(wav)
+        if mask is not None:
+            x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)
         b, t, _ = x.shape
         if lengths is None:
             lengths = torch.full((b,), wav.shape[1], device=wav.device)
@@ -230,9 +238,11 @@ class Student(nn.Module):
             states.append(self.final_norm(x) if i == len(self.blocks) - 1 else x)
         return states, valid
 
-    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None):
+    def forward(
+        self, wav: torch.Tensor, lengths: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ):
         """Returns (student states, validity mask, {head: standardised predictions})."""
-        states, valid = self.encode(wav, lengths)
+        states, valid = self.encode(wav, lengths, mask)
         return states, valid, {name: head(states) for name, head in self.heads.items()}
 
     # -- checkpoints: safetensors weights + a JSON config ----------------------------------------------
@@ -254,7 +264,12 @@ class Student(nn.Module):
         if config.get("speechmimic") != "student":
             raise ValueError(f"{directory} is not a speechmimic student checkpoint")
         model = cls(StudentConfig.from_dict(config["student"]))
-        model.load_state_dict(load_file(directory / WEIGHTS_NAME))
+        missing, unexpected = model.load_state_dict(load_file(directory / WEIGHTS_NAME), strict=False)
+        # Checkpoints older than ``mask_emb`` lack only that key; anything else is a real mismatch.
+        if unexpected or set(missing) - {"mask_emb"}:
+            raise RuntimeError(
+                f"{directory}: weights do not match the config: missing {missing}, unexpected {unexpected}"
+            )
         return model.eval(), config
 
 

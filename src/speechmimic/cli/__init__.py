@@ -14,13 +14,29 @@ from speechmimic.cli import (
     evaluate,
     extract,
     fidelity,
+    pretrain,
     probe,
     query,
     recipe,
+    score,
     select,
 )
 
-COMMANDS = (demo, corpus, recipe, select, query, distill, extract, fidelity, probe, evaluate, embed)
+COMMANDS = (
+    demo,
+    corpus,
+    recipe,
+    pretrain,
+    score,
+    select,
+    query,
+    distill,
+    extract,
+    fidelity,
+    probe,
+    evaluate,
+    embed,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,437 @@
+"""Stage 1: HuBERT-style masked prediction on unlabelled audio, no query spent.
+
+Per iteration: fit k-means units (:mod:`speechmimic.units`; iteration 1 on MFCCs, iteration 2 on a
+layer of the iteration-1 student), label every student frame, then train a fresh student: spans of
+front-end frames are replaced by the learned ``mask_emb`` (each frame starts a span of ``mask_length``
+frames at 50 Hz with probability ``mask_prob``), the last layer is projected to ``codebook_dim``, and
+cosine similarity to learned unit embeddings over a temperature gives the logits; cross-entropy on
+masked frames only. The student goes to ``out_dir/iterN`` (``Student.save``, no heads) with the unit
+head and k-means centroids in ``units.safetensors`` beside it, which :func:`score_clips` needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from speechmimic.corpus import Clip
+from speechmimic.distill import make_batches
+from speechmimic.select import Scores
+from speechmimic.student import SAMPLE_RATE, Student, StudentConfig, build_student
+from speechmimic.units import MIN_SAMPLES, MFCCSource, StudentSource, Units, fit_units, source_from_dict
+
+STATE_NAME = "train_state.pt"
+UNITS_NAME = "units.safetensors"
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 2000
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 200
+    batch_seconds: float = 40.0
+    crop_seconds: float = 6.0
+    mask_prob: float = 0.08  # HuBERT: chance that a frame starts a masked span
+    mask_length: int = 10  # span length in frames at 50 Hz; scaled to the student's frame rate
+    k: int = 100
+    iterations: int = 1
+    layer: int | None = None  # iteration-2 features: student state index; None = the middle block
+    codebook_dim: int = 256
+    temperature: float = 0.1
+    kmeans_frames: int = 200_000
+    seed: int = 0
+    checkpoint_every: int = 500
+    device: str = "cpu"
+
+
+class UnitHead(nn.Module):
+    """HuBERT's classifier: cosine between projected frames and learned unit embeddings / temperature."""
+
+    def __init__(self, dim: int, k: int, codebook_dim: int, temperature: float):
+        super().__init__()
+        self.proj = nn.Linear(dim, codebook_dim)
+        self.units = nn.Parameter(torch.randn(k, codebook_dim))
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj(x), dim=-1) @ F.normalize(self.units, dim=-1).T / self.temperature
+
+
+class _Model(nn.Module):
+    """Student + unit head, one module so optimiser and checkpoints see both."""
+
+    def __init__(self, student: Student, head: UnitHead):
+        super().__init__()
+        self.student = student
+        self.head = head
+
+    def forward(self, wav, lengths, mask):
+        states, valid = self.student.encode(wav, lengths, mask)
+        return self.head(states[-1]), valid, states
+
+
+def span_frames(mask_length: int, student_cfg: StudentConfig) -> int:
+    """A span of ``mask_length`` frames at 50 Hz (HuBERT's rate), in the student's frames."""
+    return max(1, round(mask_length * student_cfg.frame_rate / 50.0))
+
+
+def span_mask(frames: list[int], t: int, prob: float, span: int, rng: np.random.Generator) -> torch.Tensor:
+    """(B, t) bool: each valid frame starts a span of ``span`` frames with probability ``prob``; spans
+    stop at the clip's end; every clip with frames gets at least one span."""
+    mask = np.zeros((len(frames), t), dtype=bool)
+    for b, n in enumerate(frames):
+        if n <= 0:
+            continue
+        starts = np.flatnonzero(rng.random(n) < prob)
+        if not len(starts):
+            starts = rng.integers(0, n, size=1)
+        for s in starts:
+            mask[b, s : min(s + span, n)] = True
+    return torch.from_numpy(mask)
+
+
+class _Waves:
+    """Waveforms of the clips, kept in memory up to ``cache_bytes``."""
+
+    def __init__(self, clips: list[Clip], cache_bytes: int = 4 << 30):
+        self.clips = clips
+        self.cache: dict[int, np.ndarray] = {}
+        self.cache_left = cache_bytes
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if i not in self.cache:
+            wav = self.clips[i].load(min_samples=MIN_SAMPLES)
+            if wav.nbytes > self.cache_left:
+                return wav
+            self.cache[i] = wav
+            self.cache_left -= wav.nbytes
+        return self.cache[i]
+
+
+def _collate(waves, labels, student_cfg: StudentConfig, crop_seconds: float, rng: random.Random):
+    """Pad waveforms and labels (-100 beyond a clip); crop long clips at a student-frame boundary, so
+    frame j of the crop is frame ``m + j`` of the clip (same centre, same label)."""
+    hop = student_cfg.hop
+    crop = int(crop_seconds * SAMPLE_RATE) // hop * hop
+    wavs, labs = [], []
+    for wav, lab in zip(waves, labels, strict=True):
+        m = 0
+        if len(wav) > crop:
+            m = rng.randrange(0, (len(wav) - crop) // hop + 1)
+            wav = wav[m * hop : m * hop + crop]
+        n = int(student_cfg.num_frames(len(wav)))
+        if m + n > len(lab):
+            raise AssertionError(f"labels ({len(lab)}) shorter than frames ({m} + {n})")
+        wavs.append(torch.from_numpy(wav))
+        labs.append(torch.from_numpy(lab[m : m + n]))
+    lengths = torch.tensor([len(w) for w in wavs])
+    batch = torch.zeros(len(wavs), int(lengths.max()))
+    target = torch.full((len(wavs), int(student_cfg.num_frames(batch.shape[1]))), -100, dtype=torch.long)
+    for i, (w, lab) in enumerate(zip(wavs, labs, strict=True)):
+        batch[i, : len(w)] = w
+        target[i, : len(lab)] = lab
+    return batch, lengths, target
+
+
+def _masked_loss(model: _Model, wav, lengths, target, mask):
+    logits, valid, _ = model(wav, lengths, mask)
+    sel = mask & valid & (target >= 0)
+    loss = F.cross_entropy(logits[sel], target[sel])
+    correct = (logits[sel].argmax(-1) == target[sel]).sum()
+    return loss, int(correct), int(sel.sum())
+
+
+def _lr_at(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pretrain(
+    clips: list[Clip],
+    out_dir: str | Path,
+    cfg: PretrainConfig,
+    preset: str = "small",
+    progress: bool = True,
+    resume: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> Student:
+    """Run ``cfg.iterations`` iterations of masked prediction on ``clips``; returns the last student.
+
+    Units and labels are cached in ``out_dir/units``; an iteration whose checkpoint already holds the
+    same config and units is loaded, not retrained; an interrupted one resumes from its train_state.
+    """
+    out_dir = Path(out_dir)
+    source = MFCCSource()
+    student = None
+    for it in range(1, cfg.iterations + 1):
+        it_dir = out_dir / f"iter{it}"
+        if it == 2:
+            layer = cfg.layer if cfg.layer is not None else (student.cfg.layers + 1) // 2
+            source = StudentSource(student, layer, cfg.device, out_dir / "iter1")
+        units = fit_units(clips, source, cfg.k, cfg.seed, out_dir / "units", cfg.kmeans_frames, progress)
+        student = _train_iteration(clips, units, it_dir, cfg, preset, it, progress, resume, on_step)
+    return student
+
+
+def _train_iteration(
+    clips: list[Clip],
+    units: Units,
+    out_dir: Path,
+    cfg: PretrainConfig,
+    preset: str,
+    iteration: int,
+    progress: bool,
+    resume: bool,
+    on_step: Callable[[int, float], None] | None,
+) -> Student:
+    # What determines the result; device, checkpointing, the number of iterations and the iteration-2
+    # layer (already in the units' fingerprint) do not, and changing them must not retrain this one.
+    ignored = {"device", "checkpoint_every", "iterations", "layer"}
+    record = {k: v for k, v in asdict(cfg).items() if k not in ignored}
+    record.update(preset=preset, iteration=iteration, units=units.fingerprint())
+    done = out_dir / "config.json"
+    if done.exists() and (out_dir / UNITS_NAME).exists():
+        config = json.loads(done.read_text())
+        if config.get("pretrain") == record:
+            return Student.load(out_dir)[0].to(cfg.device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _seed_all(cfg.seed)
+    student = build_student(preset)
+    model = _Model(student, UnitHead(student.cfg.dim, units.k, cfg.codebook_dim, cfg.temperature))
+    labels = units.student_labels(clips, student.cfg, out_dir.parent / "units", progress)
+    model.to(cfg.device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = random.Random(cfg.seed)
+    step, epoch, log = 0, 0, []
+    state_path = out_dir / STATE_NAME
+    if resume and state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        if state.get("record") == record:  # a state left by other settings or units is not ours
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            step, epoch, log = state["step"], state["epoch"], state["log"]
+            rng.setstate(state["rng"])
+            torch.set_rng_state(state["torch_rng"])
+    waves = _Waves(clips)
+    durations = [c.duration for c in clips]
+    span = span_frames(cfg.mask_length, student.cfg)
+    bar = tqdm(
+        total=cfg.steps, initial=step, desc=f"pretrain iter{iteration}", unit="step", disable=not progress
+    )
+    t0 = time.time()
+    while step < cfg.steps:
+        batches = make_batches(
+            durations, cfg.batch_seconds, cfg.crop_seconds, random.Random(cfg.seed + epoch)
+        )
+        # The order is seeded per epoch: after a resume, skip the batches of this epoch already done.
+        done_in_epoch = sum(1 for e in log if e.get("epoch") == epoch)
+        for batch_idx in batches[done_in_epoch:]:
+            if step >= cfg.steps:
+                break
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, cfg)
+            wav, lengths, target = _collate(
+                [waves[i] for i in batch_idx],
+                [labels[clips[i].id] for i in batch_idx],
+                student.cfg,
+                cfg.crop_seconds,
+                rng,
+            )
+            frames = [int(student.cfg.num_frames(int(n))) for n in lengths]
+            mask = span_mask(
+                frames, target.shape[1], cfg.mask_prob, span, np.random.default_rng(rng.getrandbits(64))
+            )
+            loss, correct, n_masked = _masked_loss(
+                model, wav.to(cfg.device), lengths.to(cfg.device), target.to(cfg.device), mask.to(cfg.device)
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            step += 1
+            loss = float(loss.detach())
+            acc = correct / max(1, n_masked)
+            log.append({"step": step, "epoch": epoch, "loss": round(loss, 5), "masked_acc": round(acc, 4)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", refresh=False)
+            if on_step:
+                on_step(step, loss)
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                _save_state(state_path, model, opt, step, epoch, log, rng, record)
+        else:
+            epoch += 1
+    bar.close()
+    model.eval()
+    _save_units(out_dir, model.head, units)
+    student.save(
+        out_dir,
+        extra={
+            "pretrain": record,
+            "units_source": units.source.describe(out_dir),
+            "clips": len(clips),
+            "train_seconds": round(time.time() - t0, 1),
+        },
+    )
+    (out_dir / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+    _save_state(state_path, model, opt, step, epoch, log, rng, record)
+    return student
+
+
+def _save_state(path: Path, model, opt, step, epoch, log, rng, record) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "epoch": epoch,
+            "log": log,
+            "rng": rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "record": record,
+        },
+        tmp,
+    )
+    tmp.replace(path)
+
+
+def _save_units(directory: Path, head: UnitHead, units: Units) -> None:
+    tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    tensors["centroids"] = torch.from_numpy(units.centroids)
+    tmp = directory / (UNITS_NAME + ".tmp")
+    save_file(tensors, tmp)
+    tmp.replace(directory / UNITS_NAME)
+
+
+def load_pretrained(directory: str | Path, device: str = "cpu") -> tuple[Student, UnitHead, Units]:
+    """A stage-1 checkpoint: the student, its unit head and the units it was trained to predict."""
+    directory = Path(directory)
+    student, config = Student.load(directory)
+    if "pretrain" not in config or not (directory / UNITS_NAME).exists():
+        raise ValueError(f"{directory} is not a pretrained (stage-1) student: no unit head")
+    rec = config["pretrain"]
+    tensors = load_file(directory / UNITS_NAME)
+    centroids = tensors.pop("centroids").numpy()
+    head = UnitHead(student.cfg.dim, len(centroids), rec["codebook_dim"], rec["temperature"])
+    head.load_state_dict({k.removeprefix("head."): v for k, v in tensors.items()})
+    units = Units(source_from_dict(config["units_source"], directory, device), centroids)
+    return student.to(device), head.to(device).eval(), units
+
+
+def _clip_rng(seed: int, clip_id: str, draw: int) -> np.random.Generator:
+    """Masks that depend on the seed and the clip only, not on the order clips come in."""
+    return np.random.default_rng([seed, zlib.crc32(clip_id.encode()), draw])
+
+
+@torch.no_grad()
+def _per_clip(
+    student: Student,
+    head: UnitHead,
+    clips: list[Clip],
+    labels: dict[str, np.ndarray],
+    seed: int,
+    n_masks: int,
+    mask_prob: float,
+    span: int,
+    device: str,
+    progress: bool,
+    desc: str,
+):
+    """Per clip: masked-prediction losses and hits over ``n_masks`` seeded masks, and the mean
+    last-layer features of the unmasked clip."""
+    model = _Model(student, head).to(device).eval()
+    for clip in tqdm(clips, desc=desc, unit="clip", disable=not progress):
+        wav = torch.from_numpy(clip.load(min_samples=MIN_SAMPLES))[None].to(device)
+        target = torch.from_numpy(labels[clip.id])[None].to(device)
+        n = target.shape[1]
+        _, _, states = model(wav, None, None)
+        embedding = states[-1][0, :n].mean(0).cpu().numpy()
+        losses, hits, targets = [], [], []
+        for draw in range(n_masks):
+            mask = span_mask([n], n, mask_prob, span, _clip_rng(seed, clip.id, draw)).to(device)
+            logits, _, _ = model(wav, None, mask)
+            logits, y = logits[0][mask[0]], target[0][mask[0]]
+            losses.append(F.cross_entropy(logits, y, reduction="none").cpu().numpy())
+            hits.append((logits.argmax(-1) == y).cpu().numpy())
+            targets.append(y.cpu().numpy())
+        yield np.concatenate(losses), np.concatenate(hits), np.concatenate(targets), embedding
+
+
+def masked_accuracy(
+    student: Student,
+    head: UnitHead,
+    clips: list[Clip],
+    labels: dict[str, np.ndarray],
+    seed: int = 0,
+    n_masks: int = 1,
+    mask_prob: float = 0.08,
+    mask_length: int = 10,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Masked-prediction accuracy over ``clips`` with seeded masks, and what always answering the most
+    frequent unit of those same masked frames would score (``majority``)."""
+    span = span_frames(mask_length, student.cfg)
+    losses, hits, targets = [], [], []
+    for loss, hit, target, _ in _per_clip(
+        student, head, clips, labels, seed, n_masks, mask_prob, span, device, progress, "masked accuracy"
+    ):
+        losses.append(loss)
+        hits.append(hit)
+        targets.append(target)
+    targets = np.concatenate(targets)
+    return {
+        "accuracy": float(np.concatenate(hits).mean()),
+        "majority": float(np.bincount(targets).max() / len(targets)),
+        "loss": float(np.concatenate(losses).mean()),
+        "frames": int(len(targets)),
+    }
+
+
+def score_clips(
+    student_dir: str | Path,
+    clips: list[Clip],
+    seed: int = 0,
+    n_masks: int = 2,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Scores:
+    """What clip selection ranks by: per clip, the stage-1 student's mean masked-prediction loss over
+    ``n_masks`` seeded masks (uncertainty) and its mean-pooled last-layer features (embedding)."""
+    student, head, units = load_pretrained(student_dir, device)
+    rec = json.loads((Path(student_dir) / "config.json").read_text())["pretrain"]
+    labels = units.student_labels(clips, student.cfg, progress=progress)
+    span = span_frames(rec["mask_length"], student.cfg)
+    uncertainty, embeddings = [], []
+    for loss, _, _, emb in _per_clip(
+        student, head, clips, labels, seed, n_masks, rec["mask_prob"], span, device, progress, "scoring"
+    ):
+        uncertainty.append(loss.mean())
+        embeddings.append(emb)
+    return Scores(
+        [c.id for c in clips],
+        np.array(uncertainty, dtype=np.float32),
+        np.stack(embeddings).astype(np.float32) if embeddings else np.zeros((0, student.cfg.dim), np.float32),
+    )
