@@ -185,7 +185,8 @@ def student_from_stage1(directory: str | Path, heads: list[HeadSpec]) -> Student
     return student
 
 
-def _lr_at(step: int, cfg: DistillConfig) -> float:
+def lr_at(step: int, cfg: DistillConfig) -> float:
+    """Linear warm-up then cosine decay; ``cfg`` needs ``lr``, ``warmup`` and ``steps`` (stage 1 too)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -252,7 +253,7 @@ def distill(
             if step >= cfg.steps:
                 break
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, cfg)
+                g["lr"] = lr_at(step, cfg)
             wav, lengths, targets = _collate([data[i] for i in batch_idx], student, cfg.crop_seconds, rng)
             loss, _ = distill_loss(
                 student,

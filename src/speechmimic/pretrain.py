@@ -12,7 +12,6 @@ head and k-means centroids in ``units.safetensors`` beside it, which :func:`scor
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 import zlib
@@ -28,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from speechmimic.corpus import Clip
-from speechmimic.distill import make_batches
+from speechmimic.distill import lr_at, make_batches
 from speechmimic.select import Scores
 from speechmimic.student import SAMPLE_RATE, Student, StudentConfig, build_student
 from speechmimic.units import MIN_SAMPLES, MFCCSource, StudentSource, Units, fit_units, source_from_dict
@@ -155,13 +154,6 @@ def _masked_loss(model: _Model, wav, lengths, target, mask):
     return loss, int(correct), int(sel.sum())
 
 
-def _lr_at(step: int, cfg: PretrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -251,7 +243,7 @@ def _train_iteration(
             if step >= cfg.steps:
                 break
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, cfg)
+                g["lr"] = lr_at(step, cfg)
             wav, lengths, target = _collate(
                 [waves[i] for i in batch_idx],
                 [labels[clips[i].id] for i in batch_idx],
