@@ -1,0 +1,80 @@
+"""Linear probes on pooled features: a quick look at what each hidden state of an upstream encodes.
+
+Every clip becomes, per hidden state, its frames' time mean and standard deviation side by side
+(mean+std pooling). A ridge classifier on standardised features, its regularisation chosen by
+leave-one-out on the training part only, is scored by stratified k-fold cross-validation (grouped
+when clips share a source, so crops of one recording never sit on both sides) or on a fixed split.
+No gradient training: cheap enough to probe every state of every run of a benchmark grid, where
+the SUPERB heads of :mod:`speechmimic.probe.train` would cost minutes each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+ALPHAS = np.logspace(-1, 5, 13)
+
+
+@torch.no_grad()
+def pooled_features(
+    upstream: nn.Module, wavs: Iterable[np.ndarray], progress: bool = True, total: int | None = None
+) -> dict[str, np.ndarray]:
+    """``{state name: (N, 2 D) float32}``: mean and std over time of each hidden state of each 16 kHz
+    waveform, one per call (so padding never enters a clip's statistics)."""
+    names = list(upstream.hidden_state_names)
+    rows: list[list[np.ndarray]] = [[] for _ in names]
+    for wav in tqdm(wavs, total=total, desc="pooling", unit="clip", disable=not progress):
+        states = upstream([torch.from_numpy(wav)])["hidden_states"]
+        for i, s in enumerate(states):
+            s = s[0].float()
+            rows[i].append(torch.cat([s.mean(0), s.std(0, unbiased=False)]).numpy())
+    return {name: np.stack(r).astype(np.float32) for name, r in zip(names, rows, strict=True)}
+
+
+def _classifier():
+    from sklearn.linear_model import RidgeClassifierCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), RidgeClassifierCV(alphas=ALPHAS))
+
+
+def split_accuracy(x_train: np.ndarray, y_train, x_test: np.ndarray, y_test) -> float:
+    """Accuracy on ``(x_test, y_test)`` of the probe fitted on the training part."""
+    clf = _classifier().fit(x_train, np.asarray(y_train))
+    return float((clf.predict(x_test) == np.asarray(y_test)).mean())
+
+
+def cv_accuracy(
+    x: np.ndarray, y: Sequence, folds: int = 5, seed: int = 0, groups: Sequence | None = None
+) -> float:
+    """Stratified ``folds``-fold cross-validated accuracy (every clip predicted once, by a probe that
+    never saw it); with ``groups``, clips of one group stay in one fold."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    y = np.asarray(y)
+    if groups is None:
+        splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y)
+    else:
+        splits = StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(x, y, np.asarray(groups))
+    correct = 0
+    for train, test in splits:
+        clf = _classifier().fit(x[train], y[train])
+        correct += int((clf.predict(x[test]) == y[test]).sum())
+    return correct / len(y)
+
+
+def cv_by_state(
+    features: dict[str, np.ndarray],
+    y: Sequence,
+    folds: int = 5,
+    seed: int = 0,
+    groups: Sequence | None = None,
+) -> dict[str, float]:
+    """:func:`cv_accuracy` of every hidden state."""
+    return {name: round(cv_accuracy(x, y, folds, seed, groups), 4) for name, x in features.items()}
