@@ -213,3 +213,42 @@ def test_stage2_starts_from_a_stage1_checkpoint(tmp_path, speech_clips):
         distill(
             pool[:4], ledger, tmp_path / "s2", DistillConfig(steps=0), init=tmp_path / "bad", progress=False
         )
+
+
+def test_extract_command_pretrains_stage1_by_default(tmp_path, speech_clips, capsys):
+    from speechmimic.cli import main
+    from speechmimic.corpus import read_manifest, write_manifest
+
+    pool, _ = speech_clips
+    manifest = tmp_path / "pool.jsonl"
+    write_manifest(pool, manifest)
+    common = ["--target", "resemblyzer?layers=2", "--manifest", str(manifest), "--budget", "6"]
+    common += ["--preset", "tiny", "--steps", "0", "--no-progress"]
+    out = tmp_path / "x"
+    cmd = ["extract", *common, "--strategy", "hybrid", "--stage1-steps", "3", "--out", str(out)]
+    assert main(cmd) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["stage1"] == str(out / "stage1" / "iter1")
+    # Stage 2 starts from the stage-1 trunk (no stage-2 step was taken here) ...
+    stage1, _ = Student.load(out / "stage1" / "iter1")
+    student, _ = Student.load(out / "student")
+    own = student.state_dict()
+    for k, v in stage1.state_dict().items():
+        assert torch.equal(own[k], v), k
+    # ... and the informed strategy ranked by the stage-1 student's scores of the pool.
+    chosen = read_manifest(out / "selected.jsonl")
+    assert len(chosen) == 6 and all(c.labels["selection"]["score"] > 0 for c in chosen)
+    # A rerun finds stage 1 and the scores done.
+    weights = out / "stage1" / "iter1" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert main(cmd) == 0
+    assert weights.stat().st_mtime_ns == before
+
+    scratch = tmp_path / "scratch"
+    assert main(["extract", *common, "--from-scratch", "--out", str(scratch)]) == 0
+    assert json.loads((scratch / "result.json").read_text())["stage1"] is None
+    assert not (scratch / "stage1").exists()
+    capsys.readouterr()
+    bare = ["extract", *common, "--from-scratch", "--strategy", "diversity", "--out", str(tmp_path / "b")]
+    assert main(bare) == 2
+    assert "needs per-clip embeddings" in capsys.readouterr().err

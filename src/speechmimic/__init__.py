@@ -9,6 +9,7 @@ from speechmimic.corpus import Clip, read_manifest, scan, write_manifest
 from speechmimic.distill import DistillConfig, distill
 from speechmimic.extract import extract, heldout_fidelity, query_clips
 from speechmimic.ledger import Ledger
+from speechmimic.pretrain import PretrainConfig, pretrain
 from speechmimic.select import Budget, select
 from speechmimic.student import Student, build_student
 from speechmimic.targets import Target, load_target
@@ -21,6 +22,7 @@ __all__ = [
     "Clip",
     "DistillConfig",
     "Ledger",
+    "PretrainConfig",
     "Student",
     "Target",
     "build_student",
@@ -29,6 +31,7 @@ __all__ = [
     "heldout_fidelity",
     "load_target",
     "load_upstream",
+    "pretrain",
     "query_clips",
     "read_manifest",
     "scan",
