@@ -14,7 +14,13 @@ from speechmimic.cli import pretrain as pretrain_cli
 from speechmimic.cli import score as score_cli
 from speechmimic.corpus import write_manifest
 from speechmimic.demo import demo_corpus
-from speechmimic.pretrain import PretrainConfig, load_pretrained, masked_accuracy, pretrain, score_clips
+from speechmimic.pretrain import (
+    PretrainConfig,
+    checkpoint_accuracy,
+    load_pretrained,
+    pretrain,
+    score_clips,
+)
 from speechmimic.select import Scores
 from speechmimic.student import PRESETS, Student, build_student
 from speechmimic.units import MFCCSource, StudentSource, fit_units, frame_centre_offset, labels_for_student
@@ -98,9 +104,7 @@ def pretrained(tmp_path_factory):
 
 def test_masked_prediction_beats_most_frequent_unit(pretrained):
     directory, heldout = pretrained
-    student, head, units = load_pretrained(directory)
-    labels = units.student_labels(heldout, student.cfg, progress=False)
-    acc = masked_accuracy(student, head, heldout, labels, seed=0, progress=False)
+    acc = checkpoint_accuracy(directory, heldout, seed=0, progress=False)
     print(f"held-out masked accuracy {acc}")
     assert acc["frames"] > 1000
     assert acc["accuracy"] > 2 * acc["majority"] and acc["accuracy"] > acc["majority"] + 0.05, acc

@@ -402,6 +402,27 @@ def masked_accuracy(
     }
 
 
+def checkpoint_accuracy(
+    directory: str | Path, clips: list[Clip], seed: int = 0, device: str = "cpu", progress: bool = True
+) -> dict:
+    """:func:`masked_accuracy` of a stage-1 checkpoint on ``clips`` (e.g. held out), masked as in
+    its training."""
+    student, head, units = load_pretrained(directory, device)
+    rec = json.loads((Path(directory) / "config.json").read_text())["pretrain"]
+    labels = units.student_labels(clips, student.cfg, progress=progress)
+    return masked_accuracy(
+        student,
+        head,
+        clips,
+        labels,
+        seed=seed,
+        mask_prob=rec["mask_prob"],
+        mask_length=rec["mask_length"],
+        device=device,
+        progress=progress,
+    )
+
+
 def score_clips(
     student_dir: str | Path,
     clips: list[Clip],

@@ -59,8 +59,7 @@ def register(sub) -> None:
         type=int,
         choices=(1, 2),
         default=_P.iterations,
-        help="1: MFCC units; 2: then units of the first student's own features "
-        f"(default: {_P.iterations})",
+        help=f"1: MFCC units; 2: then units of the first student's own features (default: {_P.iterations})",
     )
     _options.add_progress(p)
     p.set_defaults(func=run)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from speechmimic.cli import _options
 from speechmimic.corpus import read_manifest
-from speechmimic.pretrain import PretrainConfig, load_pretrained, masked_accuracy, pretrain
+from speechmimic.pretrain import PretrainConfig, checkpoint_accuracy, pretrain
 from speechmimic.student import PRESETS
 
 _D = PretrainConfig()
@@ -137,19 +137,7 @@ def run(args) -> int:
     print(f"pretrained student -> {last}")
     if args.heldout:
         heldout = read_manifest(args.heldout)
-        student, head, units = load_pretrained(last, cfg.device)
-        labels = units.student_labels(heldout, student.cfg, progress=progress)
-        acc = masked_accuracy(
-            student,
-            head,
-            heldout,
-            labels,
-            seed=cfg.seed,
-            mask_prob=cfg.mask_prob,
-            mask_length=cfg.mask_length,
-            device=cfg.device,
-            progress=progress,
-        )
+        acc = checkpoint_accuracy(last, heldout, seed=cfg.seed, device=cfg.device, progress=progress)
         print(
             f"held-out masked accuracy {acc['accuracy']:.3f} vs most-frequent unit {acc['majority']:.3f} "
             f"({acc['frames']} masked frames of {len(heldout)} clips)"
