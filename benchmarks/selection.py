@@ -337,12 +337,17 @@ def run_job(job: Job, work: Path, sets: dict[str, ProbeSet]) -> dict:
 # -- tables and plot ----------------------------------------------------------------------------------
 
 
+def _std(values: list[float]) -> float:
+    """Sample standard deviation over seeds (0 for one seed)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def _ms(values: list[float], fmt: str = "{:.3f}") -> str:
     if not values:
         return "-"
     if len(values) == 1:
         return fmt.format(values[0])
-    return f"{fmt.format(np.mean(values))} ± {fmt.format(np.std(values))}"
+    return f"{fmt.format(np.mean(values))} ± {fmt.format(_std(values))}"
 
 
 def _pct(shares: list[float | None]) -> list[float]:
@@ -417,38 +422,41 @@ def grid_table(rows: list[dict], target: str) -> str:
 
 
 def plot(rows: list[dict], targets: list[str], strategies: list[str], path: Path) -> Path:
+    """Held-out r2 against queried seconds, one line per strategy; a panel per (target, stage 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(targets), figsize=(6.5 * len(targets), 4.6), squeeze=False)
+    fig, axes = plt.subplots(
+        2, len(targets), figsize=(6 * len(targets), 8), squeeze=False, sharex=True, sharey="col"
+    )
     colours = dict(zip(strategies, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
-    for ax, target in zip(axes[0], targets, strict=True):
-        mine = [r for r in rows if r["target"] == target]
-        for s1, style in ((True, "-"), (False, "--")):
-            full = [r for r in mine if r["budget"] >= 100 and r["stage1"] == s1]
+    for col, target in enumerate(targets):
+        for row, s1 in enumerate((True, False)):
+            ax = axes[row][col]
+            mine = [r for r in rows if r["target"] == target and r["stage1"] == s1]
+            full = [r for r in mine if r["budget"] >= 100]
             for strategy in strategies:
-                pts = [r for r in mine if r["strategy"] == strategy and r["stage1"] == s1] + full
-                pts.sort(key=lambda r: r["budget"])
+                pts = sorted([r for r in mine if r["strategy"] == strategy] + full, key=lambda r: r["budget"])
                 if not pts:
                     continue
                 ax.errorbar(
                     [np.mean(r["queried_seconds"]) for r in pts],
                     [np.mean(r["r2"]) for r in pts],
-                    yerr=[np.std(r["r2"]) for r in pts],
-                    ls=style,
+                    yerr=[_std(r["r2"]) for r in pts],
                     marker="o",
                     ms=4,
                     capsize=2,
                     color=colours[strategy],
-                    label=f"{strategy} ({'stage 1' if s1 else 'scratch'})",
+                    label=strategy,
                 )
-        ax.set_xscale("log")
-        ax.set(xlabel="queried audio (s)", ylabel="held-out r2 (mean over returned layers)", title=target)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, ncol=2)
-    fig.suptitle("Held-out fidelity against queried seconds (mean ± std over seeds)", fontsize=10)
+            ax.set_xscale("log")
+            ax.set_title(f"{target}, {'from stage 1' if s1 else 'from scratch'}", fontsize=10)
+            ax.set(xlabel="queried audio (s)", ylabel="held-out r2 (mean over returned layers)")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7)
+    fig.suptitle("Held-out fidelity against queried seconds (mean ± std over seeds)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -487,7 +495,7 @@ def verdicts(rows: list[dict], stage1_reports: dict) -> list[str]:
                 f"{s} {np.mean(r['r2']):.3f}"
                 for s, r in at5.items()
                 if s != "random"
-                and np.mean(r["r2"]) - np.mean(rnd["r2"]) > max(np.std(r["r2"]), np.std(rnd["r2"]))
+                and np.mean(r["r2"]) - np.mean(rnd["r2"]) > max(_std(r["r2"]), _std(rnd["r2"]))
             ]
             out.append(
                 f"{target} 5% ({'stage 1' if s1_flag else 'scratch'}): random {_ms(rnd['r2'])}; "
