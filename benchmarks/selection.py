@@ -285,7 +285,7 @@ def run_job(job: Job, work: Path, sets: dict[str, ProbeSet]) -> dict:
     done = run_dir / "bench.json"
     if done.exists():
         cached = json.loads(done.read_text())
-        if cached["job"] == asdict(job):
+        if cached["job"] == json.loads(json.dumps(asdict(job))):  # as JSON stores it: tuples are lists
             return cached
     t0 = time.time()
     pool = read_manifest(work / "corpus" / "pool.jsonl")
