@@ -358,7 +358,7 @@ def _best(scores: dict[str, float]) -> float:
     return max(scores.values())
 
 
-def summarise(results: list[dict], reference: dict, budgets: list[float], strategies: list[str]) -> dict:
+def summarise(results: list[dict], reference: dict) -> dict:
     """Group runs into configurations: mean and std over seeds of r2 and each probe's recovered share."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in results:
@@ -631,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_postfix_str(f"{futures[fut].name} r2 {r['r2']:.3f}", refresh=False)
         bar.close()
 
-    summary = summarise(results, reference, args.budgets, args.strategies)
+    summary = summarise(results, reference)
     rows = summary["rows"]
     png = plot(rows, list(specs), args.strategies, work / "selection.png")
     lines = [
