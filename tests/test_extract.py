@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from speechmimic import load_upstream
-from speechmimic.distill import DistillConfig, distill, infer_heads, make_batches
+from speechmimic.distill import DistillConfig, distill, infer_heads
 from speechmimic.extract import extract, heldout_fidelity, query_clips
 from speechmimic.fidelity import mean_r2
 from speechmimic.ledger import Ledger
 from speechmimic.select import Budget, select
 from speechmimic.student import Student, build_student, predict
 from speechmimic.targets import load_target
+from speechmimic.trainer import make_batches
 
 
 def _tiny_hf(kind: str, path):

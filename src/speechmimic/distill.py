@@ -10,7 +10,6 @@ then cosine decay, batches capped by total seconds of (padded) audio, seeds, che
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections.abc import Callable
@@ -21,7 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from speechmimic.corpus import Clip
 from speechmimic.ledger import Ledger
@@ -35,8 +33,7 @@ from speechmimic.student import (
     align,
     build_student,
 )
-
-STATE_NAME = "train_state.pt"
+from speechmimic.trainer import STATE_NAME, seed_all, train_loop
 
 
 @dataclass
@@ -98,25 +95,6 @@ class PairedClips:
             self.cache[i] = item
             self.cache_left -= size
         return item
-
-
-def make_batches(
-    durations: list[float], batch_seconds: float, crop_seconds: float, rng: random.Random
-) -> list[list[int]]:
-    """Group clips of similar length so that (clips x longest) stays under ``batch_seconds``."""
-    order = sorted(range(len(durations)), key=lambda i: (durations[i], rng.random()))
-    batches, cur, longest = [], [], 0.0
-    for i in order:
-        d = min(durations[i], crop_seconds)
-        if cur and (len(cur) + 1) * max(longest, d) > batch_seconds:
-            batches.append(cur)
-            cur, longest = [], 0.0
-        cur.append(i)
-        longest = max(longest, d)
-    if cur:
-        batches.append(cur)
-    rng.shuffle(batches)
-    return batches
 
 
 def _collate(items, student: Student, crop_seconds: float, rng: random.Random):
@@ -185,14 +163,6 @@ def student_from_stage1(directory: str | Path, heads: list[HeadSpec]) -> Student
     return student
 
 
-def lr_at(step: int, cfg: DistillConfig) -> float:
-    """Linear warm-up then cosine decay; ``cfg`` needs ``lr``, ``warmup`` and ``steps`` (stage 1 too)."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def distill(
     clips: list[Clip],
     ledger: Ledger,
@@ -214,9 +184,7 @@ def distill(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed_all(cfg.seed)
     data = PairedClips(clips, ledger)
     keys = data.keys()
     if student is None and init is not None:
@@ -230,54 +198,31 @@ def distill(
         head.std.copy_(torch.from_numpy(np.maximum(std, 1e-3 * float(std.mean()) + 1e-8)))
     student.to(cfg.device).train()
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    rng = random.Random(cfg.seed)
-    step, epoch, log = 0, 0, []
-    state_path = out_dir / STATE_NAME
-    if resume and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        student.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step, epoch, log = state["step"], state["epoch"], state["log"]
-        rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
-    durations = [c.duration for c in data.clips]
-    bar = tqdm(total=cfg.steps, initial=step, desc="distill", unit="step", disable=not progress)
-    t0 = time.time()
-    while step < cfg.steps:
-        batches = make_batches(
-            durations, cfg.batch_seconds, cfg.crop_seconds, random.Random(cfg.seed + epoch)
+
+    def step(batch_idx: list[int], rng: random.Random):
+        wav, lengths, targets = _collate([data[i] for i in batch_idx], student, cfg.crop_seconds, rng)
+        loss, _ = distill_loss(
+            student,
+            wav.to(cfg.device),
+            lengths.to(cfg.device),
+            [{k: v.to(cfg.device) for k, v in t.items()} for t in targets],
+            cfg.cos_weight,
         )
-        # Skip the batches of this epoch already done before a resume: the order is seeded per epoch.
-        done_in_epoch = sum(1 for e in log if e.get("epoch") == epoch)
-        for batch_idx in batches[done_in_epoch:]:
-            if step >= cfg.steps:
-                break
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
-            wav, lengths, targets = _collate([data[i] for i in batch_idx], student, cfg.crop_seconds, rng)
-            loss, _ = distill_loss(
-                student,
-                wav.to(cfg.device),
-                lengths.to(cfg.device),
-                [{k: v.to(cfg.device) for k, v in t.items()} for t in targets],
-                cfg.cos_weight,
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
-            opt.step()
-            step += 1
-            loss = float(loss.detach())
-            log.append({"step": step, "epoch": epoch, "loss": round(loss, 5)})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            if on_step:
-                on_step(step, loss)
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                _save_state(state_path, student, opt, step, epoch, log, rng)
-        else:
-            epoch += 1
-    bar.close()
+        return loss, {}
+
+    t0 = time.time()
+    log = train_loop(
+        student,
+        opt,
+        cfg,
+        [c.duration for c in data.clips],
+        step,
+        out_dir / STATE_NAME,
+        resume=resume,
+        desc="distill",
+        progress=progress,
+        on_step=on_step,
+    )
     student.eval()
     student.save(
         out_dir,
@@ -290,22 +235,4 @@ def distill(
         },
     )
     (out_dir / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
-    _save_state(state_path, student, opt, step, epoch, log, rng)
     return student
-
-
-def _save_state(path: Path, student, opt, step, epoch, log, rng) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "model": student.state_dict(),
-            "optimizer": opt.state_dict(),
-            "step": step,
-            "epoch": epoch,
-            "log": log,
-            "rng": rng.getstate(),
-            "torch_rng": torch.get_rng_state(),
-        },
-        tmp,
-    )
-    tmp.replace(path)

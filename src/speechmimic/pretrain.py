@@ -27,12 +27,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from speechmimic.corpus import Clip
-from speechmimic.distill import lr_at, make_batches
 from speechmimic.select import Scores
 from speechmimic.student import SAMPLE_RATE, Student, StudentConfig, build_student
+from speechmimic.trainer import STATE_NAME, seed_all, train_loop
 from speechmimic.units import MIN_SAMPLES, MFCCSource, StudentSource, Units, fit_units, source_from_dict
 
-STATE_NAME = "train_state.pt"
 UNITS_NAME = "units.safetensors"
 
 
@@ -154,12 +153,6 @@ def _masked_loss(model: _Model, wav, lengths, target, mask):
     return loss, int(correct), int(sel.sum())
 
 
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def pretrain(
     clips: list[Clip],
     out_dir: str | Path,
@@ -209,72 +202,46 @@ def _train_iteration(
         if config.get("pretrain") == record:
             return Student.load(out_dir)[0].to(cfg.device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _seed_all(cfg.seed)
+    seed_all(cfg.seed)
     student = build_student(preset)
     model = _Model(student, UnitHead(student.cfg.dim, units.k, cfg.codebook_dim, cfg.temperature))
     labels = units.student_labels(clips, student.cfg, out_dir.parent / "units", progress)
     model.to(cfg.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    rng = random.Random(cfg.seed)
-    step, epoch, log = 0, 0, []
-    state_path = out_dir / STATE_NAME
-    if resume and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        if state.get("record") == record:  # a state left by other settings or units is not ours
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            step, epoch, log = state["step"], state["epoch"], state["log"]
-            rng.setstate(state["rng"])
-            torch.set_rng_state(state["torch_rng"])
     waves = _Waves(clips)
-    durations = [c.duration for c in clips]
     span = span_frames(cfg.mask_length, student.cfg)
-    bar = tqdm(
-        total=cfg.steps, initial=step, desc=f"pretrain iter{iteration}", unit="step", disable=not progress
-    )
-    t0 = time.time()
-    while step < cfg.steps:
-        batches = make_batches(
-            durations, cfg.batch_seconds, cfg.crop_seconds, random.Random(cfg.seed + epoch)
+
+    def step(batch_idx: list[int], rng: random.Random):
+        wav, lengths, target = _collate(
+            [waves[i] for i in batch_idx],
+            [labels[clips[i].id] for i in batch_idx],
+            student.cfg,
+            cfg.crop_seconds,
+            rng,
         )
-        # The order is seeded per epoch: after a resume, skip the batches of this epoch already done.
-        done_in_epoch = sum(1 for e in log if e.get("epoch") == epoch)
-        for batch_idx in batches[done_in_epoch:]:
-            if step >= cfg.steps:
-                break
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
-            wav, lengths, target = _collate(
-                [waves[i] for i in batch_idx],
-                [labels[clips[i].id] for i in batch_idx],
-                student.cfg,
-                cfg.crop_seconds,
-                rng,
-            )
-            frames = [int(student.cfg.num_frames(int(n))) for n in lengths]
-            mask = span_mask(
-                frames, target.shape[1], cfg.mask_prob, span, np.random.default_rng(rng.getrandbits(64))
-            )
-            loss, correct, n_masked = _masked_loss(
-                model, wav.to(cfg.device), lengths.to(cfg.device), target.to(cfg.device), mask.to(cfg.device)
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
-            step += 1
-            loss = float(loss.detach())
-            acc = correct / max(1, n_masked)
-            log.append({"step": step, "epoch": epoch, "loss": round(loss, 5), "masked_acc": round(acc, 4)})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", refresh=False)
-            if on_step:
-                on_step(step, loss)
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                _save_state(state_path, model, opt, step, epoch, log, rng, record)
-        else:
-            epoch += 1
-    bar.close()
+        frames = [int(student.cfg.num_frames(int(n))) for n in lengths]
+        mask = span_mask(
+            frames, target.shape[1], cfg.mask_prob, span, np.random.default_rng(rng.getrandbits(64))
+        )
+        loss, correct, n_masked = _masked_loss(
+            model, wav.to(cfg.device), lengths.to(cfg.device), target.to(cfg.device), mask.to(cfg.device)
+        )
+        return loss, {"masked_acc": round(correct / max(1, n_masked), 4)}
+
+    t0 = time.time()
+    log = train_loop(
+        model,
+        opt,
+        cfg,
+        [c.duration for c in clips],
+        step,
+        out_dir / STATE_NAME,
+        record=record,
+        resume=resume,
+        desc=f"pretrain iter{iteration}",
+        progress=progress,
+        on_step=on_step,
+    )
     model.eval()
     _save_units(out_dir, model.head, units)
     student.save(
@@ -287,26 +254,7 @@ def _train_iteration(
         },
     )
     (out_dir / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
-    _save_state(state_path, model, opt, step, epoch, log, rng, record)
     return student
-
-
-def _save_state(path: Path, model, opt, step, epoch, log, rng, record) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "step": step,
-            "epoch": epoch,
-            "log": log,
-            "rng": rng.getstate(),
-            "torch_rng": torch.get_rng_state(),
-            "record": record,
-        },
-        tmp,
-    )
-    tmp.replace(path)
 
 
 def _save_units(directory: Path, head: UnitHead, units: Units) -> None:
