@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 cache_dir=out / "cache",
                 progress=False,
+                ledger=out / "ledger",
             )
             row[name] = r["test"]
             row["baselines"] = r["baselines"]

@@ -4,6 +4,12 @@ import pytest
 import torch
 
 from speechmimic.demo import demo_corpus
+from speechmimic.distill import DistillConfig, distill
+from speechmimic.ledger import Ledger, query_clips
+from speechmimic.targets import load_target
+from speechmimic.testing import tiny_hf_model
+
+TINY_STUDENT_TARGET = "resemblyzer?layers=all"
 
 
 @pytest.fixture(autouse=True)
@@ -19,3 +25,23 @@ def speech_clips():
     sentences = [c for c in pool if c.labels["kind"] == "sentence"]
     keywords = [c for c in pool if c.labels["kind"] == "keyword"]
     return sentences[:24] + keywords[:24], heldout[:12]
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """Folders of seeded tiny transformers encoders (2 layers, 32-d, 50 Hz): ``{"hubert", "wavlm"}``."""
+    root = tmp_path_factory.mktemp("tiny_hf")
+    return {kind: tiny_hf_model(root / kind, kind) for kind in ("hubert", "wavlm")}
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory, speech_clips):
+    """A tiny student distilled for 10 steps from resemblyzer's three layers on 16 pool clips:
+    ``(student folder, its ledger, the clips)``."""
+    pool, _ = speech_clips
+    root = tmp_path_factory.mktemp("tiny_student")
+    clips = pool[:16]
+    ledger = Ledger(root / "ledger")
+    query_clips(load_target(TINY_STUDENT_TARGET), clips, ledger, progress=False)
+    distill(clips, ledger, root / "student", DistillConfig(steps=10, warmup=2), preset="tiny", progress=False)
+    return root / "student", ledger, clips

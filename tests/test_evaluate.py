@@ -8,11 +8,10 @@ import pytest
 
 from speechmimic.cli import main
 from speechmimic.demo import demo_corpus, demo_tasks
-from speechmimic.distill import DistillConfig, distill
-from speechmimic.evaluate import compare
-from speechmimic.extract import query_clips
+from speechmimic.evaluate import compare, evaluate
 from speechmimic.ledger import Ledger
 from speechmimic.targets import load_target
+from speechmimic.testing import CountingTarget
 
 
 def test_recovered_share_and_ratio():
@@ -27,19 +26,9 @@ def test_recovered_share_and_ratio():
     assert compare({"target": 0.5, "student": 0.4, "baseline": 0.5}, "accuracy")["recovered"] is None
 
 
-def test_evaluate_command_prints_table_and_merges_report(tmp_path, speech_clips, capsys):
-    pool, _ = speech_clips
+def test_evaluate_command_prints_table_and_merges_report(tmp_path, tiny_student, capsys):
+    student, _, _ = tiny_student
     _, heldout = demo_corpus()
-    ledger = Ledger(tmp_path / "ledger")
-    query_clips(load_target("resemblyzer?layers=all"), pool[:16], ledger, progress=False)
-    distill(
-        pool[:16],
-        ledger,
-        tmp_path / "student",
-        DistillConfig(steps=10, warmup=2),
-        preset="tiny",
-        progress=False,
-    )
     demo_tasks(heldout, tmp_path / "tasks")
     report = tmp_path / "report"
     report.mkdir()
@@ -50,7 +39,7 @@ def test_evaluate_command_prints_table_and_merges_report(tmp_path, speech_clips,
         "--target",
         "resemblyzer?layers=all",
         "--student",
-        str(tmp_path / "student"),
+        str(student),
         "--tasks",
         str(tmp_path / "tasks" / "keywords"),
         "--out",
@@ -85,3 +74,18 @@ def test_demo_tasks_never_share_speakers_or_clips(tmp_path):
         ids = [c.id for s in ("train", "dev", "test") for c in task.split(s)]
         assert len(ids) == len(set(ids)) and not (set(ids) & pool_ids)  # never a queried clip
     assert len(ks.classes) == 10 and len(sid.classes) == 24
+
+
+def test_evaluating_twice_asks_the_target_nothing_the_second_time(tmp_path, tiny_student):
+    student, _, _ = tiny_student
+    _, heldout = demo_corpus()
+    (keywords, _) = demo_tasks(heldout, tmp_path / "tasks")
+    target = CountingTarget(load_target("resemblyzer?layers=all"))
+    ledger = Ledger(tmp_path / "eval_ledger")
+    first = evaluate(target, student, [keywords], tmp_path / "first", ledger=ledger, progress=False)
+    clips = sum(len(keywords.split(s)) for s in ("train", "dev", "test"))
+    assert target.clips == clips and len(ledger) == clips  # every clip asked once, and recorded
+    # A fresh output folder (no feature cache): the answers come from the ledger alone.
+    again = evaluate(target, student, [keywords], tmp_path / "again", ledger=ledger, progress=False)
+    assert target.clips == clips
+    assert again["keywords"]["target"] == first["keywords"]["target"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from speechmimic.budget import Budget
 from speechmimic.ledger import Ledger, content_key
 
 SR = 16_000
@@ -158,7 +159,7 @@ def test_identical_audio_is_paid_once_and_rerun_pays_nothing(tmp_path):
 def test_clip_budget_is_never_exceeded(tmp_path):
     wavs = _wavs(14, seed=3)
     target = FakeTarget()
-    ledger = Ledger(tmp_path / "led", budget_clips=5)
+    ledger = Ledger(tmp_path / "led", Budget(clips=5))
     stats = ledger.query(target, _clips(wavs[:8]), batch_size=3, progress=False)
     assert stats["paid"] == 5 and stats["over_budget"] == 3
     assert ledger.spent_clips == 5
@@ -168,13 +169,13 @@ def test_clip_budget_is_never_exceeded(tmp_path):
     stats = ledger.query(target, _clips(wavs[8:], prefix="n"), progress=False)
     assert stats["paid"] == 0 and stats["over_budget"] == 6
 
-    reopened = Ledger(tmp_path / "led", budget_clips=5)
+    reopened = Ledger(tmp_path / "led", Budget(clips=5))
     stats = reopened.query(target, _clips(wavs), progress=False)
     assert stats["paid"] == 0 and stats["reused"] == 5 and stats["over_budget"] == 9
     assert reopened.spent_clips == 5 and sum(target.requests.values()) == 5
 
     # A larger budget later admits exactly the difference.
-    bigger = Ledger(tmp_path / "led", budget_clips=7)
+    bigger = Ledger(tmp_path / "led", Budget(clips=7))
     stats = bigger.query(target, _clips(wavs), batch_size=4, progress=False)
     assert stats["paid"] == 2 and stats["over_budget"] == 7
     assert Ledger(tmp_path / "led").spent_clips == 7 and sum(target.requests.values()) == 7
@@ -194,7 +195,7 @@ def test_seconds_budget_is_never_exceeded(tmp_path):
                 paid.append(content_key(w))
         return paid, spent
 
-    ledger = Ledger(tmp_path / "led", budget_seconds=budget)
+    ledger = Ledger(tmp_path / "led", Budget(seconds=budget))
     first, spent = expected(wavs[:8], 0.0)
     stats = ledger.query(target, _clips(wavs[:8]), batch_size=3, progress=False)
     assert stats["paid"] == len(first) and stats["over_budget"] == 8 - len(first)
@@ -207,7 +208,7 @@ def test_seconds_budget_is_never_exceeded(tmp_path):
     assert stats["paid"] == len(second) and stats["over_budget"] == 8 - len(second)
     assert ledger.spent_seconds <= budget + 1e-9
 
-    reopened = Ledger(tmp_path / "led", budget_seconds=budget)
+    reopened = Ledger(tmp_path / "led", Budget(seconds=budget))
     assert reopened.spent_seconds == pytest.approx(spent)
     third, spent = expected([w for w in wavs if content_key(w) not in reopened.entries], spent)
     stats = reopened.query(target, _clips(wavs, prefix="r"), batch_size=5, progress=False)

@@ -14,14 +14,8 @@ from speechmimic.cli import pretrain as pretrain_cli
 from speechmimic.cli import score as score_cli
 from speechmimic.corpus import write_manifest
 from speechmimic.demo import demo_corpus
-from speechmimic.pretrain import (
-    PretrainConfig,
-    checkpoint_accuracy,
-    load_pretrained,
-    pretrain,
-    score_clips,
-)
-from speechmimic.select import Scores
+from speechmimic.pretrain import PretrainConfig, load_pretrained, pretrain
+from speechmimic.score import Scores, checkpoint_accuracy, score_clips
 from speechmimic.student import PRESETS, Student, build_student
 from speechmimic.units import MFCCSource, StudentSource, fit_units, frame_centre_offset, labels_for_student
 

@@ -80,6 +80,12 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("feature-cache")
 
 
+@pytest.fixture(scope="module")
+def ledger(tmp_path_factory):
+    """Where the target's answers are recorded (the features cache sits above it)."""
+    return tmp_path_factory.mktemp("ledger")
+
+
 class CountingMFCC(MFCCUpstream):
     def __init__(self, spec: str = "mfcc-counting"):
         super().__init__()
@@ -196,17 +202,19 @@ def test_probe_reuses_cache(tasks, tmp_path):
 
 @pytest.mark.parametrize("upstream", ["mfcc", RESEMBLYZER])
 @pytest.mark.parametrize("task", ["kw", "spk"])
-def test_probe_beats_majority(tasks, cache, upstream, task, tmp_path):
-    result = probe(upstream, tasks / task, out_dir=tmp_path, cache_dir=cache, progress=False)
+def test_probe_beats_majority(tasks, cache, ledger, upstream, task, tmp_path):
+    result = probe(upstream, tasks / task, out_dir=tmp_path, cache_dir=cache, progress=False, ledger=ledger)
     assert result["metric"] == "accuracy" and result["head"] == "utterance"
     assert result["test"] > result["baselines"]["majority"] + 0.4, result
     assert json.loads((tmp_path / "result.json").read_text())["test"] == result["test"]
     assert sum(result["layer_weights"].values()) == pytest.approx(1.0)
 
 
-def test_same_seed_same_result(tasks, cache):
+def test_same_seed_same_result(tasks, cache, ledger):
     runs = [
-        probe(RESEMBLYZER, tasks / "kw", cache_dir=cache, seed=s, max_epochs=15, progress=False)
+        probe(
+            RESEMBLYZER, tasks / "kw", cache_dir=cache, seed=s, max_epochs=15, progress=False, ledger=ledger
+        )
         for s in (3, 3, 4)
     ]
     assert runs[0] == runs[1]

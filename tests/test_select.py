@@ -8,9 +8,11 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from speechmimic.budget import Budget
 from speechmimic.cli import main
 from speechmimic.corpus import Clip, read_manifest, write_manifest
-from speechmimic.select import STRATEGIES, Budget, Scores, k_center_greedy, select
+from speechmimic.score import Scores
+from speechmimic.select import STRATEGIES, k_center_greedy, select
 
 
 def _clips(n: int, rs: np.random.Generator) -> list[Clip]:

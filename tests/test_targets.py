@@ -6,20 +6,11 @@ import pytest
 import torch
 
 from speechmimic.targets import Target, load_target, parse_spec
+from speechmimic.testing import tiny_hf_model
 
 HIDDEN = 32
 # Tiny conv stack: kernels (10, 3), strides (5, 2) -> 1600 Hz frames, receptive field 20 samples.
-TINY = dict(
-    hidden_size=HIDDEN,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    conv_dim=(32, 32),
-    conv_kernel=(10, 3),
-    conv_stride=(5, 2),
-    num_conv_pos_embeddings=16,
-    num_conv_pos_embedding_groups=2,
-)
+CONV = ((10, 5), (3, 2))
 
 
 def _frames(n: int) -> int:
@@ -33,19 +24,13 @@ def _wavs(*lengths: int, seed: int = 0) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    from transformers import HubertConfig, HubertModel, WavLMConfig, WavLMModel
-
-    dirs = {}
-    torch.manual_seed(0)
-    # HuBERT base style: group-norm CNN, raw input, no attention mask.
-    config = HubertConfig(feat_extract_norm="group", **TINY)
-    dirs["hubert"] = tmp_path_factory.mktemp("hubert")
-    HubertModel(config).save_pretrained(dirs["hubert"])
-    # Large style: layer-norm CNN, normalised input, attention mask when padded.
-    config = WavLMConfig(feat_extract_norm="layer", num_buckets=16, max_bucket_distance=64, **TINY)
-    dirs["wavlm"] = tmp_path_factory.mktemp("wavlm")
-    WavLMModel(config).save_pretrained(dirs["wavlm"])
-    return dirs
+    root = tmp_path_factory.mktemp("models")
+    return {
+        # HuBERT base style: group-norm CNN, raw input, no attention mask.
+        "hubert": tiny_hf_model(root / "hubert", "hubert", HIDDEN, conv=CONV, feat_extract_norm="group"),
+        # Large style: layer-norm CNN, normalised input, attention mask when padded.
+        "wavlm": tiny_hf_model(root / "wavlm", "wavlm", HIDDEN, conv=CONV, feat_extract_norm="layer"),
+    }
 
 
 def _reference(directory, wav: np.ndarray, normalize: bool) -> list[np.ndarray]:

@@ -1,40 +1,53 @@
 """speechmimic: query-budgeted model extraction of self-supervised speech encoders.
 
-Python API in one place::
+The Python API in one place (each name is imported on first use, so ``import speechmimic`` stays
+cheap)::
 
-    from speechmimic import load_target, Ledger, Budget, extract, load_upstream
+    from speechmimic import Budget, ExtractConfig, Ledger, load_target, load_upstream, read_manifest
+    from speechmimic.extract import extract
+
+The verbs named like their modules (``extract``, ``distill``, ``pretrain``, ``select``) are not
+re-exported here: ``speechmimic.extract`` is the module, and ``speechmimic.extract.extract`` its
+function.
 """
 
-from speechmimic.corpus import Clip, read_manifest, scan, write_manifest
-from speechmimic.distill import DistillConfig, distill
-from speechmimic.extract import extract, heldout_fidelity, query_clips
-from speechmimic.ledger import Ledger
-from speechmimic.pretrain import PretrainConfig, pretrain
-from speechmimic.select import Budget, select
-from speechmimic.student import Student, build_student
-from speechmimic.targets import Target, load_target
-from speechmimic.upstream import load_upstream
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Budget",
-    "Clip",
-    "DistillConfig",
-    "Ledger",
-    "PretrainConfig",
-    "Student",
-    "Target",
-    "build_student",
-    "distill",
-    "extract",
-    "heldout_fidelity",
-    "load_target",
-    "load_upstream",
-    "pretrain",
-    "query_clips",
-    "read_manifest",
-    "scan",
-    "select",
-    "write_manifest",
-]
+# name -> the module that defines it
+_EXPORTS = {
+    "Budget": "budget",
+    "Clip": "corpus",
+    "DistillConfig": "distill",
+    "ExtractConfig": "extract",
+    "Experiment": "experiment",
+    "Grid": "experiment",
+    "Ledger": "ledger",
+    "PretrainConfig": "pretrain",
+    "Scores": "score",
+    "Student": "student",
+    "Target": "targets",
+    "build_student": "student",
+    "heldout_fidelity": "fidelity",
+    "load_target": "targets",
+    "load_upstream": "upstream",
+    "query_clips": "ledger",
+    "read_manifest": "corpus",
+    "scan": "corpus",
+    "write_manifest": "corpus",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"speechmimic.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'speechmimic' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

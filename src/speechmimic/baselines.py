@@ -14,59 +14,24 @@ chance by construction; it suits frame-level (CTC) probes.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speechmimic.student import SAMPLE_RATE, mel_filterbank
-
-N_FFT = 400  # 25 ms at 16 kHz
-HOP = 160  # 10 ms
-_LOG_FLOOR = 1e-6  # as the student front end: silence does not dominate the log scale
-
-
-def dct_matrix(n_in: int, n_out: int) -> torch.Tensor:
-    """Orthonormal DCT-II as a (n_in, n_out) matrix: ``x @ dct_matrix(n, k)`` keeps k coefficients."""
-    n = torch.arange(n_in, dtype=torch.float64)
-    k = torch.arange(n_out, dtype=torch.float64)
-    m = torch.cos(math.pi / n_in * (n[:, None] + 0.5) * k[None, :]) * math.sqrt(2.0 / n_in)
-    m[:, 0] /= math.sqrt(2.0)
-    return m.float()
-
-
-def deltas(x: torch.Tensor, width: int = 2) -> torch.Tensor:
-    """HTK regression deltas over time of (T, D) features, edges padded by repetition."""
-    padded = F.pad(x.T[None], (width, width), mode="replicate")[0].T
-    t = x.shape[0]
-    ks = range(1, width + 1)
-    num = sum(k * (padded[width + k : width + k + t] - padded[width - k : width - k + t]) for k in ks)
-    return num / (2 * sum(k * k for k in ks))
-
-
-def cmvn(x: torch.Tensor) -> torch.Tensor:
-    """Per-utterance mean and variance normalisation of (T, D); a one-frame clip is only centred."""
-    centred = x - x.mean(0, keepdim=True)
-    if x.shape[0] < 2:
-        return centred
-    return centred / x.std(0, keepdim=True).clamp_min(1e-5)
+from speechmimic import dsp
 
 
 class _SpectralUpstream(nn.Module):
-    downsample_rate = HOP
+    downsample_rate = dsp.HOP
 
     def __init__(self, n_mels: int, cmvn: bool):
         super().__init__()
         self.cmvn = cmvn
-        self.register_buffer("window", torch.hann_window(N_FFT), persistent=False)
-        self.register_buffer("fbank", mel_filterbank(n_mels, N_FFT, SAMPLE_RATE), persistent=False)
+        self.register_buffer("window", torch.hann_window(dsp.N_FFT), persistent=False)
+        self.register_buffer("fbank", dsp.mel_filterbank(n_mels), persistent=False)
 
     def log_mel(self, wav: torch.Tensor) -> torch.Tensor:  # (N,) -> (N // 160 + 1, n_mels)
-        spec = torch.stft(
-            wav, N_FFT, HOP, window=self.window, center=True, pad_mode="constant", return_complex=True
-        )
-        return (torch.log(spec.abs().pow(2).T @ self.fbank + _LOG_FLOOR) + 6.0) / 4.0
+        return dsp.log_mel(wav, self.window, self.fbank, pad_mode="constant")
 
     def features(self, log_mel: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -74,7 +39,7 @@ class _SpectralUpstream(nn.Module):
     @torch.no_grad()
     def forward(self, wavs: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
         feats = [self.features(self.log_mel(w.to(self.window.device).float().reshape(-1))) for w in wavs]
-        feats = [cmvn(f) for f in feats] if self.cmvn else feats
+        feats = [dsp.cmvn(f) for f in feats] if self.cmvn else feats
         t = max(f.shape[0] for f in feats)
         return {"hidden_states": [torch.stack([F.pad(f, (0, 0, 0, t - f.shape[0])) for f in feats])]}
 
@@ -87,12 +52,12 @@ class MFCCUpstream(_SpectralUpstream):
     def __init__(self, n_mels: int = 40, n_ceps: int = 13, cmvn: bool = False):
         super().__init__(n_mels, cmvn)
         self.spec = "mfcc+cmvn" if cmvn else "mfcc"
-        self.register_buffer("dct", dct_matrix(n_mels, n_ceps), persistent=False)
+        self.register_buffer("dct", dsp.dct_matrix(n_mels, n_ceps), persistent=False)
 
     def features(self, log_mel: torch.Tensor) -> torch.Tensor:
         c = log_mel @ self.dct
-        d = deltas(c)
-        return torch.cat([c, d, deltas(d)], dim=1)
+        d = dsp.deltas(c)
+        return torch.cat([c, d, dsp.deltas(d)], dim=1)
 
 
 class FbankUpstream(_SpectralUpstream):

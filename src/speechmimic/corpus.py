@@ -25,9 +25,11 @@ file follows, else plain. With a forced layout, files that do not follow its nam
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import random
 import re
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -158,6 +160,36 @@ def iter_manifest(path: str | os.PathLike) -> Iterator[Clip]:
 
 def read_manifest(path: str | os.PathLike) -> list[Clip]:
     return list(iter_manifest(path))
+
+
+def fingerprint(*parts) -> str:
+    """A short hash of JSON-able values and bytes: the names of cached products carry their inputs'."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def clips_fingerprint(clips: list[Clip]) -> str:
+    """Hash of a manifest's content: which audio, which segment, in which order."""
+    return fingerprint([[c.id, c.path, c.offset, c.duration, c.num_samples] for c in clips])
+
+
+def hold_out_by_source(clips: list[Clip], share: float, seed: int = 0) -> tuple[list[Clip], list[Clip]]:
+    """(kept, held out): whole source files, in a seeded random order, are held out until they
+    hold ``share`` of the seconds, so no held-out second has a neighbouring segment on the other side."""
+    by_file: dict[str, list[Clip]] = {}
+    for c in clips:
+        by_file.setdefault(c.path, []).append(c)
+    files = sorted(by_file)
+    random.Random(seed).shuffle(files)
+    total, held, held_files = sum(c.duration for c in clips), 0.0, set()
+    for f in files:
+        if held >= share * total:
+            break
+        held_files.add(f)
+        held += sum(c.duration for c in by_file[f])
+    return [c for c in clips if c.path not in held_files], [c for c in clips if c.path in held_files]
 
 
 # ---------------------------------------------------------------- layouts

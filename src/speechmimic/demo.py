@@ -2,9 +2,11 @@
 
 Target: resemblyzer's pretrained GE2E speaker encoder returning all three LSTM layers. Thief's pool
 and held-out clips: the synthetic corpus shipped in ``speechmimic/data/demo_corpus`` (its
-``split`` label). Stage 2 runs at each budget with the same training compute, then the report
-compares held-out fidelity across budgets, and probes target, student and MFCC on a keyword task and
-a speaker-ID task built from held-out clips only (never queried).
+``split`` label). Stage 2 runs at each budget with the same training compute (a grid of
+:mod:`speechmimic.experiment`, so an interrupted demo resumes), then the report compares held-out
+fidelity across budgets, and probes target, student and MFCC on a keyword task and a speaker-ID
+task built from held-out clips only (never queried; the target's answers to them come from the
+evaluation ledger the fidelity check filled).
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ from pathlib import Path
 
 from speechmimic.corpus import Clip, read_manifest
 from speechmimic.distill import DistillConfig
-from speechmimic.evaluate import evaluate, merge_into_report, plot_probes, probe_table
-from speechmimic.extract import extract
+from speechmimic.experiment import Experiment, Grid
 from speechmimic.fidelity import mean_r2
-from speechmimic.report import fidelity_table, write_report
-from speechmimic.select import Budget
-from speechmimic.targets import load_target
+from speechmimic.report import (
+    evaluate_and_report,
+    fidelity_table,
+    merge_into_report,
+    probe_table,
+    write_report,
+)
 from speechmimic.tasks import SPLITS, Task, write_task
 
 DEMO_TARGET = "resemblyzer?layers=all"
@@ -91,61 +96,34 @@ def run_demo(
     t_start = time.time()
     pool, heldout = demo_corpus()
     pool_seconds = sum(c.duration for c in pool)
-    target = load_target(target_spec)
+    name = target_spec.partition("?")[0].partition(":")[0]  # "resemblyzer", "hf"
+    grid = Grid(
+        targets={name: target_spec},
+        budgets=list(budgets),
+        seeds=[seed],
+        preset=preset,
+        distill=DistillConfig(steps=steps, seed=seed),
+    )
+    experiment = Experiment(out_dir, grid, pool, heldout, progress=progress)
     runs = []
-    for text in budgets:
-        budget = Budget.parse(text, pool_seconds=pool_seconds)
-        label = text if text.endswith("%") else str(budget)
-        run_dir = out_dir / "runs" / f"budget-{text.replace('%', 'pct')}"
-        done = run_dir / "result.json"
-        if done.exists() and json.loads(done.read_text()).get("steps") == steps:
-            result = json.loads(done.read_text())  # finished in an earlier, interrupted demo
-        else:
-            result = extract(
-                target,
-                pool,
-                run_dir,
-                budget,
-                seed=seed,
-                preset=preset,
-                distill_cfg=DistillConfig(steps=steps, seed=seed),
-                ledger_dir=out_dir / "ledger",
-                heldout=heldout,
-                eval_ledger_dir=out_dir / "eval_ledger",
-                progress=progress,
-            )
-            result["steps"] = steps
-            done.write_text(json.dumps(result, indent=2))
-        result["label"] = label
+    for cell in grid.cells(pool):
+        result = {**experiment.run(cell)["result"], "label": cell.budget}
         runs.append(result)
         print(
-            f"budget {label}: {result['queries']} clips, {result['queried_seconds']:.0f} s queried, "
+            f"budget {cell.budget}: {result['queries']} clips, {result['queried_seconds']:.0f} s queried, "
             f"held-out r2 {mean_r2(result['fidelity']):.3f}",
             flush=True,
         )
     best = max(runs, key=lambda r: r["queried_seconds"])
+    keep = ("label", "budget_seconds", "queries", "queried_seconds", "fidelity", "student", "timings")
     report = {
-        "target": target.spec,
+        "target": best["target"],
         "student": best["student"],
         "pool": {"clips": len(pool), "seconds": round(pool_seconds, 1)},
         "heldout_clips": len(heldout),
         "steps_per_run": steps,
         "seed": seed,
-        "runs": [
-            {
-                k: r[k]
-                for k in (
-                    "label",
-                    "budget_seconds",
-                    "queries",
-                    "queried_seconds",
-                    "fidelity",
-                    "student",
-                    "timings",
-                )
-            }
-            for r in runs
-        ],
+        "runs": [{k: r[k] for k in keep} for r in runs],
         "timings": {
             "total": round(time.time() - t_start, 1),
             **{f"run {r['label']}": sum(r["timings"].values()) for r in runs},
@@ -158,10 +136,16 @@ def run_demo(
     if probes:
         t = time.time()
         tasks = demo_tasks(heldout, out_dir / "tasks", seed=seed)
-        results = evaluate(
-            target.spec, best["student"]["path"], tasks, out_dir / "probes", seed=seed, progress=progress
+        # The probe clips are held-out clips, whose answers the fidelity check already paid for.
+        results, plots = evaluate_and_report(
+            best["target"],
+            best["student"]["path"],
+            tasks,
+            out_dir / "probes",
+            seed=seed,
+            progress=progress,
+            ledger=experiment.ledger_dir(name, "heldout"),
         )
-        plots = plot_probes(results, out_dir / "probes")
         report["timings"]["probes"] = round(time.time() - t, 1)
         report["timings"]["total"] = round(time.time() - t_start, 1)
         paths = write_report(report, out_dir)

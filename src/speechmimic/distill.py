@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from speechmimic.corpus import Clip
+from speechmimic.audio import SAMPLE_RATE
+from speechmimic.config import option
+from speechmimic.corpus import Clip, fingerprint
 from speechmimic.ledger import Ledger
 from speechmimic.student import (
     CONFIG_NAME,
-    SAMPLE_RATE,
     WEIGHTS_NAME,
     HeadSpec,
     Student,
@@ -33,21 +34,12 @@ from speechmimic.student import (
     align,
     build_student,
 )
-from speechmimic.trainer import STATE_NAME, seed_all, train_loop
+from speechmimic.trainer import STATE_NAME, TrainConfig, seed_all, train_loop
 
 
 @dataclass
-class DistillConfig:
-    steps: int = 2000
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup: int = 100
-    batch_seconds: float = 40.0
-    crop_seconds: float = 6.0  # longer clips are randomly cropped so one batch never holds one huge clip
-    cos_weight: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 500
-    device: str = "cpu"
+class DistillConfig(TrainConfig):
+    cos_weight: float = option(1.0, "weight of the -log sigmoid(cosine) term beside L1")
 
 
 def infer_heads(ledger: Ledger, keys: list[str]) -> list[HeadSpec]:
@@ -122,13 +114,13 @@ def _collate(items, student: Student, crop_seconds: float, rng: random.Random):
 
 def distill_loss(
     student: Student,
-    wav: torch.Tensor,
+    preds: dict[str, torch.Tensor],
     lengths: torch.Tensor,
     targets: list[dict[str, torch.Tensor]],
     cos_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict]:
-    """DistilHuBERT loss averaged over heads; per-head parts returned for logging."""
-    _, _, preds = student(wav, lengths)
+    """DistilHuBERT loss of the heads' standardised predictions (``student(wav, lengths)[2]``),
+    averaged over heads; per-head parts returned for logging."""
     n_student = student.cfg.num_frames(lengths)
     total, parts = 0.0, {}
     for name, head in student.heads.items():
@@ -197,27 +189,27 @@ def distill(
         head.mean.copy_(torch.from_numpy(mean))
         head.std.copy_(torch.from_numpy(np.maximum(std, 1e-3 * float(std.mean()) + 1e-8)))
     student.to(cfg.device).train()
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    def step(batch_idx: list[int], rng: random.Random):
+    def step(model: torch.nn.Module, batch_idx: list[int], rng: random.Random):
         wav, lengths, targets = _collate([data[i] for i in batch_idx], student, cfg.crop_seconds, rng)
-        loss, _ = distill_loss(
-            student,
-            wav.to(cfg.device),
-            lengths.to(cfg.device),
-            [{k: v.to(cfg.device) for k, v in t.items()} for t in targets],
-            cfg.cos_weight,
-        )
+        lengths = lengths.to(cfg.device)
+        _, _, preds = model(wav.to(cfg.device), lengths)
+        targets = [{k: v.to(cfg.device) for k, v in t.items()} for t in targets]
+        loss, _ = distill_loss(student, preds, lengths, targets, cfg.cos_weight)
         return loss, {}
 
+    # What the training state belongs to: a state left by other settings, answers or architecture is
+    # not resumed (device and checkpointing do not change the result).
+    record = {k: v for k, v in asdict(cfg).items() if k not in ("device", "checkpoint_every")}
+    record.update(answers=fingerprint(keys), student=student.cfg.to_dict(), init=str(init) if init else None)
     t0 = time.time()
     log = train_loop(
         student,
-        opt,
         cfg,
         [c.duration for c in data.clips],
         step,
         out_dir / STATE_NAME,
+        record=record,
         resume=resume,
         desc="distill",
         progress=progress,

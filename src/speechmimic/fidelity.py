@@ -15,7 +15,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from speechmimic.corpus import Clip
+from speechmimic.ledger import Ledger, query_clips
 from speechmimic.student import Student, predict
+from speechmimic.targets import Target
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -82,3 +85,15 @@ def evaluate_fidelity(
         pred = predict(student, torch.from_numpy(wav), frames)
         meter.add({k: v.numpy() for k, v in pred.items()}, target)
     return meter.result()
+
+
+def heldout_fidelity(
+    student: Student, target: Target, heldout: list[Clip], eval_ledger: Ledger, progress: bool = True
+) -> dict:
+    """Fidelity on clips the attack never queried, the target's answers read through ``eval_ledger``
+    (the evaluator's, never the attack's budget); ``mean_target`` is the student's stored mean of the
+    queried frames (its heads' de-standardisation means)."""
+    query_clips(target, heldout, eval_ledger, progress=progress)
+    mean_target = {name: head.mean.numpy() for name, head in student.heads.items()}
+    pairs = ((c.load(min_samples=target.min_samples), eval_ledger.get_clip(c.id)) for c in heldout)
+    return evaluate_fidelity(student, pairs, mean_target, total=len(heldout), progress=progress)

@@ -36,12 +36,14 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from speechmimic.audio import AudioError
-from speechmimic.targets.base import SAMPLE_RATE, Target
+from speechmimic.audio import SAMPLE_RATE, AudioError
+from speechmimic.budget import Budget, take_within
+from speechmimic.corpus import Clip
+from speechmimic.targets.base import Target
 
 
 class BudgetExhausted(RuntimeError):
-    """Raised when a query would exceed the ledger's budget."""
+    """A run needed answers its ledger refused to pay for: they would exceed the budget."""
 
 
 def content_key(wav: np.ndarray) -> str:
@@ -74,16 +76,13 @@ class Entry:
 class Ledger:
     """Append-only, crash-safe store of the responses a target returned.
 
-    ``budget_clips`` / ``budget_seconds`` cap what may be paid in total over the ledger's lifetime
-    (already paid responses count); ``None`` means no cap.
+    ``budget`` caps what may be paid in total over the ledger's lifetime (already paid responses
+    count); the default caps nothing.
     """
 
-    def __init__(
-        self, root: str | os.PathLike, budget_clips: int | None = None, budget_seconds: float | None = None
-    ):
+    def __init__(self, root: str | os.PathLike, budget: Budget | None = None):
         self.root = Path(root)
-        self.budget_clips = budget_clips
-        self.budget_seconds = budget_seconds
+        self.budget = budget or Budget()
         self.entries: dict[str, Entry] = {}
         self.aliases: dict[str, str] = {}  # clip id -> key, for every clip id seen
         self.in_doubt: set[str] = set()
@@ -168,8 +167,8 @@ class Ledger:
             "paid_clips": self.spent_clips,
             "paid_seconds": round(self.spent_seconds, 3),
             "in_doubt": len(self.in_doubt),
-            "budget_clips": self.budget_clips,
-            "budget_seconds": self.budget_seconds,
+            "budget_clips": self.budget.clips,
+            "budget_seconds": self.budget.seconds,
         }
 
     def layer_stats(self, keys: Iterable[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -237,14 +236,7 @@ class Ledger:
         return entry
 
     def _would_exceed(self, extra_clips: int, extra_seconds: float) -> bool:
-        if self.budget_clips is not None and self.spent_clips + extra_clips > self.budget_clips:
-            return True
-        if (
-            self.budget_seconds is not None
-            and self.spent_seconds + extra_seconds > self.budget_seconds + 1e-9
-        ):
-            return True
-        return False
+        return not self.budget.allows(self.spent_clips + extra_clips, self.spent_seconds + extra_seconds)
 
     def query(
         self,
@@ -324,6 +316,30 @@ class Ledger:
 
     def keys(self) -> Iterator[str]:
         return iter(self.entries)
+
+
+def query_clips(
+    target: Target,
+    clips: list[Clip],
+    ledger: Ledger,
+    batch_size: int = 8,
+    progress: bool = True,
+    budget: Budget | None = None,
+) -> dict:
+    """Pay for the target's answers to ``clips`` (already paid ones are reused).
+
+    ``budget`` caps this request, reused answers included: walking ``clips`` in order, a clip that
+    no longer fits (:func:`~speechmimic.budget.take_within`, the rule selection applies) is refused,
+    never sent, and counted in ``over_budget``. A selection made within the same budget always fits.
+    """
+    refused = 0
+    if budget is not None:
+        fits = take_within(clips, range(len(clips)), budget)
+        refused = len(clips) - len(fits)
+        clips = [clips[i] for i in fits]
+    loader = ((c.id, lambda c=c: c.load(min_samples=target.min_samples)) for c in clips)
+    stats = ledger.query(target, loader, batch_size=batch_size, progress=progress, total=len(clips))
+    return {**stats, "over_budget": stats["over_budget"] + refused}
 
 
 def _entry_json(entry: Entry) -> dict:

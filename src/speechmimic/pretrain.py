@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import random
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,36 +23,33 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
+from speechmimic.audio import SAMPLE_RATE
+from speechmimic.config import option
 from speechmimic.corpus import Clip
-from speechmimic.select import Scores
-from speechmimic.student import SAMPLE_RATE, Student, StudentConfig, build_student
-from speechmimic.trainer import STATE_NAME, seed_all, train_loop
+from speechmimic.student import Student, StudentConfig, build_student
+from speechmimic.trainer import STATE_NAME, TrainConfig, seed_all, train_loop
 from speechmimic.units import MIN_SAMPLES, MFCCSource, StudentSource, Units, fit_units, source_from_dict
 
 UNITS_NAME = "units.safetensors"
 
 
 @dataclass
-class PretrainConfig:
-    steps: int = 2000
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup: int = 200
-    batch_seconds: float = 40.0
-    crop_seconds: float = 6.0
-    mask_prob: float = 0.08  # HuBERT: chance that a frame starts a masked span
-    mask_length: int = 10  # span length in frames at 50 Hz; scaled to the student's frame rate
-    k: int = 100
-    iterations: int = 1
-    layer: int | None = None  # iteration-2 features: student state index; None = the middle block
-    codebook_dim: int = 256
-    temperature: float = 0.1
-    kmeans_frames: int = 200_000
-    seed: int = 0
-    checkpoint_every: int = 500
-    device: str = "cpu"
+class PretrainConfig(TrainConfig):
+    steps: int = option(2000, "optimiser steps per iteration")
+    warmup: int = option(200, "linear warm-up steps")
+    mask_prob: float = option(0.08, "chance that a frame starts a masked span (HuBERT)")
+    mask_length: int = option(10, "span length in frames at 50 Hz, scaled to the student's rate")
+    k: int = option(100, "k-means clusters (units)")
+    iterations: int = option(
+        1, "1: MFCC units; 2: then units of a layer of the first student's own features", choices=(1, 2)
+    )
+    layer: int | None = option(
+        None, "iteration 2: student state clustered (0 = front end, i = after block i; default: middle)"
+    )
+    codebook_dim: int = option(256, "width of the projected frames and unit embeddings")
+    temperature: float = option(0.1, "cosine-logit temperature")
+    kmeans_frames: int = option(200_000, "k-means is fitted on a seeded sample of about this many frames")
 
 
 class UnitHead(nn.Module):
@@ -69,7 +65,7 @@ class UnitHead(nn.Module):
         return F.normalize(self.proj(x), dim=-1) @ F.normalize(self.units, dim=-1).T / self.temperature
 
 
-class _Model(nn.Module):
+class MaskedPredictor(nn.Module):
     """Student + unit head, one module so optimiser and checkpoints see both."""
 
     def __init__(self, student: Student, head: UnitHead):
@@ -145,7 +141,7 @@ def _collate(waves, labels, student_cfg: StudentConfig, crop_seconds: float, rng
     return batch, lengths, target
 
 
-def _masked_loss(model: _Model, wav, lengths, target, mask):
+def _masked_loss(model: MaskedPredictor, wav, lengths, target, mask):
     logits, valid, _ = model(wav, lengths, mask)
     sel = mask & valid & (target >= 0)
     loss = F.cross_entropy(logits[sel], target[sel])
@@ -204,14 +200,13 @@ def _train_iteration(
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_all(cfg.seed)
     student = build_student(preset)
-    model = _Model(student, UnitHead(student.cfg.dim, units.k, cfg.codebook_dim, cfg.temperature))
+    model = MaskedPredictor(student, UnitHead(student.cfg.dim, units.k, cfg.codebook_dim, cfg.temperature))
     labels = units.student_labels(clips, student.cfg, out_dir.parent / "units", progress)
     model.to(cfg.device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     waves = _Waves(clips)
     span = span_frames(cfg.mask_length, student.cfg)
 
-    def step(batch_idx: list[int], rng: random.Random):
+    def step(model: nn.Module, batch_idx: list[int], rng: random.Random):
         wav, lengths, target = _collate(
             [waves[i] for i in batch_idx],
             [labels[clips[i].id] for i in batch_idx],
@@ -231,7 +226,6 @@ def _train_iteration(
     t0 = time.time()
     log = train_loop(
         model,
-        opt,
         cfg,
         [c.duration for c in clips],
         step,
@@ -278,121 +272,3 @@ def load_pretrained(directory: str | Path, device: str = "cpu") -> tuple[Student
     head.load_state_dict({k.removeprefix("head."): v for k, v in tensors.items()})
     units = Units(source_from_dict(config["units_source"], directory, device), centroids)
     return student.to(device), head.to(device).eval(), units
-
-
-def _clip_rng(seed: int, clip_id: str, draw: int) -> np.random.Generator:
-    """Masks that depend on the seed and the clip only, not on the order clips come in."""
-    return np.random.default_rng([seed, zlib.crc32(clip_id.encode()), draw])
-
-
-@torch.no_grad()
-def _per_clip(
-    student: Student,
-    head: UnitHead,
-    clips: list[Clip],
-    labels: dict[str, np.ndarray],
-    seed: int,
-    n_masks: int,
-    mask_prob: float,
-    span: int,
-    device: str,
-    progress: bool,
-    desc: str,
-):
-    """Per clip: masked-prediction losses and hits over ``n_masks`` seeded masks, and the mean
-    last-layer features of the unmasked clip."""
-    model = _Model(student, head).to(device).eval()
-    for clip in tqdm(clips, desc=desc, unit="clip", disable=not progress):
-        wav = torch.from_numpy(clip.load(min_samples=MIN_SAMPLES))[None].to(device)
-        target = torch.from_numpy(labels[clip.id])[None].to(device)
-        n = target.shape[1]
-        _, _, states = model(wav, None, None)
-        embedding = states[-1][0, :n].mean(0).cpu().numpy()
-        losses, hits, targets = [], [], []
-        for draw in range(n_masks):
-            mask = span_mask([n], n, mask_prob, span, _clip_rng(seed, clip.id, draw)).to(device)
-            logits, _, _ = model(wav, None, mask)
-            logits, y = logits[0][mask[0]], target[0][mask[0]]
-            losses.append(F.cross_entropy(logits, y, reduction="none").cpu().numpy())
-            hits.append((logits.argmax(-1) == y).cpu().numpy())
-            targets.append(y.cpu().numpy())
-        yield np.concatenate(losses), np.concatenate(hits), np.concatenate(targets), embedding
-
-
-def masked_accuracy(
-    student: Student,
-    head: UnitHead,
-    clips: list[Clip],
-    labels: dict[str, np.ndarray],
-    seed: int = 0,
-    n_masks: int = 1,
-    mask_prob: float = 0.08,
-    mask_length: int = 10,
-    device: str = "cpu",
-    progress: bool = True,
-) -> dict:
-    """Masked-prediction accuracy over ``clips`` with seeded masks, and what always answering the most
-    frequent unit of those same masked frames would score (``majority``)."""
-    span = span_frames(mask_length, student.cfg)
-    losses, hits, targets = [], [], []
-    for loss, hit, target, _ in _per_clip(
-        student, head, clips, labels, seed, n_masks, mask_prob, span, device, progress, "masked accuracy"
-    ):
-        losses.append(loss)
-        hits.append(hit)
-        targets.append(target)
-    targets = np.concatenate(targets)
-    return {
-        "accuracy": float(np.concatenate(hits).mean()),
-        "majority": float(np.bincount(targets).max() / len(targets)),
-        "loss": float(np.concatenate(losses).mean()),
-        "frames": int(len(targets)),
-    }
-
-
-def checkpoint_accuracy(
-    directory: str | Path, clips: list[Clip], seed: int = 0, device: str = "cpu", progress: bool = True
-) -> dict:
-    """:func:`masked_accuracy` of a stage-1 checkpoint on ``clips`` (e.g. held out), masked as in
-    its training."""
-    student, head, units = load_pretrained(directory, device)
-    rec = json.loads((Path(directory) / "config.json").read_text())["pretrain"]
-    labels = units.student_labels(clips, student.cfg, progress=progress)
-    return masked_accuracy(
-        student,
-        head,
-        clips,
-        labels,
-        seed=seed,
-        mask_prob=rec["mask_prob"],
-        mask_length=rec["mask_length"],
-        device=device,
-        progress=progress,
-    )
-
-
-def score_clips(
-    student_dir: str | Path,
-    clips: list[Clip],
-    seed: int = 0,
-    n_masks: int = 2,
-    device: str = "cpu",
-    progress: bool = True,
-) -> Scores:
-    """What clip selection ranks by: per clip, the stage-1 student's mean masked-prediction loss over
-    ``n_masks`` seeded masks (uncertainty) and its mean-pooled last-layer features (embedding)."""
-    student, head, units = load_pretrained(student_dir, device)
-    rec = json.loads((Path(student_dir) / "config.json").read_text())["pretrain"]
-    labels = units.student_labels(clips, student.cfg, progress=progress)
-    span = span_frames(rec["mask_length"], student.cfg)
-    uncertainty, embeddings = [], []
-    for loss, _, _, emb in _per_clip(
-        student, head, clips, labels, seed, n_masks, rec["mask_prob"], span, device, progress, "scoring"
-    ):
-        uncertainty.append(loss.mean())
-        embeddings.append(emb)
-    return Scores(
-        [c.id for c in clips],
-        np.array(uncertainty, dtype=np.float32),
-        np.stack(embeddings).astype(np.float32) if embeddings else np.zeros((0, student.cfg.dim), np.float32),
-    )

@@ -1,14 +1,13 @@
 """Clip selection under a query budget.
 
-A strategy is a small function ``(clips, scores, budget, rng) -> indices in query order``.
-``scores`` is a :class:`Scores` aligned to ``clips`` (or ``None``) holding what informed strategies
-rank by: stage-1 uncertainty and/or utterance embeddings (``speechmimic score``). ``Budget`` caps
-clips, seconds or both; ``take_within`` applies it to any ranking, so most strategies only rank.
-A strategy may return a :class:`Ranking` (a ``list[int]``) to report the score each clip was chosen
-by. Register a strategy in ``STRATEGIES`` (and what its score means in ``SCORE_MEANING``) to expose
-it in the CLI.
-
-Strategies and what they need:
+A strategy ranks the candidate clips; :func:`~speechmimic.budget.take_within` then keeps those that
+fit the :class:`~speechmimic.budget.Budget`, so most strategies only rank. Its function is
+``(clips, scores, budget, rng) -> indices in query order``, where ``scores`` is a
+:class:`~speechmimic.score.Scores` aligned to ``clips`` (or ``None``) holding what informed
+strategies rank by: stage-1 uncertainty and/or utterance embeddings (``speechmimic score``). It may
+return a :class:`Ranking` (a ``list[int]``) to report the score each clip was chosen by. A
+:class:`Strategy` record names the function, what it needs, what its score means and its help;
+one in ``STRATEGIES`` is offered everywhere (CLI, extract, the experiment runner).
 
 ``random``       nothing; a smaller clip budget with the same seed is a prefix of a larger one.
 ``longest``      nothing; longest clips first (most audio per query when paying per clip).
@@ -21,94 +20,15 @@ Strategies and what they need:
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
+from speechmimic.budget import Budget, take_within
 from speechmimic.corpus import Clip
-
-
-@dataclass
-class Scores:
-    """What informed strategies rank by, one row per candidate clip (in ``ids`` order).
-
-    ``uncertainty``: higher = the stage-1 student knows the clip less (masked-prediction loss or
-    predictive entropy). ``embeddings``: utterance embeddings (N, D) for diversity.
-    """
-
-    ids: list[str]
-    uncertainty: np.ndarray | None = None
-    embeddings: np.ndarray | None = None
-
-    def save(self, path: str | os.PathLike) -> None:
-        arrays = {"ids": np.array(self.ids)}
-        if self.uncertainty is not None:
-            arrays["uncertainty"] = np.asarray(self.uncertainty, dtype=np.float32)
-        if self.embeddings is not None:
-            arrays["embeddings"] = np.asarray(self.embeddings, dtype=np.float32)
-        np.savez(path, **arrays)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Scores:
-        with np.load(path) as f:
-            return cls(
-                [str(i) for i in f["ids"]],
-                f["uncertainty"] if "uncertainty" in f else None,
-                f["embeddings"] if "embeddings" in f else None,
-            )
-
-    def aligned(self, clips: Sequence[Clip]) -> Scores:
-        """These scores reordered to ``clips``; KeyError naming a clip that has none."""
-        row = {clip_id: i for i, clip_id in enumerate(self.ids)}
-        missing = [c.id for c in clips if c.id not in row]
-        if missing:
-            raise KeyError(f"{len(missing)} clips have no scores, e.g. {missing[:3]}")
-        idx = np.array([row[c.id] for c in clips], dtype=int)
-        return Scores(
-            [c.id for c in clips],
-            None if self.uncertainty is None else self.uncertainty[idx],
-            None if self.embeddings is None else self.embeddings[idx],
-        )
-
-
-@dataclass(frozen=True)
-class Budget:
-    """What may be spent: ``clips`` and/or ``seconds`` (``None`` = no cap on that axis)."""
-
-    clips: int | None = None
-    seconds: float | None = None
-
-    @classmethod
-    def parse(cls, text: str, pool_seconds: float | None = None, pool_clips: int | None = None) -> Budget:
-        """``"200"`` clips, ``"600s"`` / ``"10m"`` / ``"1h"`` of audio, or ``"25%"`` of the pool's seconds."""
-        text = text.strip().lower()
-        try:
-            if text.endswith("%"):
-                if pool_seconds is None:
-                    raise ValueError("a percentage budget needs the pool")
-                return cls(seconds=float(text[:-1]) / 100 * pool_seconds)
-            for suffix, scale in (("s", 1), ("m", 60), ("h", 3600)):
-                if text.endswith(suffix):
-                    return cls(seconds=float(text[:-1]) * scale)
-            return cls(clips=int(text))
-        except ValueError as e:
-            raise ValueError(f"bad budget {text!r}: use N (clips), Ns/Nm/Nh (audio) or N% ({e})") from None
-
-
-def take_within(clips: Sequence[Clip], ranking: Sequence[int], budget: Budget) -> list[int]:
-    """Walk ``ranking`` and keep each clip that still fits the budget."""
-    chosen, seconds = [], 0.0
-    for i in ranking:
-        if budget.clips is not None and len(chosen) >= budget.clips:
-            break
-        if budget.seconds is not None and seconds + clips[i].duration > budget.seconds + 1e-9:
-            continue
-        chosen.append(i)
-        seconds += clips[i].duration
-    return chosen
+from speechmimic.score import Scores
 
 
 class Ranking(list):
@@ -124,7 +44,23 @@ class Ranking(list):
         self.clusters = None if clusters is None else list(clusters)
 
 
-Strategy = Callable[[Sequence[Clip], "Scores | None", Budget, random.Random], list[int]]
+Rank = Callable[[Sequence[Clip], "Scores | None", Budget, random.Random], list[int]]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A selection strategy: its ranking function, what it needs from ``speechmimic score``, what
+    the score it reports for each pick means (``labels["selection"]["score"]``), and its help."""
+
+    name: str
+    rank: Rank
+    help: str
+    needs: tuple[str, ...] = ()
+    score: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.help}; needs {' + '.join(self.needs) or 'nothing'})"
+
 
 _WHAT = {
     "uncertainty": "stage-1 masked-prediction loss or predictive entropy",
@@ -136,19 +72,14 @@ CHUNK = 8192
 MAX_CLUSTERS = 50
 
 
-def _need(scores: Scores | None, clips: Sequence[Clip], strategy: str, *what: str) -> list[np.ndarray]:
-    missing = [w for w in what if scores is None or getattr(scores, w) is None]
+def _check_needs(strategy: Strategy, scores: Scores | None) -> None:
+    missing = [w for w in strategy.needs if scores is None or getattr(scores, w) is None]
     if missing:
         need = " and ".join(f"{w} ({_WHAT[w]})" for w in missing)
         raise ValueError(
-            f"strategy {strategy!r} needs per-clip {need}: run `speechmimic score` with the stage-1 "
+            f"strategy {strategy.name!r} needs per-clip {need}: run `speechmimic score` with the stage-1 "
             "student on these clips and pass its .npz (--scores)"
         )
-    arrays = [getattr(scores, w) for w in what]
-    for w, a in zip(what, arrays, strict=True):
-        if len(a) != len(clips):
-            raise ValueError(f"{len(a)} rows of {w} for {len(clips)} clips: align the scores to the clips")
-    return arrays
 
 
 def _shuffled(n: int, rng: random.Random) -> np.ndarray:
@@ -192,8 +123,7 @@ def longest_strategy(
 def uncertainty_strategy(
     clips: Sequence[Clip], scores: Scores | None, budget: Budget, rng: random.Random
 ) -> Ranking:
-    (u,) = _need(scores, clips, "uncertainty", "uncertainty")
-    u = np.asarray(u, dtype=np.float64)
+    u = np.asarray(scores.uncertainty, dtype=np.float64)
     if not np.isfinite(u).all():
         raise ValueError("uncertainty contains NaN or inf")
     return _take(clips, _highest_first(u, rng), budget, u)
@@ -265,8 +195,7 @@ def k_center_greedy(
 def diversity_strategy(
     clips: Sequence[Clip], scores: Scores | None, budget: Budget, rng: random.Random
 ) -> Ranking:
-    (emb,) = _need(scores, clips, "diversity", "embeddings")
-    picks, dists = k_center_greedy(emb, [c.duration for c in clips], budget, rng)
+    picks, dists = k_center_greedy(scores.embeddings, [c.duration for c in clips], budget, rng)
     return Ranking(picks, dists)
 
 
@@ -310,8 +239,7 @@ def _interleave(labels: np.ndarray, grouped: np.ndarray, rng: random.Random) -> 
 def cluster_strategy(
     clips: Sequence[Clip], scores: Scores | None, budget: Budget, rng: random.Random
 ) -> Ranking:
-    (emb,) = _need(scores, clips, "cluster", "embeddings")
-    labels = cluster_ids(emb, rng)
+    labels = cluster_ids(scores.embeddings, rng)
     perm = _shuffled(len(clips), rng)
     grouped = perm[np.argsort(labels[perm], kind="stable")]
     return _take(clips, _interleave(labels, grouped, rng), budget, labels, labels)
@@ -320,11 +248,10 @@ def cluster_strategy(
 def hybrid_strategy(
     clips: Sequence[Clip], scores: Scores | None, budget: Budget, rng: random.Random
 ) -> Ranking:
-    emb, u = _need(scores, clips, "hybrid", "embeddings", "uncertainty")
-    u = np.asarray(u, dtype=np.float64)
+    u = np.asarray(scores.uncertainty, dtype=np.float64)
     if not np.isfinite(u).all():
         raise ValueError("uncertainty contains NaN or inf")
-    labels = cluster_ids(emb, rng)
+    labels = cluster_ids(scores.embeddings, rng)
     perm = _shuffled(len(clips), rng)
     # By cluster, then most uncertain first; lexsort is stable, so ties keep the random order.
     grouped = perm[np.lexsort((-u[perm], labels[perm]))]
@@ -332,32 +259,39 @@ def hybrid_strategy(
 
 
 STRATEGIES: dict[str, Strategy] = {
-    "random": random_strategy,
-    "longest": longest_strategy,
-    "uncertainty": uncertainty_strategy,
-    "diversity": diversity_strategy,
-    "cluster": cluster_strategy,
-    "hybrid": hybrid_strategy,
-}
-
-# What ``labels["selection"]["score"]`` holds for each strategy (None: no score).
-SCORE_MEANING: dict[str, str | None] = {
-    "random": None,
-    "longest": "duration (s)",
-    "uncertainty": "uncertainty",
-    "diversity": "distance to the nearest earlier pick",
-    "cluster": "cluster id",
-    "hybrid": "uncertainty",
-}
-
-# What each strategy needs from ``speechmimic score``, for help texts and errors.
-NEEDS: dict[str, tuple[str, ...]] = {
-    "random": (),
-    "longest": (),
-    "uncertainty": ("uncertainty",),
-    "diversity": ("embeddings",),
-    "cluster": ("embeddings",),
-    "hybrid": ("embeddings", "uncertainty"),
+    s.name: s
+    for s in (
+        Strategy("random", random_strategy, "uniformly at random"),
+        Strategy("longest", longest_strategy, "longest clips first", score="duration (s)"),
+        Strategy(
+            "uncertainty",
+            uncertainty_strategy,
+            "highest stage-1 uncertainty first",
+            ("uncertainty",),
+            "uncertainty",
+        ),
+        Strategy(
+            "diversity",
+            diversity_strategy,
+            "greedy k-center on the embeddings: each next clip the farthest from those chosen",
+            ("embeddings",),
+            "distance to the nearest earlier pick",
+        ),
+        Strategy(
+            "cluster",
+            cluster_strategy,
+            "k-means on the embeddings; a clip of every cluster, then clusters in proportion to size",
+            ("embeddings",),
+            "cluster id",
+        ),
+        Strategy(
+            "hybrid",
+            hybrid_strategy,
+            "as cluster, most uncertain first within each cluster",
+            ("embeddings", "uncertainty"),
+            "uncertainty",
+        ),
+    )
 }
 
 
@@ -371,7 +305,7 @@ def select(
     """The chosen clips in query order, as copies labelled ``labels["selection"]``.
 
     The label is ``{"strategy", "rank", "score"}`` (plus ``"cluster"`` for the clustered strategies);
-    see ``SCORE_MEANING``. ``scores`` may cover more clips than ``clips``, in any order.
+    see :attr:`Strategy.score`. ``scores`` may cover more clips than ``clips``, in any order.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {sorted(STRATEGIES)}")
@@ -380,7 +314,8 @@ def select(
             scores = scores.aligned(clips)
         except KeyError as e:
             raise ValueError(f"the scores do not cover the clips: {e.args[0]}") from None
-    picks = STRATEGIES[strategy](clips, scores, budget, random.Random(seed))
+    _check_needs(STRATEGIES[strategy], scores)
+    picks = STRATEGIES[strategy].rank(clips, scores, budget, random.Random(seed))
     values = getattr(picks, "scores", None) or [None] * len(picks)
     clusters = getattr(picks, "clusters", None)
     chosen = []

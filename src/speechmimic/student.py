@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-SAMPLE_RATE = 16_000
+from speechmimic.audio import SAMPLE_RATE
+from speechmimic.dsp import N_FFT, log_mel, mel_filterbank
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -101,40 +103,19 @@ PRESETS: dict[str, StudentConfig] = {
 }
 
 
-def mel_filterbank(n_mels: int, n_fft: int = 400, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
-    """HTK-style triangular mel filters, (n_fft // 2 + 1, n_mels)."""
-
-    def hz_to_mel(f):
-        return 2595.0 * torch.log10(1.0 + f / 700.0)
-
-    def mel_to_hz(m):
-        return 700.0 * (10 ** (m / 2595.0) - 1.0)
-
-    freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1)
-    edges = mel_to_hz(
-        torch.linspace(hz_to_mel(torch.tensor(20.0)), hz_to_mel(torch.tensor(sample_rate / 2)), n_mels + 2)
-    )
-    lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]
-    up = (freqs[:, None] - lower) / (centre - lower)
-    down = (upper - freqs[:, None]) / (upper - centre)
-    return torch.clamp(torch.minimum(up, down), min=0.0)
-
-
 class FbankFrontend(nn.Module):
     """Log-mel (25 ms / 10 ms) followed by two 1-D convolutions, the second strided."""
 
     def __init__(self, cfg: StudentConfig):
         super().__init__()
-        self.register_buffer("window", torch.hann_window(400), persistent=False)
+        self.register_buffer("window", torch.hann_window(N_FFT), persistent=False)
         self.register_buffer("fbank", mel_filterbank(cfg.n_mels), persistent=False)
         self.conv1 = nn.Conv1d(cfg.n_mels, cfg.dim, 5, padding=2)
         self.conv2 = nn.Conv1d(cfg.dim, cfg.dim, 3, stride=cfg.frontend_stride, padding=1)
         self.norm = nn.LayerNorm(cfg.dim)
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:  # (B, N) -> (B, T, D)
-        spec = torch.stft(wav, 400, 160, window=self.window, center=True, return_complex=True)
-        mel = spec.abs().pow(2).transpose(1, 2) @ self.fbank
-        x = (torch.log(mel + 1e-6) + 6.0) / 4.0  # roughly zero-mean, unit-scale for speech at usual levels
+        x = log_mel(wav, self.window, self.fbank)
         x = F.gelu(self.conv1(x.transpose(1, 2)))
         x = F.gelu(self.conv2(x))
         return self.norm(x.transpose(1, 2))

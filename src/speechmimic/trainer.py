@@ -1,6 +1,6 @@
 """The training loop stage 1 (:mod:`speechmimic.pretrain`) and stage 2 (:mod:`speechmimic.distill`)
-share: epochs of length-grouped batches capped by seconds, linear warm-up then cosine decay, clipped
-gradients, a progress bar, and a ``train_state.pt`` that lets an interrupted run resume exactly (same
+share: epochs of length-grouped batches capped by seconds, linear warm-up then cosine decay, AdamW,
+clipped gradients, a progress bar, and a ``train_state.pt`` that lets an interrupted run resume exactly (same
 weights, optimiser, step, batch order and random state).
 """
 
@@ -9,25 +9,34 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from speechmimic.config import option
+
 STATE_NAME = "train_state.pt"
 
 
-class LoopConfig(Protocol):
-    steps: int
-    lr: float
-    warmup: int
-    batch_seconds: float
-    crop_seconds: float
-    seed: int
-    checkpoint_every: int
+@dataclass
+class TrainConfig:
+    """The settings of :func:`train_loop`; stage 1 (``PretrainConfig``) and stage 2 (``DistillConfig``)
+    extend it with their own."""
+
+    steps: int = option(2000, "optimiser steps")
+    lr: float = option(1e-3, "AdamW peak learning rate")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    warmup: int = option(100, "linear warm-up steps")
+    batch_seconds: float = option(40.0, "cap on padded audio seconds per batch")
+    crop_seconds: float = option(6.0, "longer clips are randomly cropped to this length in training")
+    seed: int = option(0, "seed of every random choice")
+    checkpoint_every: int = option(500, "save a resumable training state every N steps")
+    device: str = option("cpu", "torch device, e.g. cpu, cuda, cuda:1")
 
 
 def seed_all(seed: int) -> None:
@@ -55,7 +64,7 @@ def make_batches(
     return batches
 
 
-def lr_at(step: int, cfg: LoopConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up then cosine decay to zero at ``cfg.steps``."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -63,15 +72,15 @@ def lr_at(step: int, cfg: LoopConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# One optimisation step's loss and the metrics to log beside it, from the batch's clip indices and
-# the loop's random generator (for crops and masks, so that a resume replays them).
-StepFn = Callable[[list[int], random.Random], tuple[torch.Tensor, dict[str, float]]]
+# One optimisation step's loss and the metrics to log beside it, from the model to run (the loop's:
+# the one it may wrap, e.g. for DDP), the batch's clip indices and the loop's random generator (for
+# crops and masks, so that a resume replays them).
+StepFn = Callable[[nn.Module, list[int], random.Random], tuple[torch.Tensor, dict[str, float]]]
 
 
 def train_loop(
     model: nn.Module,
-    opt: torch.optim.Optimizer,
-    cfg: LoopConfig,
+    cfg: TrainConfig,
     durations: list[float],
     step_fn: StepFn,
     state_path: Path,
@@ -81,12 +90,14 @@ def train_loop(
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[dict]:
-    """Run ``cfg.steps`` steps over clips of ``durations``; returns the log (one dict per step).
+    """Run ``cfg.steps`` steps of ``step_fn(model, ...)`` over clips of ``durations``; returns the log
+    (one dict per step).
 
     ``record`` identifies what is being trained: a state saved under another record (other settings,
     other units) is ignored rather than resumed. The final state is saved too, so rerunning a finished
     loop does no step.
     """
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = random.Random(cfg.seed)
     step, epoch, log = 0, 0, []
     if resume and state_path.exists():
@@ -127,7 +138,7 @@ def train_loop(
                 break
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
-            loss, metrics = step_fn(batch_idx, rng)
+            loss, metrics = step_fn(model, batch_idx, rng)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)

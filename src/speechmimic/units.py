@@ -24,25 +24,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from speechmimic.baselines import HOP as MFCC_HOP
+from speechmimic.audio import SAMPLE_RATE
 from speechmimic.baselines import MFCCUpstream
-from speechmimic.corpus import Clip
-from speechmimic.student import SAMPLE_RATE, Student, StudentConfig
+from speechmimic.corpus import Clip, clips_fingerprint, fingerprint
+from speechmimic.dsp import HOP as MFCC_HOP
+from speechmimic.student import Student, StudentConfig
 
 CHUNK = 256  # clips per part file: the unit of resumption
 MIN_SAMPLES = 400  # one 25 ms window (and the waveform CNN's receptive field); shorter clips are rejected
-
-
-def _sha(*parts) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True).encode())
-    return h.hexdigest()[:16]
-
-
-def clips_fingerprint(clips: list[Clip]) -> str:
-    """Hash of a manifest's content: which audio, which segment, in which order."""
-    return _sha([[c.id, c.path, c.offset, c.duration, c.num_samples] for c in clips])
 
 
 def student_fingerprint(student: Student) -> str:
@@ -182,7 +171,7 @@ class Units:
         return len(self.centroids)
 
     def fingerprint(self) -> str:
-        return _sha(self.source.fingerprint(), self.centroids.astype(np.float32).tobytes())
+        return fingerprint(self.source.fingerprint(), self.centroids.astype(np.float32).tobytes())
 
     def assign(self, feats: np.ndarray) -> np.ndarray:
         """Nearest centroid of each (T, D) frame."""
@@ -214,7 +203,8 @@ class Units:
         if cache_dir is None:
             parts = [run(0, clips, tqdm(total=len(clips), desc="units", unit="clip", disable=not progress))]
         else:
-            directory = Path(cache_dir) / f"labels-{_sha(clips_fingerprint(clips), self.fingerprint())}"
+            key = fingerprint(clips_fingerprint(clips), self.fingerprint())
+            directory = Path(cache_dir) / f"labels-{key}"
             parts = _map_parts(clips, run, directory, "units", progress)
         out = {}
         for part in parts:
@@ -253,7 +243,7 @@ def fit_units(
     from sklearn.cluster import MiniBatchKMeans
 
     cache_dir = Path(cache_dir)
-    key = _sha(clips_fingerprint(clips), source.fingerprint(), k, seed, max_frames)
+    key = fingerprint(clips_fingerprint(clips), source.fingerprint(), k, seed, max_frames)
     path = cache_dir / f"kmeans-{key}.safetensors"
     if path.exists():
         return Units(source, load_file(path)["centroids"].numpy())

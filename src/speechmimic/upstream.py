@@ -9,7 +9,9 @@ never changes a clip's features.
 - An extracted student: its own states (front end, each transformer layer) and its prediction of
   every target layer (the stolen representations), all at the heads' frame rate (student states
   are repeated to that rate).
-- A target spec (``hf:...``, ``resemblyzer...``): the layers its API returns.
+- A target (a spec ``hf:...``, ``resemblyzer...``, or a :class:`~speechmimic.targets.Target`): the
+  layers its API returns, bought through a ledger (``ledger=``): every clip is paid once and a
+  rerun, or another probe of the same audio, reads the stored answer.
 - ``mfcc`` or ``fbank``: the learning-free baselines of :mod:`speechmimic.baselines` (39-d MFCC with
   deltas, or 80 log-mel; one state at 100 Hz); ``mfcc+cmvn`` / ``fbank+cmvn`` add per-utterance
   CMVN. These names win over a folder of the same name: write ``./mfcc`` for the folder.
@@ -17,15 +19,18 @@ never changes a clip's features.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speechmimic.audio import SAMPLE_RATE
 from speechmimic.baselines import BASELINES
-from speechmimic.student import CONFIG_NAME, SAMPLE_RATE, Student, infer
-from speechmimic.targets import load_target
+from speechmimic.ledger import Ledger, content_key
+from speechmimic.student import CONFIG_NAME, Student, infer
+from speechmimic.targets import Target, load_target
 
 
 def _pad_stack(seqs: list[torch.Tensor]) -> torch.Tensor:
@@ -61,15 +66,45 @@ class StudentUpstream(nn.Module):
 
 
 class TargetUpstream(nn.Module):
-    def __init__(self, spec: str, device: str = "cpu"):
+    """A target's answers as an upstream, bought through ``ledger``; a spec is loaded only when an
+    answer is missing from the ledger, so a rerun needs neither the model nor the API."""
+
+    def __init__(self, target: Target | str, ledger: Ledger, device: str = "cpu"):
         super().__init__()
-        self.target = load_target(spec, device=device)
-        self.downsample_rate = round(SAMPLE_RATE / self.target.frame_rate)
-        self.hidden_state_names = list(self.target.layers)
+        self._target = None if isinstance(target, str) else target
+        self.spec = target if isinstance(target, str) else target.spec
+        self.ledger = ledger
+        self.device = device
+
+    @property
+    def target(self) -> Target:
+        if self._target is None:
+            self._target = load_target(self.spec, device=self.device)
+        return self._target
+
+    def _describe(self, key: str):
+        # A ledger bound to the target already says what it returns: no need to load the model.
+        header = self.ledger.header
+        if header is not None and header["target"] == self.spec:
+            return header[key]
+        return getattr(self.target, key)
+
+    @property
+    def downsample_rate(self) -> int:
+        return round(SAMPLE_RATE / self._describe("frame_rate"))
+
+    @property
+    def hidden_state_names(self) -> list[str]:
+        return list(self._describe("layers"))
 
     @torch.no_grad()
     def forward(self, wavs: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
-        out = self.target([w.float().reshape(-1).cpu().numpy() for w in wavs])
+        arrays = [w.float().reshape(-1).cpu().numpy() for w in wavs]
+        keys = [content_key(a) for a in arrays]
+        unpaid = [(k, lambda a=a: a) for k, a in zip(keys, arrays, strict=True) if k not in self.ledger]
+        if unpaid:
+            self.ledger.query(self.target, unpaid, progress=False)
+        out = [self.ledger.get(k) for k in keys]
         return {
             "hidden_states": [
                 _pad_stack([torch.from_numpy(o[name]) for o in out]) for name in self.hidden_state_names
@@ -77,16 +112,28 @@ class TargetUpstream(nn.Module):
         }
 
 
-def load_upstream(path_or_spec: str | Path, device: str = "cpu") -> nn.Module:
-    """An upstream from an extracted student's directory, any target spec, or a baseline (``mfcc``...)."""
+def load_upstream(
+    path_or_spec: str | os.PathLike | Target,
+    device: str = "cpu",
+    ledger: Ledger | str | os.PathLike | None = None,
+) -> nn.Module:
+    """An upstream from an extracted student's directory, a baseline (``mfcc``...), or a target (a
+    spec, a transformers checkpoint folder, or a Target) whose answers ``ledger`` records."""
     if isinstance(path_or_spec, str) and path_or_spec in BASELINES:
         return BASELINES[path_or_spec]().to(device)
-    path = Path(path_or_spec)
-    if (path / CONFIG_NAME).exists():
-        try:
-            student, config = Student.load(path)
-            return StudentUpstream(student, config).to(device)
-        except ValueError:
-            pass  # a config.json that is not ours: e.g. a transformers checkpoint directory
-        return TargetUpstream(f"hf:{path}", device)
-    return TargetUpstream(str(path_or_spec), device)
+    target = path_or_spec
+    if not isinstance(path_or_spec, Target):
+        path = Path(path_or_spec)
+        target = str(path_or_spec)
+        if (path / CONFIG_NAME).exists():
+            try:
+                student, config = Student.load(path)
+                return StudentUpstream(student, config).to(device)
+            except ValueError:
+                target = f"hf:{path}"  # a config.json that is not ours: a transformers checkpoint
+    if ledger is None:
+        raise ValueError(
+            f"{getattr(target, 'spec', target)} is a target: its answers are paid for, so they are "
+            "recorded in a ledger; pass ledger=Ledger(DIR) (on the command line: --ledger DIR)"
+        )
+    return TargetUpstream(target, ledger if isinstance(ledger, Ledger) else Ledger(ledger), device)

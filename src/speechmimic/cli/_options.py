@@ -1,13 +1,19 @@
-"""Options shared by several subcommands, so they read the same everywhere."""
+"""Options shared by several subcommands, and flags generated from the typed configs.
+
+Every setting of a config dataclass becomes a flag (``--field-name``, or the flag its metadata
+names) whose help is the field's help plus its default. Flags that are not given leave no value
+behind, so :func:`config_from_args` layers them over a base config (the defaults, or a ``--config``
+file): defaults < file < flags.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import sys
 
-from speechmimic.distill import DistillConfig
-from speechmimic.student import PRESETS
-
-_D = DistillConfig()
+from speechmimic import config
 
 
 def add_target(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -41,69 +47,93 @@ def add_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def add_distill(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("distillation (stage 2 training)")
-    g.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        default="small",
-        help="student size: 'small' (~3 M params, CPU), 'distilhubert' (2 x 768-d, 23 M), "
-        "'tiny' (tests) (default: small)",
+def add_from_scratch(p) -> None:
+    p.add_argument(
+        "--from-scratch", action="store_true", help="no stage 1: start the student from random weights"
     )
-    g.add_argument("--steps", type=int, default=_D.steps, help=f"optimiser steps (default: {_D.steps})")
-    g.add_argument("--lr", type=float, default=_D.lr, help=f"AdamW peak learning rate (default: {_D.lr})")
-    g.add_argument(
-        "--warmup", type=int, default=_D.warmup, help=f"linear warm-up steps (default: {_D.warmup})"
-    )
-    g.add_argument(
-        "--batch-seconds",
-        type=float,
-        default=_D.batch_seconds,
-        help=f"cap on padded audio seconds per batch (default: {_D.batch_seconds})",
-    )
-    g.add_argument(
-        "--crop-seconds",
-        type=float,
-        default=_D.crop_seconds,
-        help=f"longer clips are randomly cropped to this length in training (default: {_D.crop_seconds})",
-    )
-    g.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=_D.checkpoint_every,
-        help=f"save a resumable training state every N steps (default: {_D.checkpoint_every})",
-    )
-    g.add_argument(
-        "--stage1",
-        default=None,
-        metavar="DIR",
-        help="stage-1 checkpoint (from 'speechmimic pretrain') the student starts from: its architecture "
-        "replaces --preset and its trunk weights are loaded; heads are new",
-    )
-    g.add_argument(
-        "--from-scratch", action="store_true", help="ignore --stage1 and start from random weights"
-    )
-    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
-    g.add_argument(
+
+
+def add_resume(p) -> None:
+    p.add_argument(
         "--no-resume",
         action="store_true",
         help="start training afresh even if the output folder holds an interrupted run",
     )
 
 
-def init_dir(args: argparse.Namespace) -> str | None:
-    """The stage-1 checkpoint to start from, if any."""
-    return None if args.from_scratch else args.stage1
-
-
-def distill_config(args: argparse.Namespace) -> DistillConfig:
-    return DistillConfig(
-        steps=args.steps,
-        lr=args.lr,
-        warmup=args.warmup,
-        batch_seconds=args.batch_seconds,
-        crop_seconds=args.crop_seconds,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        device=args.device,
+def add_config_file(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE.json",
+        help=f"{what} settings from a JSON file (as --print-config writes it, or a result.json); "
+        "flags given beside it win",
     )
+    p.add_argument("--print-config", action="store_true", help="print the resolved settings as JSON and exit")
+
+
+# -- flags generated from config dataclasses -----------------------------------------------------------
+
+
+_METAVARS = {int: "N", float: "X"}
+
+
+def _dest(prefix: str, name: str) -> str:
+    return (prefix + name).replace("-", "_")
+
+
+def _flags(cls, only=None, skip=()):
+    for f in dataclasses.fields(cls):
+        typ, _ = config.field_type(cls, f.name)
+        if dataclasses.is_dataclass(typ) or f.name in skip or (only is not None and f.name not in only):
+            continue
+        yield f, typ
+
+
+def add_config_flags(group, cls, prefix: str = "", only=None, skip=()) -> None:
+    """A flag per scalar field of ``cls`` (``--<prefix><field-name>``); nested configs get their own
+    call with a prefix."""
+    for f, typ in _flags(cls, only, skip):
+        meta = f.metadata
+        default = config.default_of(f)
+        shown = "none" if default is None else default
+        kwargs = {"dest": _dest(prefix, f.name), "default": argparse.SUPPRESS}
+        if typ is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif meta.get("choices"):
+            kwargs.update(type=typ, choices=meta["choices"])
+        else:
+            kwargs.update(type=typ, metavar=meta.get("metavar") or _METAVARS.get(typ, f.name.upper()))
+        text = meta.get("help", "").replace("%", "%%")
+        if default is not dataclasses.MISSING and "default" not in text:
+            text += f" (default: {shown})"
+        flag = meta.get("flag") if not prefix else None
+        group.add_argument(flag or "--" + (prefix + f.name).replace("_", "-"), help=text, **kwargs)
+
+
+def given(args: argparse.Namespace, cls, prefix: str = "", only=None, skip=()) -> dict:
+    """The settings of ``cls`` given as flags on this command line."""
+    return {
+        f.name: getattr(args, _dest(prefix, f.name))
+        for f, _ in _flags(cls, only, skip)
+        if hasattr(args, _dest(prefix, f.name))
+    }
+
+
+def value(args: argparse.Namespace, cls, name: str, prefix: str = ""):
+    """The flag's value if given, else the field's default."""
+    dest = _dest(prefix, name)
+    if hasattr(args, dest):
+        return getattr(args, dest)
+    return config.default_of(next(f for f in dataclasses.fields(cls) if f.name == name))
+
+
+def file_settings(args: argparse.Namespace) -> dict:
+    """The settings of ``--config FILE`` (empty without one)."""
+    return config.read(args.config) if args.config else {}
+
+
+def print_config(cfg) -> int:
+    json.dump(config.to_dict(cfg), sys.stdout, indent=2)
+    print()
+    return 0

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from speechmimic import config
 from speechmimic.cli import _options
 from speechmimic.corpus import read_manifest
-from speechmimic.distill import distill
+from speechmimic.distill import DistillConfig, distill
+from speechmimic.extract import ExtractConfig
 from speechmimic.ledger import Ledger
 
 
@@ -21,20 +23,29 @@ def register(sub) -> None:
     p.add_argument(
         "--out", required=True, help="folder for the student checkpoint (safetensors + config.json)"
     )
-    _options.add_seed(p)
-    _options.add_distill(p)
+    g = p.add_argument_group("distillation (stage 2 training)")
+    _options.add_config_flags(g, DistillConfig)
+    _options.add_config_flags(g, ExtractConfig, only=("preset", "init"))
+    _options.add_from_scratch(g)
+    _options.add_resume(g)
+    _options.add_config_file(p, "stage-2 training")
     _options.add_progress(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    cfg = config.from_dict(
+        DistillConfig, {**_options.file_settings(args), **_options.given(args, DistillConfig)}
+    )
+    if args.print_config:
+        return _options.print_config(cfg)
     student = distill(
         read_manifest(args.manifest),
         Ledger(args.ledger),
         args.out,
-        _options.distill_config(args),
-        preset=args.preset,
-        init=_options.init_dir(args),
+        cfg,
+        preset=_options.value(args, ExtractConfig, "preset"),
+        init=None if args.from_scratch else _options.value(args, ExtractConfig, "init"),
         resume=not args.no_resume,
         progress=not args.no_progress,
     )

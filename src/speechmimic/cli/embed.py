@@ -25,11 +25,17 @@ def register(sub) -> None:
         "files", nargs="+", metavar="FILES", help="audio files (wav/flac/ogg; resampled to 16 kHz mono)"
     )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument(
+        "--ledger",
+        default=None,
+        metavar="DIR",
+        help="ledger that records a target's answers (needed when --model is a target)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    upstream = load_upstream(args.model, device=args.device)
+    upstream = load_upstream(args.model, device=args.device, ledger=args.ledger)
     names = list(upstream.hidden_state_names)
     arrays: dict[str, np.ndarray] = {}
     for i, path in enumerate(args.files):

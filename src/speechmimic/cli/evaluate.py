@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from speechmimic.cli import _options
-from speechmimic.evaluate import evaluate, merge_into_report, plot_probes, probe_table
+from speechmimic.report import evaluate_and_report, probe_table
 from speechmimic.tasks import load_task
 
 
@@ -44,6 +44,13 @@ def register(sub) -> None:
         help="folder of an extraction report (report.json, report.md) to merge the results into",
     )
     p.add_argument("--cache", default=None, help="feature cache folder (default: OUT/feature_cache)")
+    p.add_argument(
+        "--eval-ledger",
+        default=None,
+        metavar="DIR",
+        help="ledger of the target's answers to the task clips (default: OUT/eval_ledger); give an "
+        "extraction's eval_ledger to reuse what its fidelity check already paid for",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     _options.add_seed(p)
     _options.add_progress(p)
@@ -52,22 +59,22 @@ def register(sub) -> None:
 
 def run(args) -> int:
     tasks = [load_task(t) for t in args.tasks]
-    results = evaluate(
+    results, plots = evaluate_and_report(
         args.target,
         args.student,
         tasks,
         args.out,
+        report_dir=args.report,
         baseline=args.baseline,
         seed=args.seed,
         device=args.device,
         cache_dir=args.cache,
         progress=not args.no_progress,
+        ledger=args.eval_ledger,
     )
-    plots = plot_probes(results, Path(args.out))
     print(probe_table(results))
     print(f"\nplots: {plots['scores']}, {plots['layer_weights']}")
     if args.report:
-        merge_into_report(results, args.report, plots)
         print(f"merged into {Path(args.report) / 'report.json'} and report.md")
     else:
         print(json.dumps({"probes": str(Path(args.out) / "probes.json")}))

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 
+from speechmimic import config
 from speechmimic.cli import _options
 from speechmimic.corpus import read_manifest
-from speechmimic.extract import extract
+from speechmimic.distill import DistillConfig
+from speechmimic.extract import ExtractConfig, extract
 from speechmimic.pretrain import PretrainConfig
-from speechmimic.select import STRATEGIES, Budget, Scores
 from speechmimic.targets import load_target
 
-_P = PretrainConfig()
+# Loop settings that --seed / --device / --checkpoint-every set for stage 1 and stage 2 alike.
+_SHARED = ("seed", "device", "checkpoint_every")
 
 
 def register(sub) -> None:
@@ -20,23 +22,13 @@ def register(sub) -> None:
         help="run a budgeted extraction: stage 1, select, query and distill",
         description="Run a query-budgeted extraction in one go: pretrain a student on the manifest "
         "(stage 1, no queries; OUT/stage1), select clips within the budget, query the target through "
-        "a ledger, distill the stage-1 student on the answers; with --heldout, also measure "
-        "fidelity on clips never queried. --stage1 DIR starts from an existing stage-1 checkpoint "
-        "instead, --from-scratch skips stage 1. Rerun to resume.",
+        "a ledger that refuses to pay beyond it, distill the stage-1 student on the answers; with "
+        "--heldout, also measure fidelity on clips never queried. --stage1 DIR starts from an existing "
+        "stage-1 checkpoint instead, --from-scratch skips stage 1. OUT/result.json records every "
+        "setting (rerun them with --config OUT/result.json). Rerun to resume.",
     )
     _options.add_target(p)
     p.add_argument("--manifest", required=True, help="the thief's candidate clips (JSONL manifest)")
-    _options.add_budget(p, required=True)
-    p.add_argument(
-        "--strategy", choices=sorted(STRATEGIES), default="random", help="clip selection (default: random)"
-    )
-    p.add_argument(
-        "--scores",
-        default=None,
-        metavar="FILE.npz",
-        help="per-clip uncertainty and embeddings from 'speechmimic score' for informed strategies "
-        "(default: the stage-1 student scores the manifest)",
-    )
     p.add_argument(
         "--heldout",
         default=None,
@@ -45,56 +37,53 @@ def register(sub) -> None:
     p.add_argument(
         "--out", required=True, help="output folder (selected.jsonl, ledger/, student/, result.json)"
     )
-    _options.add_seed(p)
-    _options.add_distill(p)
-    g = p.add_argument_group("stage 1 (when neither --stage1 nor --from-scratch is given)")
-    g.add_argument(
-        "--stage1-steps",
-        type=int,
-        default=_P.steps,
-        help=f"masked-prediction steps on the manifest (default: {_P.steps})",
-    )
-    g.add_argument(
-        "--stage1-iterations",
-        type=int,
-        choices=(1, 2),
-        default=_P.iterations,
-        help=f"1: MFCC units; 2: then units of the first student's own features (default: {_P.iterations})",
-    )
+    g = p.add_argument_group("the extraction")
+    _options.add_config_flags(g, ExtractConfig)
+    _options.add_from_scratch(g)
+    d = p.add_argument_group("distillation (stage 2 training; --seed, --device and --checkpoint-every also "
+                             "apply to stage 1)")  # fmt: skip
+    _options.add_config_flags(d, DistillConfig, skip=("seed",))
+    s = p.add_argument_group("stage 1 (when neither --stage1 nor --from-scratch is given)")
+    _options.add_config_flags(s, PretrainConfig, prefix="stage1-", skip=_SHARED)
+    _options.add_config_file(p, "extraction")
     _options.add_progress(p)
     p.set_defaults(func=run)
 
 
+def resolve(args) -> ExtractConfig:
+    """The extraction's settings: defaults < --config file < flags."""
+    file = _options.file_settings(args)
+    values = {**file, **_options.given(args, ExtractConfig)}
+    shared = {k: v for k, v in _options.given(args, DistillConfig).items() if k in _SHARED}
+    if "seed" in values and hasattr(args, "seed"):
+        shared["seed"] = values["seed"]
+    values["distill"] = {**(file.get("distill") or {}), **_options.given(args, DistillConfig, skip=("seed",))}
+    values["distill"].update(shared)
+    stage1_flags = _options.given(args, PretrainConfig, prefix="stage1-", skip=_SHARED)
+    if args.from_scratch:
+        values["init"] = values["stage1"] = None
+    elif values.get("init") is not None:
+        values["stage1"] = None
+    elif "stage1" in file and file["stage1"] is None and not stage1_flags:
+        values["stage1"] = None  # the file says: from scratch
+    else:  # the command line's default: stage 1 on the manifest
+        values["stage1"] = {**(file.get("stage1") or {}), **stage1_flags, **shared}
+    if "budget" not in values:
+        raise ValueError("give --budget (or a --config file that sets one)")
+    return config.from_dict(ExtractConfig, values)
+
+
 def run(args) -> int:
-    pool = read_manifest(args.manifest)
-    budget = Budget.parse(args.budget, pool_seconds=sum(c.duration for c in pool))
+    cfg = resolve(args)
+    if args.print_config:
+        return _options.print_config(cfg)
     result = extract(
-        load_target(args.target, device=args.device),
-        pool,
+        load_target(args.target, device=cfg.distill.device),
+        read_manifest(args.manifest),
         args.out,
-        budget,
-        strategy=args.strategy,
-        seed=args.seed,
-        preset=args.preset,
-        stage1=_stage1(args),
-        scores=Scores.load(args.scores) if args.scores else None,
-        distill_cfg=_options.distill_config(args),
+        cfg,
         heldout=read_manifest(args.heldout) if args.heldout else None,
         progress=not args.no_progress,
     )
     print(json.dumps(result, indent=2))
     return 0
-
-
-def _stage1(args) -> str | PretrainConfig | None:
-    if args.from_scratch:
-        return None
-    if args.stage1:
-        return args.stage1
-    return PretrainConfig(
-        steps=args.stage1_steps,
-        iterations=args.stage1_iterations,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        device=args.device,
-    )

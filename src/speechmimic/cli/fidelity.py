@@ -6,7 +6,7 @@ import json
 
 from speechmimic.cli import _options
 from speechmimic.corpus import read_manifest
-from speechmimic.extract import heldout_fidelity
+from speechmimic.fidelity import heldout_fidelity
 from speechmimic.ledger import Ledger
 from speechmimic.student import Student
 from speechmimic.targets import load_target

@@ -24,6 +24,13 @@ def register(sub) -> None:
         "or a learning-free baseline: 'mfcc' or 'fbank'",
     )
     p.add_argument("--task", required=True, metavar="TASK_DIR", help="task folder (task.json + splits)")
+    p.add_argument(
+        "--ledger",
+        default=None,
+        metavar="DIR",
+        help="ledger that records a target's answers (needed when --upstream is a target: a rerun "
+        "pays nothing again)",
+    )
     p.add_argument("--out", default=None, metavar="DIR", help="folder for result.json and the probe weights")
     _options.add_seed(p)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
@@ -69,6 +76,7 @@ def run(args) -> int:
         patience=args.patience,
         cache_dir=args.cache,
         progress=not args.no_progress,
+        ledger=args.ledger,
     )
     base = ", ".join(f"{k} {v:.3f}" for k, v in result["baselines"].items())
     print(

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 
+from speechmimic.budget import Budget
 from speechmimic.cli import _options
 from speechmimic.corpus import read_manifest
-from speechmimic.extract import query_clips
-from speechmimic.ledger import Ledger
-from speechmimic.select import Budget
+from speechmimic.ledger import Ledger, query_clips
 from speechmimic.targets import load_target
 
 
@@ -39,7 +38,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     budget = Budget.parse(args.budget) if args.budget else Budget()
-    ledger = Ledger(args.ledger, budget_clips=budget.clips, budget_seconds=budget.seconds)
+    ledger = Ledger(args.ledger, budget)
     if ledger.in_doubt:
         print(f"{len(ledger.in_doubt)} clips were in flight when the last run stopped; sending them again")
     target = load_target(args.target, device=args.device)

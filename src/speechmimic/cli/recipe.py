@@ -3,32 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 from collections import Counter
 
 from speechmimic.cli import _options
-from speechmimic.recipes import MODULES, RECIPES, ROOTLESS
+from speechmimic.recipes import RECIPES
 from speechmimic.tasks import SPLITS, Task
 
 _MAX_LISTED_CLASSES = 40
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
-_FIXED = {"root", "out", "seed", "progress"}
-
-
-def _summary(module) -> str:
-    return (module.__doc__ or "").strip().splitlines()[0].replace("``", "")
 
 
 def _options_help() -> str:
     lines = ["recipe options (-o KEY=VALUE):"]
-    for name, module in MODULES.items():
-        lines.append(f"  {name}:")
-        lines += [f"    {key}: {text}" for key, text in module.OPTIONS.items()] or ["    (none)"]
+    for recipe in RECIPES.values():
+        lines.append(f"  {recipe.name}:")
+        lines += [f"    {key}: {text}" for key, text in recipe.options.items()] or ["    (none)"]
     return "\n".join(lines)
 
 
 def register(sub) -> None:
-    recipes = "\n".join(f"  {name:<16} {_summary(module)}" for name, module in MODULES.items())
+    recipes = "\n".join(f"  {r.name:<16} {r.summary}" for r in RECIPES.values())
     p = sub.add_parser(
         "recipe",
         help="build labelled task folders (train/dev/test manifests) from a standard dataset layout",
@@ -42,7 +36,9 @@ def register(sub) -> None:
         "root",
         metavar="ROOT",
         nargs="?",
-        help=f"the dataset folder (not taken by {', '.join(sorted(ROOTLESS))}, which generates its data)",
+        help="the dataset folder (not taken by "
+        + ", ".join(r.name for r in RECIPES.values() if not r.takes_root)
+        + ", which generates its data)",
     )
     p.add_argument("--out", required=True, help="folder to write the task folders in")
     _options.add_seed(p)
@@ -76,8 +72,8 @@ def _convert(name: str, key: str, value: str, default):
 
 def parse_options(name: str, items: list[str]) -> dict:
     """``["key=value", ...]`` -> keyword arguments of recipe ``name``'s build, typed by its defaults."""
-    params = inspect.signature(RECIPES[name]).parameters
-    allowed = [k for k in params if k not in _FIXED]
+    params = RECIPES[name].parameters()
+    allowed = list(params)
     options = {}
     for item in items:
         key, eq, value = item.partition("=")
@@ -91,20 +87,19 @@ def parse_options(name: str, items: list[str]) -> dict:
 
 
 def run(args) -> int:
-    build = RECIPES[args.name]
+    recipe = RECIPES[args.name]
     options = parse_options(args.name, args.option)
-    params = inspect.signature(build).parameters
-    if "seed" in params:
+    if recipe.takes_seed:
         options["seed"] = args.seed
     options["progress"] = not args.no_progress
-    if args.name in ROOTLESS:
+    if not recipe.takes_root:
         if args.root is not None:
             raise ValueError(f"recipe {args.name} generates its data and takes no ROOT (got {args.root})")
-        tasks = build(args.out, **options)
+        tasks = recipe.build(args.out, **options)
     else:
         if args.root is None:
             raise ValueError(f"recipe {args.name} needs the dataset folder ROOT")
-        tasks = build(args.root, args.out, **options)
+        tasks = recipe.build(args.root, args.out, **options)
     print(f"wrote {len(tasks)} task(s) under {args.out}")
     for task in tasks:
         print(describe(task))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from speechmimic.cli import _options
 from speechmimic.corpus import read_manifest
-from speechmimic.pretrain import score_clips
+from speechmimic.score import score_clips
 
 
 def register(sub) -> None:

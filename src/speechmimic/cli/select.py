@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
+from speechmimic.budget import Budget
 from speechmimic.cli import _options
 from speechmimic.corpus import read_manifest, write_manifest
-from speechmimic.select import NEEDS, SCORE_MEANING, STRATEGIES, Budget, Scores, select
-
-_STRATEGY_HELP = {
-    "random": "uniformly at random",
-    "longest": "longest clips first",
-    "uncertainty": "highest stage-1 uncertainty first",
-    "diversity": "greedy k-center on the embeddings: each next clip the farthest from those chosen",
-    "cluster": "k-means on the embeddings; a clip of every cluster, then clusters in proportion to size",
-    "hybrid": "as cluster, most uncertain first within each cluster",
-}
-
-
-def _describe(name: str) -> str:
-    needs = " + ".join(NEEDS.get(name, ())) or "nothing"
-    return f"{name} ({_STRATEGY_HELP.get(name, 'see speechmimic.select')}; needs {needs})"
+from speechmimic.score import Scores
+from speechmimic.select import STRATEGIES, select
 
 
 def register(sub) -> None:
@@ -37,7 +25,7 @@ def register(sub) -> None:
         choices=sorted(STRATEGIES),
         default="random",
         help="how clips are ranked before the budget is applied: "
-        + "; ".join(_describe(n) for n in STRATEGIES)
+        + "; ".join(s.describe() for s in STRATEGIES.values())
         + " (default: random)",
     )
     p.add_argument(
@@ -62,7 +50,7 @@ def run(args) -> int:
     seconds, pool_seconds = sum(c.duration for c in chosen), sum(c.duration for c in clips)
     values = [c.labels["selection"]["score"] for c in chosen]
     values = [v for v in values if v is not None]
-    meaning = SCORE_MEANING.get(args.strategy, "score")
+    meaning = STRATEGIES[args.strategy].score
     score = f"; {meaning} {min(values):.4g} .. {max(values):.4g}" if meaning and values else ""
     print(
         f"selected {len(chosen)} of {len(clips)} clips, {seconds:.1f} of {pool_seconds:.1f} s "

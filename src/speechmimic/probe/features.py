@@ -28,9 +28,10 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from speechmimic.audio import SAMPLE_RATE
 from speechmimic.baselines import BASELINES
 from speechmimic.corpus import Clip
-from speechmimic.student import CONFIG_NAME, SAMPLE_RATE, WEIGHTS_NAME
+from speechmimic.student import CONFIG_NAME, WEIGHTS_NAME
 from speechmimic.upstream import load_upstream
 
 SHARD_CLIPS = 256
@@ -74,7 +75,8 @@ def _folder_name(identity: str) -> str:
 
 
 class FeatureStore:
-    """The on-disk cache of one upstream; ``calls`` counts the clips the upstream had to encode."""
+    """The on-disk cache of one upstream; ``calls`` counts the clips the upstream had to encode.
+    ``ledger`` records the answers of an upstream that is a target spec (see :func:`load_upstream`)."""
 
     def __init__(
         self,
@@ -82,8 +84,10 @@ class FeatureStore:
         cache_dir: str | os.PathLike | None = None,
         identity: str | None = None,
         device: str = "cpu",
+        ledger=None,
     ):
         self.identity = identity or upstream_identity(upstream)
+        self.ledger = ledger
         self._spec = upstream if not isinstance(upstream, nn.Module) else None
         self._module = upstream if isinstance(upstream, nn.Module) else None
         self.device = device
@@ -99,7 +103,7 @@ class FeatureStore:
     @property
     def upstream(self) -> nn.Module:
         if self._module is None:
-            self._module = load_upstream(self._spec, device=self.device)
+            self._module = load_upstream(self._spec, device=self.device, ledger=self.ledger)
         return self._module
 
     def _scan(self) -> None:

@@ -5,19 +5,44 @@ Every clip becomes, per hidden state, its frames' time mean and standard deviati
 leave-one-out on the training part only, is scored by stratified k-fold cross-validation (grouped
 when clips share a source, so crops of one recording never sit on both sides) or on a fixed split.
 No gradient training: cheap enough to probe every state of every run of a benchmark grid, where
-the SUPERB heads of :mod:`speechmimic.probe.train` would cost minutes each.
+the SUPERB heads of :mod:`speechmimic.probe.train` would cost minutes each. A :class:`ProbeSet`
+names the labelled clips; :func:`state_scores` and :func:`split_scores` score an upstream on them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from speechmimic.corpus import Clip, clips_fingerprint
+
 ALPHAS = np.logspace(-1, 5, 13)
+
+
+@dataclass
+class ProbeSet:
+    """Labelled clips to probe: ``labels[i]`` is clip i's class; clips of one ``groups`` entry (a
+    speaker, a recording) never straddle a fold."""
+
+    name: str
+    clips: list[Clip]
+    labels: list[str]
+    groups: list[str] | None = None
+
+    def waves(self) -> list[np.ndarray]:
+        """The clips' 16 kHz waveforms, decoded once per process (a grid probes the same sets often)."""
+        key = clips_fingerprint(self.clips)
+        if key not in _WAVES:
+            _WAVES[key] = [c.load() for c in self.clips]
+        return _WAVES[key]
+
+
+_WAVES: dict[str, list[np.ndarray]] = {}
 
 
 @torch.no_grad()
@@ -78,3 +103,27 @@ def cv_by_state(
 ) -> dict[str, float]:
     """:func:`cv_accuracy` of every hidden state."""
     return {name: round(cv_accuracy(x, y, folds, seed, groups), 4) for name, x in features.items()}
+
+
+def state_scores(
+    upstream: nn.Module, sets: dict[str, ProbeSet], keep: Callable[[str], bool] | None = None
+) -> dict[str, dict[str, float]]:
+    """Per probe set, the cross-validated accuracy (:func:`cv_by_state`) of every hidden state of
+    ``upstream`` whose name ``keep`` accepts (default: all)."""
+    out = {}
+    for name, ps in sets.items():
+        feats = pooled_features(upstream, ps.waves(), progress=False)
+        feats = {k: v for k, v in feats.items() if keep is None or keep(k)}
+        out[name] = cv_by_state(feats, ps.labels, groups=ps.groups)
+    return out
+
+
+def split_scores(upstream: nn.Module, train: ProbeSet, test: ProbeSet) -> dict:
+    """A fixed split: the state is chosen by cross-validation on ``train``, then scored once on
+    ``test``; returns the state, every state's CV accuracy and the test accuracy."""
+    tr = pooled_features(upstream, train.waves(), progress=False)
+    te = pooled_features(upstream, test.waves(), progress=False)
+    cv = cv_by_state(tr, train.labels)
+    best = max(cv, key=cv.get)
+    test_accuracy = split_accuracy(tr[best], train.labels, te[best], test.labels)
+    return {"state": best, "cv": cv, "test": round(test_accuracy, 4)}

@@ -124,11 +124,13 @@ def probe(
     lstm: bool | None = None,
     lstm_hidden: int = 256,
     upstream_id: str | None = None,
+    ledger=None,
 ) -> dict:
     """Probe a frozen upstream on a task folder; returns the result dict (also ``out_dir/result.json``).
 
-    ``upstream``: anything :func:`speechmimic.upstream.load_upstream` accepts, or an upstream module
-    (cached on disk only if it has a ``spec`` or ``upstream_id`` names it). A softmax-weighted sum of its
+    ``upstream``: anything :func:`speechmimic.upstream.load_upstream` accepts (a target spec with the
+    ``ledger`` that records its answers), or an upstream module (cached on disk only if it has a
+    ``spec`` or ``upstream_id`` names it). A softmax-weighted sum of its
     states (``layers``, default all of one width) feeds a head: for ``classify`` tasks
     projection(256) -> mean pooling -> linear, trained on cached per-clip means; for ``phones`` /
     ``chars`` a CTC head on frames, linear or, with ``lstm`` (default: chars tasks only), after a
@@ -153,7 +155,7 @@ def probe(
     use_frames = not classify or layer_norm
     lstm = task.kind == "chars" if lstm is None else lstm
 
-    store = FeatureStore(upstream, cache_dir, identity=upstream_id, device=device)
+    store = FeatureStore(upstream, cache_dir, identity=upstream_id, device=device, ledger=ledger)
     clips = {s: task.split(s) for s in ("train", "dev", "test")}
     feats = {s: store.get(c, frames=use_frames, progress=progress) for s, c in clips.items()}
     names = store.names

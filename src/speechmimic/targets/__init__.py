@@ -8,7 +8,7 @@ Specs:
 ``layers`` is a comma list of hidden-state indices (``-1`` is the last; ``all`` returns every one).
 """
 
-from speechmimic.targets.base import SAMPLE_RATE, Target
+from speechmimic.targets.base import Target
 from speechmimic.targets.registry import load_target, parse_spec
 
-__all__ = ["SAMPLE_RATE", "Target", "load_target", "parse_spec"]
+__all__ = ["Target", "load_target", "parse_spec"]

@@ -6,15 +6,16 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-SAMPLE_RATE = 16_000
-
 
 @runtime_checkable
 class Target(Protocol):
     """A black-box speech encoder behind an embedding API.
 
     ``__call__`` takes a batch of 16 kHz mono float32 waveforms and returns, for each clip, a dict
-    ``{layer_name: frames (T, D) float32}`` with one entry per layer the API returns. ``frame_rate``
+    ``{layer_name: frames (T, D) float32}`` with one entry per layer the API returns. ``keys`` are
+    the clips' idempotency keys (their content keys, from the ledger): a remote API that honours
+    them does not charge twice for a request sent again after a crash, so a wrapper (a defence, an
+    HTTP client) passes them on; a local model has nothing to charge and ignores them. ``frame_rate``
     is the rate of those frames in Hz. ``spec`` is the string that rebuilds the target with
     :func:`speechmimic.targets.load_target`. ``padding`` names the batching policy ("per_clip" or
     "bucket"): padding changes the outputs of transformer encoders, so it is recorded with every
@@ -30,7 +31,9 @@ class Target(Protocol):
     padding: str
     min_samples: int
 
-    def __call__(self, wavs: list[np.ndarray]) -> list[dict[str, np.ndarray]]: ...
+    def __call__(
+        self, wavs: list[np.ndarray], keys: list[str] | None = None
+    ) -> list[dict[str, np.ndarray]]: ...
 
 
 def as_clip(wav: np.ndarray, min_samples: int) -> np.ndarray:
@@ -43,3 +46,31 @@ def as_clip(wav: np.ndarray, min_samples: int) -> np.ndarray:
             f"clip of {len(wav)} samples is shorter than the model's receptive field ({min_samples} samples)"
         )
     return wav
+
+
+def parse_layers(value: str | None, count: int, first: int, default: int) -> list[int]:
+    """Resolve a ``layers`` option to sorted-by-request, de-duplicated indices in ``[first, first + count)``.
+
+    ``None`` gives ``[default]``; ``all`` gives every index; otherwise a comma list where negative
+    entries count from the end (``-1`` is the last).
+    """
+    if value is None:
+        return [default]
+    if value.strip() == "all":
+        return list(range(first, first + count))
+    last = first + count - 1
+    indices: list[int] = []
+    for item in value.split(","):
+        try:
+            index = int(item)
+        except ValueError:
+            raise ValueError(
+                f"layers must be 'all' or a comma list of integers in [{first}, {last}] "
+                f"(or [-{count}, -1]), got {value!r}"
+            ) from None
+        resolved = first + count + index if index < 0 else index
+        if not first <= resolved <= last:
+            raise ValueError(f"layer {index} out of range: valid are {first}..{last} or -{count}..-1")
+        if resolved not in indices:
+            indices.append(resolved)
+    return indices

@@ -9,8 +9,8 @@ import os
 import numpy as np
 import torch
 
-from speechmimic.targets.base import SAMPLE_RATE, as_clip
-from speechmimic.targets.registry import parse_layers
+from speechmimic.audio import SAMPLE_RATE
+from speechmimic.targets.base import as_clip, parse_layers
 
 PADDINGS = ("per_clip", "bucket")
 # Clips whose lengths differ by at most this fraction share a padded batch in bucket mode.
@@ -88,7 +88,7 @@ class HFTarget:
             n_samples = (n_samples - kernel) // stride + 1
         return n_samples
 
-    def __call__(self, wavs: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    def __call__(self, wavs: list[np.ndarray], keys: list[str] | None = None) -> list[dict[str, np.ndarray]]:
         clips = [self._prepare(wav) for wav in wavs]
         if self.padding == "per_clip":
             return [self._forward([clip])[0] for clip in clips]

@@ -78,31 +78,3 @@ def load_target(spec: str, device: str = "cpu") -> Target:
     return ResemblyzerTarget(
         layers=options.get("layers"), padding=options.get("padding", "per_clip"), device=device
     )
-
-
-def parse_layers(value: str | None, count: int, first: int, default: int) -> list[int]:
-    """Resolve a ``layers`` option to sorted-by-request, de-duplicated indices in ``[first, first + count)``.
-
-    ``None`` gives ``[default]``; ``all`` gives every index; otherwise a comma list where negative
-    entries count from the end (``-1`` is the last).
-    """
-    if value is None:
-        return [default]
-    if value.strip() == "all":
-        return list(range(first, first + count))
-    last = first + count - 1
-    indices: list[int] = []
-    for item in value.split(","):
-        try:
-            index = int(item)
-        except ValueError:
-            raise ValueError(
-                f"layers must be 'all' or a comma list of integers in [{first}, {last}] "
-                f"(or [-{count}, -1]), got {value!r}"
-            ) from None
-        resolved = first + count + index if index < 0 else index
-        if not first <= resolved <= last:
-            raise ValueError(f"layer {index} out of range: valid are {first}..{last} or -{count}..-1")
-        if resolved not in indices:
-            indices.append(resolved)
-    return indices

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from speechmimic.targets.base import SAMPLE_RATE, as_clip
-from speechmimic.targets.registry import parse_layers
+from speechmimic.audio import SAMPLE_RATE
+from speechmimic.targets.base import as_clip, parse_layers
 
 N_FFT = 400  # 25 ms window, resemblyzer's hparams.mel_window_length
 HOP = 160  # 10 ms step, hparams.mel_window_step
@@ -93,7 +93,7 @@ class ResemblyzerTarget:
         )
         return (self._mel_basis @ spec.abs().pow(2)).transpose(1, 2)
 
-    def __call__(self, wavs: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    def __call__(self, wavs: list[np.ndarray], keys: list[str] | None = None) -> list[dict[str, np.ndarray]]:
         clips = [self._prepare(wav) for wav in wavs]
         by_length: dict[int, list[int]] = defaultdict(list)
         for index, clip in enumerate(clips):

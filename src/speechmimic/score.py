@@ -1,0 +1,207 @@
+"""What each candidate clip is worth to the thief, read off the stage-1 student (no query spent).
+
+:func:`score_clips` gives per clip the stage-1 student's mean masked-prediction loss over seeded
+masks (``uncertainty``: higher = less known) and its mean-pooled last-layer features
+(``embeddings``), as :class:`Scores`, which the informed selection strategies rank by.
+:func:`cached_scores` keeps them on disk under a name that hashes the clips and the student.
+:func:`masked_accuracy` / :func:`checkpoint_accuracy` say how well a stage-1 checkpoint predicts
+the units of held-out clips.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from speechmimic.corpus import Clip, clips_fingerprint
+from speechmimic.pretrain import MaskedPredictor, UnitHead, load_pretrained, span_frames, span_mask
+from speechmimic.student import WEIGHTS_NAME, Student
+from speechmimic.units import MIN_SAMPLES
+
+
+@dataclass
+class Scores:
+    """What informed strategies rank by, one row per candidate clip (in ``ids`` order).
+
+    ``uncertainty``: higher = the stage-1 student knows the clip less (masked-prediction loss or
+    predictive entropy). ``embeddings``: utterance embeddings (N, D) for diversity.
+    """
+
+    ids: list[str]
+    uncertainty: np.ndarray | None = None
+    embeddings: np.ndarray | None = None
+
+    def save(self, path: str | os.PathLike) -> None:
+        arrays = {"ids": np.array(self.ids)}
+        if self.uncertainty is not None:
+            arrays["uncertainty"] = np.asarray(self.uncertainty, dtype=np.float32)
+        if self.embeddings is not None:
+            arrays["embeddings"] = np.asarray(self.embeddings, dtype=np.float32)
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Scores:
+        with np.load(path) as f:
+            return cls(
+                [str(i) for i in f["ids"]],
+                f["uncertainty"] if "uncertainty" in f else None,
+                f["embeddings"] if "embeddings" in f else None,
+            )
+
+    def aligned(self, clips: Sequence[Clip]) -> Scores:
+        """These scores reordered to ``clips``; KeyError naming a clip that has none."""
+        row = {clip_id: i for i, clip_id in enumerate(self.ids)}
+        missing = [c.id for c in clips if c.id not in row]
+        if missing:
+            raise KeyError(f"{len(missing)} clips have no scores, e.g. {missing[:3]}")
+        idx = np.array([row[c.id] for c in clips], dtype=int)
+        return Scores(
+            [c.id for c in clips],
+            None if self.uncertainty is None else self.uncertainty[idx],
+            None if self.embeddings is None else self.embeddings[idx],
+        )
+
+
+def _clip_rng(seed: int, clip_id: str, draw: int) -> np.random.Generator:
+    """Masks that depend on the seed and the clip only, not on the order clips come in."""
+    return np.random.default_rng([seed, zlib.crc32(clip_id.encode()), draw])
+
+
+@torch.no_grad()
+def _per_clip(
+    student: Student,
+    head: UnitHead,
+    clips: list[Clip],
+    labels: dict[str, np.ndarray],
+    seed: int,
+    n_masks: int,
+    mask_prob: float,
+    span: int,
+    device: str,
+    progress: bool,
+    desc: str,
+):
+    """Per clip: masked-prediction losses and hits over ``n_masks`` seeded masks, and the mean
+    last-layer features of the unmasked clip."""
+    model = MaskedPredictor(student, head).to(device).eval()
+    for clip in tqdm(clips, desc=desc, unit="clip", disable=not progress):
+        wav = torch.from_numpy(clip.load(min_samples=MIN_SAMPLES))[None].to(device)
+        target = torch.from_numpy(labels[clip.id])[None].to(device)
+        n = target.shape[1]
+        _, _, states = model(wav, None, None)
+        embedding = states[-1][0, :n].mean(0).cpu().numpy()
+        losses, hits, targets = [], [], []
+        for draw in range(n_masks):
+            mask = span_mask([n], n, mask_prob, span, _clip_rng(seed, clip.id, draw)).to(device)
+            logits, _, _ = model(wav, None, mask)
+            logits, y = logits[0][mask[0]], target[0][mask[0]]
+            losses.append(F.cross_entropy(logits, y, reduction="none").cpu().numpy())
+            hits.append((logits.argmax(-1) == y).cpu().numpy())
+            targets.append(y.cpu().numpy())
+        yield np.concatenate(losses), np.concatenate(hits), np.concatenate(targets), embedding
+
+
+def masked_accuracy(
+    student: Student,
+    head: UnitHead,
+    clips: list[Clip],
+    labels: dict[str, np.ndarray],
+    seed: int = 0,
+    n_masks: int = 1,
+    mask_prob: float = 0.08,
+    mask_length: int = 10,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Masked-prediction accuracy over ``clips`` with seeded masks, and what always answering the most
+    frequent unit of those same masked frames would score (``majority``)."""
+    span = span_frames(mask_length, student.cfg)
+    losses, hits, targets = [], [], []
+    for loss, hit, target, _ in _per_clip(
+        student, head, clips, labels, seed, n_masks, mask_prob, span, device, progress, "masked accuracy"
+    ):
+        losses.append(loss)
+        hits.append(hit)
+        targets.append(target)
+    targets = np.concatenate(targets)
+    return {
+        "accuracy": float(np.concatenate(hits).mean()),
+        "majority": float(np.bincount(targets).max() / len(targets)),
+        "loss": float(np.concatenate(losses).mean()),
+        "frames": int(len(targets)),
+    }
+
+
+def checkpoint_accuracy(
+    directory: str | Path, clips: list[Clip], seed: int = 0, device: str = "cpu", progress: bool = True
+) -> dict:
+    """:func:`masked_accuracy` of a stage-1 checkpoint on ``clips`` (e.g. held out), masked as in
+    its training."""
+    student, head, units = load_pretrained(directory, device)
+    rec = json.loads((Path(directory) / "config.json").read_text())["pretrain"]
+    labels = units.student_labels(clips, student.cfg, progress=progress)
+    return masked_accuracy(
+        student,
+        head,
+        clips,
+        labels,
+        seed=seed,
+        mask_prob=rec["mask_prob"],
+        mask_length=rec["mask_length"],
+        device=device,
+        progress=progress,
+    )
+
+
+def score_clips(
+    student_dir: str | Path,
+    clips: list[Clip],
+    seed: int = 0,
+    n_masks: int = 2,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Scores:
+    """What clip selection ranks by: per clip, the stage-1 student's mean masked-prediction loss over
+    ``n_masks`` seeded masks (uncertainty) and its mean-pooled last-layer features (embedding)."""
+    student, head, units = load_pretrained(student_dir, device)
+    rec = json.loads((Path(student_dir) / "config.json").read_text())["pretrain"]
+    labels = units.student_labels(clips, student.cfg, progress=progress)
+    span = span_frames(rec["mask_length"], student.cfg)
+    uncertainty, embeddings = [], []
+    for loss, _, _, emb in _per_clip(
+        student, head, clips, labels, seed, n_masks, rec["mask_prob"], span, device, progress, "scoring"
+    ):
+        uncertainty.append(loss.mean())
+        embeddings.append(emb)
+    return Scores(
+        [c.id for c in clips],
+        np.array(uncertainty, dtype=np.float32),
+        np.stack(embeddings).astype(np.float32) if embeddings else np.zeros((0, student.cfg.dim), np.float32),
+    )
+
+
+def cached_scores(
+    stage1_dir: str | Path, clips: list[Clip], cache_dir: str | Path, seed: int = 0, progress: bool = True
+) -> Scores:
+    """:func:`score_clips`, cached in ``cache_dir`` under a name that hashes the clips, the seed and
+    the stage-1 student's weights."""
+    stage1_dir, cache_dir = Path(stage1_dir), Path(cache_dir)
+    h = hashlib.sha256(clips_fingerprint(clips).encode() + str(seed).encode())
+    h.update((stage1_dir / WEIGHTS_NAME).read_bytes())
+    path = cache_dir / f"scores-{h.hexdigest()[:16]}.npz"
+    if path.exists():
+        return Scores.load(path)
+    scores = score_clips(stage1_dir, clips, seed=seed, progress=progress)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    scores.save(path)
+    return scores

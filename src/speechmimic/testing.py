@@ -1,0 +1,74 @@
+"""Helpers for tests and benchmarks: a seeded tiny transformers encoder and a target that counts.
+
+A tiny HuBERT or WavLM built from a config with seeded random weights runs the real transformers
+code path offline, in milliseconds; its representations mean nothing, which suits plumbing tests and
+benchmarks of what cannot be learned, not demos.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from speechmimic.targets import Target
+
+# (kernel, stride) of the wav2vec 2.0 / HuBERT feature encoder: 320x, 50 Hz frames.
+STANDARD_CONV = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))
+
+
+def tiny_hf_model(
+    path: str | Path,
+    kind: str = "hubert",
+    width: int = 32,
+    heads: int = 2,
+    conv: tuple[tuple[int, int], ...] = STANDARD_CONV,
+    seed: int = 0,
+    **overrides,
+) -> Path:
+    """Save a seeded 2-layer ``hubert`` or ``wavlm`` of ``width`` to ``path`` (``save_pretrained``);
+    ``overrides`` go to its config (e.g. ``feat_extract_norm="layer"``)."""
+    import transformers
+
+    config = dict(
+        hidden_size=width,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        intermediate_size=2 * width,
+        conv_dim=(width,) * len(conv),
+        conv_kernel=tuple(k for k, _ in conv),
+        conv_stride=tuple(s for _, s in conv),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=heads,
+    )
+    torch.manual_seed(seed)
+    if kind == "hubert":
+        model = transformers.HubertModel(transformers.HubertConfig(**config, **overrides))
+    elif kind == "wavlm":
+        wavlm = dict(num_buckets=16, max_bucket_distance=64)
+        model = transformers.WavLMModel(transformers.WavLMConfig(**config, **wavlm, **overrides))
+    else:
+        raise ValueError(f"unknown tiny model kind {kind!r}; choose hubert or wavlm")
+    model.save_pretrained(path)
+    return Path(path)
+
+
+class CountingTarget:
+    """A :class:`~speechmimic.targets.Target` that forwards to ``inner`` and counts what it is asked:
+    ``calls`` (requests) and ``clips``."""
+
+    def __init__(self, inner: Target):
+        self.inner = inner
+        self.spec = inner.spec
+        self.frame_rate = inner.frame_rate
+        self.layers = list(inner.layers)
+        self.padding = inner.padding
+        self.min_samples = inner.min_samples
+        self.calls = 0
+        self.clips = 0
+
+    def __call__(self, wavs: list[np.ndarray], keys: list[str] | None = None) -> list[dict[str, np.ndarray]]:
+        self.calls += 1
+        self.clips += len(wavs)
+        return self.inner(wavs, keys=keys)

@@ -1,0 +1,94 @@
+"""Stage 2: heads sized from the answers alone, one shared training loop, exact resume, stage-1 init."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from speechmimic.distill import DistillConfig, distill, infer_heads
+from speechmimic.ledger import Ledger, query_clips
+from speechmimic.student import build_student
+from speechmimic.targets import load_target
+from speechmimic.trainer import make_batches
+
+
+def test_distill_resume_loses_nothing(tmp_path, speech_clips):
+    pool, _ = speech_clips
+    clips = pool[:10]
+    target = load_target("resemblyzer")
+    ledger = Ledger(tmp_path / "ledger")
+    query_clips(target, clips, ledger, progress=False)
+    cfg = DistillConfig(steps=16, warmup=2, batch_seconds=6, checkpoint_every=5, seed=3)
+    full = distill(clips, ledger, tmp_path / "full", cfg, preset="tiny", progress=False)
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_at_12(step, loss):
+        if step == 12:
+            raise Crash
+
+    with pytest.raises(Crash):
+        distill(clips, ledger, tmp_path / "crashed", cfg, preset="tiny", progress=False, on_step=crash_at_12)
+    resumed = distill(clips, ledger, tmp_path / "crashed", cfg, preset="tiny", progress=False)
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), k
+    log = [json.loads(x) for x in (tmp_path / "crashed" / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == list(range(1, 17))
+
+
+def test_a_state_left_by_other_settings_is_not_resumed(tmp_path, speech_clips):
+    pool, _ = speech_clips
+    clips = pool[:6]
+    ledger = Ledger(tmp_path / "ledger")
+    query_clips(load_target("resemblyzer"), clips, ledger, progress=False)
+    cfg = DistillConfig(steps=4, warmup=1, batch_seconds=6, seed=1)
+    distill(clips, ledger, tmp_path / "s", cfg, preset="tiny", progress=False)
+    # Twice the steps in the same folder: a fresh run of 8 steps, not the old 4 continued.
+    longer = DistillConfig(steps=8, warmup=1, batch_seconds=6, seed=1)
+    again = distill(clips, ledger, tmp_path / "s", longer, preset="tiny", progress=False)
+    fresh = distill(clips, ledger, tmp_path / "fresh", longer, preset="tiny", progress=False)
+    for (k, a), (_, b) in zip(again.state_dict().items(), fresh.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_infer_heads_from_answers_only(tmp_path, speech_clips):
+    pool, _ = speech_clips
+    ledger = Ledger(tmp_path / "ledger")
+    query_clips(load_target("resemblyzer?layers=2"), pool[:6], ledger, progress=False)
+    (spec,) = infer_heads(ledger, list(ledger.keys()))
+    assert (spec.name, spec.dim) == ("lstm2", 256)
+    assert spec.rate == pytest.approx(100, abs=1)
+
+
+def test_batches_capped_by_seconds():
+    rng = random.Random(0)
+    durations = [rng.uniform(0.3, 9.0) for _ in range(200)]
+    batches = make_batches(durations, batch_seconds=20, crop_seconds=6, rng=random.Random(1))
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    for b in batches:
+        assert len(b) * max(min(durations[i], 6) for i in b) <= 20 or len(b) == 1
+
+
+def test_stage2_starts_from_a_stage1_checkpoint(tmp_path, speech_clips):
+    pool, _ = speech_clips
+    stage1 = build_student("tiny", [], dim=48)
+    stage1.save(tmp_path / "stage1")
+    ledger = Ledger(tmp_path / "ledger")
+    query_clips(load_target("resemblyzer?layers=2"), pool[:4], ledger, progress=False)
+    student = distill(
+        pool[:4], ledger, tmp_path / "s", DistillConfig(steps=0), init=tmp_path / "stage1", progress=False
+    )
+    assert student.cfg.dim == 48 and list(student.heads) == ["lstm2"]  # its architecture, new heads
+    own = student.state_dict()
+    for k, v in stage1.state_dict().items():
+        assert torch.equal(own[k], v), k
+    with pytest.raises(ValueError, match="not a speechmimic student"):
+        (tmp_path / "bad").mkdir()
+        (tmp_path / "bad" / "config.json").write_text("{}")
+        distill(
+            pool[:4], ledger, tmp_path / "s2", DistillConfig(steps=0), init=tmp_path / "bad", progress=False
+        )
