@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from speechmimic.corpus import Clip, clips_fingerprint
 from speechmimic.pretrain import MaskedPredictor, UnitHead, load_pretrained, span_frames, span_mask
-from speechmimic.student import WEIGHTS_NAME, Student
+from speechmimic.student import CONFIG_NAME, WEIGHTS_NAME, Student
 from speechmimic.units import MIN_SAMPLES
 
 
@@ -142,14 +142,20 @@ def masked_accuracy(
     }
 
 
+def _checkpoint_and_labels(directory: str | Path, clips: list[Clip], device: str, progress: bool):
+    """A stage-1 checkpoint (student, unit head), its units of every clip per student frame, and the
+    settings it was trained with."""
+    student, head, units = load_pretrained(directory, device)
+    rec = json.loads((Path(directory) / CONFIG_NAME).read_text())["pretrain"]
+    return student, head, units.student_labels(clips, student.cfg, progress=progress), rec
+
+
 def checkpoint_accuracy(
     directory: str | Path, clips: list[Clip], seed: int = 0, device: str = "cpu", progress: bool = True
 ) -> dict:
     """:func:`masked_accuracy` of a stage-1 checkpoint on ``clips`` (e.g. held out), masked as in
     its training."""
-    student, head, units = load_pretrained(directory, device)
-    rec = json.loads((Path(directory) / "config.json").read_text())["pretrain"]
-    labels = units.student_labels(clips, student.cfg, progress=progress)
+    student, head, labels, rec = _checkpoint_and_labels(directory, clips, device, progress)
     return masked_accuracy(
         student,
         head,
@@ -173,9 +179,7 @@ def score_clips(
 ) -> Scores:
     """What clip selection ranks by: per clip, the stage-1 student's mean masked-prediction loss over
     ``n_masks`` seeded masks (uncertainty) and its mean-pooled last-layer features (embedding)."""
-    student, head, units = load_pretrained(student_dir, device)
-    rec = json.loads((Path(student_dir) / "config.json").read_text())["pretrain"]
-    labels = units.student_labels(clips, student.cfg, progress=progress)
+    student, head, labels, rec = _checkpoint_and_labels(student_dir, clips, device, progress)
     span = span_frames(rec["mask_length"], student.cfg)
     uncertainty, embeddings = [], []
     for loss, _, _, emb in _per_clip(

@@ -82,6 +82,13 @@ def _check_needs(strategy: Strategy, scores: Scores | None) -> None:
         )
 
 
+def _uncertainty(scores: Scores) -> np.ndarray:
+    u = np.asarray(scores.uncertainty, dtype=np.float64)
+    if not np.isfinite(u).all():
+        raise ValueError("uncertainty contains NaN or inf")
+    return u
+
+
 def _shuffled(n: int, rng: random.Random) -> np.ndarray:
     order = list(range(n))
     rng.shuffle(order)
@@ -123,9 +130,7 @@ def longest_strategy(
 def uncertainty_strategy(
     clips: Sequence[Clip], scores: Scores | None, budget: Budget, rng: random.Random
 ) -> Ranking:
-    u = np.asarray(scores.uncertainty, dtype=np.float64)
-    if not np.isfinite(u).all():
-        raise ValueError("uncertainty contains NaN or inf")
+    u = _uncertainty(scores)
     return _take(clips, _highest_first(u, rng), budget, u)
 
 
@@ -248,9 +253,7 @@ def cluster_strategy(
 def hybrid_strategy(
     clips: Sequence[Clip], scores: Scores | None, budget: Budget, rng: random.Random
 ) -> Ranking:
-    u = np.asarray(scores.uncertainty, dtype=np.float64)
-    if not np.isfinite(u).all():
-        raise ValueError("uncertainty contains NaN or inf")
+    u = _uncertainty(scores)
     labels = cluster_ids(scores.embeddings, rng)
     perm = _shuffled(len(clips), rng)
     # By cluster, then most uncertain first; lexsort is stable, so ties keep the random order.

@@ -43,6 +43,20 @@ def add_seed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
 
 
+def add_device(p) -> None:
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+
+
+def add_target_ledger(p, what: str) -> None:
+    p.add_argument(
+        "--ledger",
+        default=None,
+        metavar="DIR",
+        help=f"ledger that records a target's answers, needed when {what} is a target (a rerun pays "
+        "nothing again)",
+    )
+
+
 def add_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from speechmimic.audio import load_audio
+from speechmimic.cli import _options
 from speechmimic.upstream import load_upstream
 
 
@@ -24,13 +25,8 @@ def register(sub) -> None:
     p.add_argument(
         "files", nargs="+", metavar="FILES", help="audio files (wav/flac/ogg; resampled to 16 kHz mono)"
     )
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument(
-        "--ledger",
-        default=None,
-        metavar="DIR",
-        help="ledger that records a target's answers (needed when --model is a target)",
-    )
+    _options.add_device(p)
+    _options.add_target_ledger(p, "--model")
     p.set_defaults(func=run)
 
 

@@ -51,7 +51,7 @@ def register(sub) -> None:
         help="ledger of the target's answers to the task clips (default: OUT/eval_ledger); give an "
         "extraction's eval_ledger to reuse what its fidelity check already paid for",
     )
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    _options.add_device(p)
     _options.add_seed(p)
     _options.add_progress(p)
     p.set_defaults(func=run)

@@ -24,16 +24,10 @@ def register(sub) -> None:
         "or a learning-free baseline: 'mfcc' or 'fbank'",
     )
     p.add_argument("--task", required=True, metavar="TASK_DIR", help="task folder (task.json + splits)")
-    p.add_argument(
-        "--ledger",
-        default=None,
-        metavar="DIR",
-        help="ledger that records a target's answers (needed when --upstream is a target: a rerun "
-        "pays nothing again)",
-    )
+    _options.add_target_ledger(p, "--upstream")
     p.add_argument("--out", default=None, metavar="DIR", help="folder for result.json and the probe weights")
     _options.add_seed(p)
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    _options.add_device(p)
     p.add_argument(
         "--epochs",
         type=int,

@@ -31,7 +31,7 @@ def register(sub) -> None:
         help="lifetime cap of the ledger: N clips or Ns/Nm/Nh of audio (default: no cap)",
     )
     p.add_argument("--batch-size", type=int, default=8, help="clips per request to the target (default: 8)")
-    p.add_argument("--device", default="cpu", help="torch device for local targets (default: cpu)")
+    _options.add_device(p)
     _options.add_progress(p)
     p.set_defaults(func=run)
 

@@ -19,7 +19,7 @@ def register(sub) -> None:
     p.add_argument("--manifest", required=True, help="JSONL manifest of the candidate clips")
     p.add_argument("--out", required=True, help="scores file to write (.npz)")
     p.add_argument("--n-masks", type=int, default=2, help="seeded masks averaged per clip (default: 2)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda (default: cpu)")
+    _options.add_device(p)
     _options.add_seed(p)
     _options.add_progress(p)
     p.set_defaults(func=run)
