@@ -105,6 +105,23 @@ def test_extract_command_pretrains_stage1_by_default(tmp_path, speech_clips, cap
     # ... and the informed strategy ranked by the stage-1 student's scores of the pool.
     chosen = read_manifest(out / "selected.jsonl")
     assert len(chosen) == 6 and all(c.labels["selection"]["score"] > 0 for c in chosen)
+    # The result's config is a config file that reproduces the run.
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "extract",
+                *common[:4],
+                "--out",
+                str(out),
+                "--config",
+                str(out / "result.json"),
+                "--print-config",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out) == result["config"]
     # A rerun finds stage 1 and the scores done.
     weights = out / "stage1" / "iter1" / "model.safetensors"
     before = weights.stat().st_mtime_ns

@@ -6,7 +6,7 @@ is one point of it. :class:`Experiment` runs cells with :func:`~speechmimic.extr
 keeps everything under ``root``::
 
     stage1/seed<N>/iter<K>/    stage 1, pretrained on the pool once per seed (when the grid has one)
-    stage1/seed<N>/scores.npz  its scores of the pool: informed strategies rank by them in both arms
+    stage1/seed<N>/scores-<hash>.npz  its scores of the pool: informed strategies rank by them in both arms
     ledgers/<target>/pool      the thief's paid answers, shared by the runs of a target
     ledgers/<target>/heldout   the evaluator's answers to the held-out clips
     runs/<target>/<budget>/<strategy>-<arm>-s<seed>/   one extraction, and cell.json: its record
@@ -43,7 +43,7 @@ from speechmimic.extract import ExtractConfig, extract
 from speechmimic.fidelity import mean_r2
 from speechmimic.ledger import Ledger, query_clips
 from speechmimic.pretrain import PretrainConfig, pretrain
-from speechmimic.score import score_clips
+from speechmimic.score import scores_path
 from speechmimic.select import STRATEGIES
 from speechmimic.targets import Target, load_target
 
@@ -163,15 +163,14 @@ class Experiment:
 
     # -- stage 1, once per seed -------------------------------------------------------------------------
     def stage1(self, seed: int) -> tuple[Path, Path]:
-        """The seed's stage-1 checkpoint and its scores of the pool (made once)."""
+        """The seed's stage-1 checkpoint and the file of its scores of the pool (made once; the file
+        is named by a hash of the pool and the weights, so a retrained stage 1 is scored anew and the
+        cells that ranked by the old scores run again)."""
         cfg = replace(self.grid.pretrain, seed=seed)
         out = self.stage1_dir(seed)
         last = out / f"iter{cfg.iterations}"
         pretrain(self.pool, out, cfg, preset=self.grid.preset, progress=self.progress)
-        scores = out / "scores.npz"
-        if not scores.exists():
-            score_clips(last, self.pool, seed=seed, progress=self.progress).save(scores)
-        return last, scores
+        return last, scores_path(last, self.pool, out, seed, self.progress)
 
     def config(self, cell: Cell) -> ExtractConfig:
         init = scores = None

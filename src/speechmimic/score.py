@@ -194,18 +194,25 @@ def score_clips(
     )
 
 
-def cached_scores(
+def scores_path(
     stage1_dir: str | Path, clips: list[Clip], cache_dir: str | Path, seed: int = 0, progress: bool = True
-) -> Scores:
-    """:func:`score_clips`, cached in ``cache_dir`` under a name that hashes the clips, the seed and
-    the stage-1 student's weights."""
+) -> Path:
+    """The file of :func:`score_clips` in ``cache_dir``, computed if absent; its name hashes the
+    clips, the seed and the stage-1 student's weights."""
     stage1_dir, cache_dir = Path(stage1_dir), Path(cache_dir)
     h = hashlib.sha256(clips_fingerprint(clips).encode() + str(seed).encode())
     h.update((stage1_dir / WEIGHTS_NAME).read_bytes())
     path = cache_dir / f"scores-{h.hexdigest()[:16]}.npz"
-    if path.exists():
-        return Scores.load(path)
-    scores = score_clips(stage1_dir, clips, seed=seed, progress=progress)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    scores.save(path)
-    return scores
+    if not path.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")  # renamed when complete: a crash leaves no half file
+        score_clips(stage1_dir, clips, seed=seed, progress=progress).save(tmp)
+        tmp.replace(path)
+    return path
+
+
+def cached_scores(
+    stage1_dir: str | Path, clips: list[Clip], cache_dir: str | Path, seed: int = 0, progress: bool = True
+) -> Scores:
+    """:func:`score_clips`, cached (see :func:`scores_path`)."""
+    return Scores.load(scores_path(stage1_dir, clips, cache_dir, seed, progress))

@@ -9,7 +9,7 @@ from speechmimic.demo import DEMO_TARGET
 def register(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="extract resemblyzer's real speaker encoder on the shipped corpus (~4 min on 2 CPU cores)",
+        help="extract resemblyzer's real speaker encoder on the shipped corpus (about 5 min on 2 CPU cores)",
         description="Run a complete, query-budgeted extraction of a real pretrained encoder "
         "(resemblyzer's GE2E, all three LSTM layers returned) using the synthetic "
         "corpus shipped in the package: stage 2 at each budget, held-out fidelity, "
