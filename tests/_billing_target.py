@@ -4,7 +4,7 @@ Imported by ``test_ledger.py`` (for the deterministic clips and responses) and r
 the subprocesses the tests kill::
 
     python _billing_target.py --ledger DIR --state DIR --num-clips N --batch-size B
-                              [--plain] [--hang-at CALL] [--latency SECONDS]
+                              [--plain] [--hang-at CALL] [--latency SECONDS] [--budget-clips N]
 
 The "server side" of the API keeps its state in files under ``--state`` because the client process
 (which hosts this simulation) is SIGKILLed:
@@ -170,8 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency", type=float, default=0.03)
     p.add_argument("--plain", action="store_true")
     p.add_argument("--hang-at", type=int, default=None)
+    p.add_argument("--budget-clips", type=int, default=None, help="the ledger's lifetime cap")
     args = p.parse_args(argv)
 
+    from speechmimic.budget import Budget
     from speechmimic.ledger import Ledger
 
     if args.plain:
@@ -179,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         target = BillingTarget(args.state, args.latency)
     clips = ((clip_id(i), lambda i=i: make_wav(i)) for i in range(args.num_clips))
-    stats = Ledger(args.ledger).query(target, clips, batch_size=args.batch_size, progress=False)
+    ledger = Ledger(args.ledger, Budget(clips=args.budget_clips))
+    stats = ledger.query(target, clips, batch_size=args.batch_size, progress=False)
     print(json.dumps(stats))
     return 0
 

@@ -468,3 +468,145 @@ def test_unusable_clip_is_listed_and_stops_nothing(tmp_path):
     stats = ledger.query(FakeTarget(), clips, batch_size=2, progress=False)
     assert stats["paid"] == 2 and stats["unusable"] == [("short", "10 samples, fewer than the 400 required")]
     assert ledger.key_of("short") is None and len(ledger) == 2
+
+
+# -- several writers, and damage on disk -------------------------------------------------------------
+@pytest.mark.parametrize("writers", [2, 4])
+def test_concurrent_query_runs_pay_every_clip_exactly_once(tmp_path, writers):
+    n = 40
+    led, state = tmp_path / "ledger", tmp_path / "server"
+    logs = [tmp_path / f"stderr-{i}.log" for i in range(writers)]
+    # A plain API charges every request: any clip sent twice would be charged twice.
+    procs = [_start(led, state, n, log, "--plain", "--latency", "0.05") for log in logs]
+    for proc, log in zip(procs, logs, strict=True):
+        _finish(proc, log)  # every run exits 0: none crashed
+    _assert_complete(led, n)
+    requested = Counter(k for r in billing.read_requests(state) for k in r["keys"])
+    distinct = {content_key(billing.make_wav(i)) for i in range(n)}
+    assert requested == Counter(dict.fromkeys(distinct, 1)), "a clip was sent (and charged) twice"
+    waited = [log for log in logs if "is being written by pid" in log.read_text()]
+    assert waited, "the runs did not overlap: the test proved nothing"
+    assert not list((led / "blobs").glob("*/*.tmp"))
+
+
+def test_concurrent_writers_never_overspend_a_lifetime_budget(tmp_path):
+    n, budget = 40, 25
+    led, state = tmp_path / "ledger", tmp_path / "server"
+    logs = [tmp_path / f"stderr-{i}.log" for i in range(3)]
+    procs = [
+        _start(led, state, n, log, "--plain", "--latency", "0.03", "--budget-clips", str(budget))
+        for log in logs
+    ]
+    for proc, log in zip(procs, logs, strict=True):
+        _finish(proc, log)
+    requested = Counter(k for r in billing.read_requests(state) for k in r["keys"])
+    assert sum(requested.values()) == len(requested) == budget  # each paid once, and no more than allowed
+    assert Ledger(led).spent_clips == budget and sum(_paid_lines(led).values()) == budget
+
+
+def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
+    import fcntl
+
+    n, hang_at = 20, 2
+    led, state, log = tmp_path / "ledger", tmp_path / "server", tmp_path / "stderr.log"
+    proc = _start(led, state, n, log, "--plain", "--hang-at", str(hang_at), "--latency", "0.01")
+    _wait_for((state / "calls" / f"call-{hang_at:04d}").exists, "the hanging call", proc, log)
+
+    def lock_is_free() -> bool:
+        fd = os.open(led / "writer.lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+
+    assert not lock_is_free()
+    holder = json.loads((led / "writer.lock").read_text())
+    assert holder["pid"] == proc.pid and holder["clean"] is False
+    _sigkill(proc)
+    assert lock_is_free()  # the OS released it with the process
+    _finish(_start(led, state, n, log, "--plain", "--latency", "0.01"), log)
+    _assert_complete(led, n)
+    assert json.loads((led / "writer.lock").read_text())["clean"] is True
+
+
+def _flip(path: Path, offset_from_end: int = 9) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[-offset_from_end] ^= 0xFF  # inside the last array's bytes
+    path.write_bytes(bytes(raw))
+
+
+def test_a_damaged_answer_is_refused_named_and_bought_again(tmp_path):
+    from speechmimic.ledger import DamagedAnswerError
+
+    wavs = _wavs(5, seed=13)
+    root = tmp_path / "led"
+    target = FakeTarget()
+    ledger = Ledger(root)
+    ledger.query(target, _clips(wavs), progress=False)
+    key = content_key(wavs[2])
+    _flip(ledger._blob_path(key))
+    again = Ledger(root)
+    with pytest.raises(DamagedAnswerError, match=r"clip 'c2'.*no longer match the digest") as err:
+        again.get_clip("c2")
+    assert err.value.clip_id == "c2" and err.value.key == key
+    _assert_response_equal(again.get_clip("c3"), _features(wavs[3]))  # the others are intact
+    report = again.verify()
+    assert report.checked == 5 and [k for _, k, _ in report.damaged] == [key] and not report.ok
+    # A header flipped so the file no longer parses, and a file gone, are damage too.
+    other = content_key(wavs[4])
+    raw = bytearray(again._blob_path(other).read_bytes())
+    raw[12] ^= 0xFF
+    again._blob_path(other).write_bytes(bytes(raw))
+    again._blob_path(content_key(wavs[0])).unlink()
+    report = Ledger(root).verify()
+    assert sorted(k for _, k, _ in report.damaged) == sorted([key, other])
+    assert [k for _, k, _ in report.missing] == [content_key(wavs[0])]
+
+    # Repair drops exactly those and the next query buys exactly those; spending counts them twice.
+    assert sorted(again.repair()) == sorted([key, other, content_key(wavs[0])])
+    assert (root / "damaged").is_dir() and len(list((root / "damaged").iterdir())) == 2
+    stats = Ledger(root).query(target, _clips(wavs), progress=False)
+    assert stats["paid"] == 3 and stats["reused"] == 2
+    assert target.requests[key] == 2 and target.requests[content_key(wavs[1])] == 1
+    healed = Ledger(root)
+    assert healed.verify().ok and healed.spent_clips == 8 and len(healed) == 5
+    _assert_response_equal(healed.get_clip("c2"), _features(wavs[2]))
+
+
+def test_ledger_commands_and_query_repair(tmp_path, speech_clips, capsys):
+    from speechmimic.cli import main
+    from speechmimic.corpus import write_manifest
+
+    pool, _ = speech_clips
+    manifest = tmp_path / "m.jsonl"
+    write_manifest(pool[:4], manifest)
+    led = tmp_path / "led"
+    query = ["query", "--target", "resemblyzer?layers=2", "--manifest", str(manifest), "--ledger", str(led)]
+    assert main([*query, "--no-progress"]) == 0
+    ledger = Ledger(led)
+    damaged = ledger.key_of(pool[1].id)
+    original = ledger.get(damaged)
+    _flip(ledger._blob_path(damaged))
+    capsys.readouterr()
+    assert main(["ledger", "verify", str(led), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert f"damaged: clip {pool[1].id} (key {damaged})" in out and "checked 4 answers: 1 damaged" in out
+
+    assert main([*query, "--repair", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "1 damaged or missing, bought again" in out
+    assert json.loads(out[out.index("{") :])["paid"] == 1  # only that clip
+    assert _paid_lines(led) == Counter({**dict.fromkeys(Ledger(led).keys(), 1), damaged: 2})
+    np.testing.assert_array_equal(Ledger(led).get(damaged)["lstm2"], original["lstm2"])
+    assert main(["ledger", "verify", str(led), "--no-progress"]) == 0
+    capsys.readouterr()
+
+    assert main(["ledger", "stats", str(led)]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["answers"] == 4 and stats["payments"] == 5 and stats["dropped"] == 1
+    assert stats["target"] == "resemblyzer?layers=2" and stats["bytes"] > 0
+    assert stats["first_payment"] <= stats["last_payment"]
+    assert main(["ledger", "stats", str(tmp_path / "nothing")]) == 2

@@ -5,34 +5,58 @@ Layout of a ledger directory::
     ledger.json          header: the target spec, its frame rate, layers and padding policy
     index.jsonl          append-only event log (one JSON object per line, fsynced)
     blobs/ab/<key>.safetensors   one response per clip, written atomically
+    writer.lock          held (flock) by the one process writing; says who it is
+    damaged/             answers dropped because their bytes no longer match their digest
 
 A clip is keyed by the SHA-256 of its 16 kHz float32 samples, so the same audio is never paid twice,
 whatever its file name. Crash safety rests on three rules:
 
 1. Before a batch is sent, a ``send`` event naming its keys is appended and fsynced.
-2. Each response is written to a temporary file, fsynced and renamed into ``blobs/`` (atomic), and
-   only then is its ``paid`` event appended.
-3. On open, a torn last line of the index is cut off, and a blob whose ``paid`` event was lost is
-   re-indexed from its own metadata.
+2. Each response is written to a temporary file (named for its writer), fsynced and renamed into
+   ``blobs/`` (atomic), and only then is its ``paid`` event appended, with the digest of its arrays.
+3. A torn last line of the index is cut off, and a blob whose ``paid`` event was lost is re-indexed
+   from its own metadata (once its digest checks out), by whoever next holds the writer lock.
 
 A SIGKILL therefore loses at most the responses still in flight; those keys are *in doubt* (sent,
 no answer on disk). They are sent again on resume with the same idempotency keys (targets that
 accept ``keys=`` forward them, e.g. as an HTTP ``Idempotency-Key``), so an API that honours them
 does not charge twice; targets that run locally cost nothing to ask again.
+
+**One writer at a time.** Every write (a query, binding a target, a repair, a drop) happens under an
+exclusive ``flock`` on ``writer.lock``, which the OS releases when its holder exits or is killed. A
+second writer *waits* for it, saying who holds it, then reads what the first one paid before it
+pays anything itself: two ``speechmimic query`` runs on one ledger never pay a clip twice. Readers
+(distill, fidelity) take no lock: answers appear only by rename and index lines are read only when
+complete, so a reader never sees half an answer. The lock is an OS file lock: keep ledgers on a local
+filesystem (NFS may not honour it).
+
+**Checksums.** Every ``paid`` event records the SHA-256 of the answer's arrays; :meth:`Ledger.get`
+verifies it, and a mismatch (bit rot, a partial copy) raises :class:`DamagedAnswerError` naming the
+clip. :meth:`Ledger.verify` checks a whole ledger; :meth:`Ledger.drop` moves damaged answers aside so
+the next query buys them again (``speechmimic query --repair``, ``speechmimic ledger verify --drop``).
+
+**Accounting.** What a ledger has spent is the sum of its ``paid`` events: an answer dropped and
+bought again counts twice, because it may have been charged twice.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import inspect
 import json
 import os
+import socket
+import sys
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -41,14 +65,43 @@ from speechmimic.budget import Budget, take_within
 from speechmimic.corpus import Clip
 from speechmimic.targets.base import Target
 
+LOCK_NAME = "writer.lock"
 
-class BudgetExhausted(RuntimeError):
+
+class LedgerError(RuntimeError):
+    """A ledger cannot do what was asked; the message says why and what to do."""
+
+
+class BudgetExhausted(LedgerError):
     """A run needed answers its ledger refused to pay for: they would exceed the budget."""
+
+
+class DamagedAnswerError(LedgerError):
+    """A stored answer is missing, unreadable or no longer matches the digest recorded when it was
+    paid; ``clip_id``, ``key`` and ``path`` name it."""
+
+    def __init__(self, root: Path, clip_id: str, key: str, path: Path, reason: str):
+        self.clip_id, self.key, self.path, self.reason = clip_id, key, path, reason
+        super().__init__(
+            f"the answer to clip {clip_id!r} (key {key[:12]}…) in ledger {root} is damaged: {reason}. "
+            f"Buy it again with `speechmimic query --repair` on a manifest holding the clip, or drop "
+            f"it with `speechmimic ledger verify {root} --drop`"
+        )
 
 
 def content_key(wav: np.ndarray) -> str:
     """The key of a clip: SHA-256 of its 16 kHz mono float32 samples."""
     return hashlib.sha256(np.ascontiguousarray(wav, dtype=np.float32).tobytes()).hexdigest()
+
+
+def answer_digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 of an answer's arrays (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -59,18 +112,46 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _unique_tmp(path: Path) -> Path:
+    """A temporary name beside ``path`` that no other writer can choose."""
+    return path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
 @dataclass
 class Entry:
-    """One paid response: which clip, how long it was, and how many frames each layer returned."""
+    """One paid response: which clip, how long it was, how many frames each layer returned, the
+    digest of its arrays (None in ledgers written before digests) and when it was paid."""
 
     key: str
     clip_id: str
     num_samples: int
     frames: dict[str, int]
+    digest: str | None = None
+    time: float | None = None
 
     @property
     def seconds(self) -> float:
         return self.num_samples / SAMPLE_RATE
+
+
+@dataclass
+class Report:
+    """What :meth:`Ledger.verify` found. ``damaged`` and ``missing``: (clip id, key, reason);
+    ``unverified``: keys paid before digests were recorded; ``unindexed``: answers on disk whose
+    ``paid`` line a killed writer never wrote (the next writer indexes them); ``leftovers``:
+    temporary files of killed writers."""
+
+    checked: int = 0
+    damaged: list[tuple[str, str, str]] = field(default_factory=list)
+    missing: list[tuple[str, str, str]] = field(default_factory=list)
+    unverified: list[str] = field(default_factory=list)
+    unindexed: list[str] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)
+    torn_tail: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not (self.damaged or self.missing)
 
 
 class Ledger:
@@ -85,14 +166,28 @@ class Ledger:
         self.budget = budget or Budget()
         self.entries: dict[str, Entry] = {}
         self.aliases: dict[str, str] = {}  # clip id -> key, for every clip id seen
-        self.in_doubt: set[str] = set()
         self.header: dict | None = None
+        self.spent_clips = 0
+        self.spent_seconds = 0.0
+        self.dropped = 0
+        self._sent: set[str] = set()
+        self._ever_paid: set[str] = set()
+        self._unindexed: set[str] = set()  # answers known from their blob only (no paid line yet)
+        self._offset = 0  # bytes of the index read so far (complete lines only)
+        self._torn = False
+        self._holding = False
+        self._repaired = False
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "blobs").mkdir(exist_ok=True)
-        header = self.root / "ledger.json"
-        if header.exists():
-            self.header = json.loads(header.read_text())
-        self._recover()
+        self._read_header()
+        self._read_index()
+        self._find_unindexed()
+        try:
+            with self._writing(wait=False) as holding:
+                pass  # holding: the repairs a writer makes are done; else another writer will
+        except OSError:
+            holding = False  # a read-only ledger: readers need no lock
+        self._repaired = holding
 
     # -- reading -----------------------------------------------------------------------------------
     @property
@@ -102,37 +197,75 @@ class Ledger:
     def _blob_path(self, key: str) -> Path:
         return self.root / "blobs" / key[:2] / f"{key}.safetensors"
 
-    def _recover(self) -> None:
-        sent: set[str] = set()
-        if self.index_path.exists():
-            raw = self.index_path.read_bytes()
-            good = raw.rfind(b"\n") + 1
-            if good < len(raw):  # a torn last line from a crash mid-append: drop it
-                with open(self.index_path, "r+b") as f:
-                    f.truncate(good)
-                    f.flush()
-                    os.fsync(f.fileno())
-            for line in raw[:good].splitlines():
-                event = json.loads(line)
-                if event["event"] == "send":
-                    sent.update(event["keys"])
-                elif event["event"] == "paid":
-                    self._add(Entry(event["key"], event["clip_id"], event["num_samples"], event["frames"]))
-                elif event["event"] == "alias":
-                    self.aliases[event["clip_id"]] = event["key"]
-        # A blob renamed into place whose "paid" line never made it: the response is safe, index it.
+    def _read_header(self) -> None:
+        path = self.root / "ledger.json"
+        if path.exists():
+            self.header = json.loads(path.read_text())
+
+    def _read_index(self) -> None:
+        """Apply the index's complete lines appended since the last read (by anyone)."""
+        if not self.index_path.exists():
+            return
+        with open(self.index_path, "rb") as f:
+            f.seek(self._offset)
+            raw = f.read()
+        good = raw.rfind(b"\n") + 1
+        for line in raw[:good].splitlines():
+            self._apply(json.loads(line))
+        self._offset += good
+        self._torn = good < len(raw)
+
+    def _apply(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "send":
+            self._sent.update(event["keys"])
+        elif kind == "paid":
+            entry = Entry(
+                event["key"], event["clip_id"], event["num_samples"], event["frames"],
+                event.get("digest"), event.get("time"),
+            )  # fmt: skip
+            if entry.key in self._unindexed:  # already counted from its blob
+                self._unindexed.discard(entry.key)
+            else:
+                self.spent_clips += 1
+                self.spent_seconds += entry.seconds
+            self._add(entry)
+        elif kind == "alias":
+            self.aliases[event["clip_id"]] = event["key"]
+        elif kind == "drop":
+            self.entries.pop(event["key"], None)
+            self.dropped += 1
+
+    def _find_unindexed(self) -> None:
+        """Blobs renamed into place whose ``paid`` line never made it: safe, paid answers."""
         for blob in sorted((self.root / "blobs").glob("*/*.safetensors")):
             key = blob.stem
-            if key not in self.entries:
+            if key in self.entries or key in self._unindexed:
+                continue
+            try:
                 meta = _read_metadata(blob)
-                entry = Entry(key, meta["clip_id"], int(meta["num_samples"]), json.loads(meta["frames"]))
-                self._append({"event": "paid", **_entry_json(entry)})
-                self._add(entry)
-        self.in_doubt = sent - set(self.entries)
+                entry = Entry(
+                    key, meta["clip_id"], int(meta["num_samples"]), json.loads(meta["frames"]),
+                    meta.get("digest"), blob.stat().st_mtime,
+                )  # fmt: skip
+                if entry.digest is not None and answer_digest(load_file(blob)) != entry.digest:
+                    continue  # damaged before it was ever indexed: not an answer, buy it again
+            except (OSError, KeyError, ValueError, SafetensorError):
+                continue
+            self._unindexed.add(key)
+            self.spent_clips += 1
+            self.spent_seconds += entry.seconds
+            self._add(entry)
 
     def _add(self, entry: Entry) -> None:
         self.entries[entry.key] = entry
+        self._ever_paid.add(entry.key)
         self.aliases.setdefault(entry.clip_id, entry.key)
+
+    @property
+    def in_doubt(self) -> set[str]:
+        """Keys sent and never answered (the run that sent them stopped first)."""
+        return self._sent - self._ever_paid
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -144,22 +277,29 @@ class Ledger:
         return self.aliases.get(clip_id)
 
     def get(self, key: str) -> dict[str, np.ndarray]:
-        """The response paid for ``key``: ``{layer: frames (T, D)}``."""
-        return load_file(self._blob_path(key))
+        """The response paid for ``key``: ``{layer: frames (T, D)}``, its digest verified;
+        :class:`DamagedAnswerError` if it is missing, unreadable or no longer matches."""
+        entry = self.entries[key]
+        path = self._blob_path(key)
+
+        def damaged(reason: str) -> DamagedAnswerError:
+            return DamagedAnswerError(self.root, entry.clip_id, key, path, reason)
+
+        try:
+            arrays = load_file(path)
+        except FileNotFoundError:
+            raise damaged("its file is missing") from None
+        except (OSError, SafetensorError) as e:
+            raise damaged(f"its file cannot be read ({e})") from None
+        if entry.digest is not None and answer_digest(arrays) != entry.digest:
+            raise damaged("its bytes no longer match the digest recorded when it was paid")
+        return arrays
 
     def get_clip(self, clip_id: str) -> dict[str, np.ndarray]:
         key = self.key_of(clip_id)
         if key is None or key not in self.entries:
             raise KeyError(f"clip {clip_id!r} has no paid response in {self.root}")
         return self.get(key)
-
-    @property
-    def spent_clips(self) -> int:
-        return len(self.entries)
-
-    @property
-    def spent_seconds(self) -> float:
-        return sum(e.seconds for e in self.entries.values())
 
     def summary(self) -> dict:
         return {
@@ -170,6 +310,44 @@ class Ledger:
             "budget_clips": self.budget.clips,
             "budget_seconds": self.budget.seconds,
         }
+
+    def stats(self) -> dict:
+        """What the ledger holds and has spent, for ``speechmimic ledger stats``."""
+        times = [e.time for e in self.entries.values() if e.time is not None]
+        blobs = [self._blob_path(k) for k in self.entries]
+        header = self.header or {}
+        return {
+            "ledger": str(self.root),
+            "target": header.get("target"),
+            "layers": header.get("layers"),
+            "frame_rate": header.get("frame_rate"),
+            "answers": len(self.entries),
+            "answer_seconds": round(sum(e.seconds for e in self.entries.values()), 3),
+            "bytes": sum(p.stat().st_size for p in blobs if p.exists()),
+            "payments": self.spent_clips,
+            "paid_seconds": round(self.spent_seconds, 3),
+            "in_doubt": len(self.in_doubt),
+            "dropped": self.dropped,
+            "first_payment": _iso(min(times)) if times else None,
+            "last_payment": _iso(max(times)) if times else None,
+        }
+
+    def verify(self, keys: Iterable[str] | None = None, progress: bool = False) -> Report:
+        """Check every answer (or those of ``keys``) against its digest, and the ledger's files."""
+        report = Report(torn_tail=self._torn, unindexed=sorted(self._unindexed))
+        report.leftovers = sorted(str(p) for p in self.root.glob("blobs/*/*.tmp"))
+        wanted = list(self.entries) if keys is None else [k for k in keys if k in self.entries]
+        for key in tqdm(wanted, desc="verify", unit="answer", disable=not progress):
+            report.checked += 1
+            try:
+                self.get(key)
+            except DamagedAnswerError as e:
+                missing = not e.path.exists()
+                (report.missing if missing else report.damaged).append((e.clip_id, key, e.reason))
+                continue
+            if self.entries[key].digest is None:
+                report.unverified.append(key)
+        return report
 
     def layer_stats(self, keys: Iterable[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Per-layer mean and std of the returned frames over ``keys`` (default: all paid)."""
@@ -189,7 +367,61 @@ class Ledger:
             stats[name] = (mean.astype(np.float32), np.sqrt(var).astype(np.float32))
         return stats
 
-    # -- writing -----------------------------------------------------------------------------------
+    # -- the writer lock ---------------------------------------------------------------------------
+    @contextmanager
+    def _writing(self, wait: bool = True):
+        """Hold the writer lock (yields True), or with ``wait=False`` yield False if another process
+        holds it. On taking it: read what others wrote meanwhile, and repair what a killed writer
+        left (a torn index line, unindexed answers, temporary files)."""
+        if self._holding:
+            yield True
+            return
+        fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    yield False
+                    return
+                print(
+                    f"ledger {self.root} is being written by {_holder(fd)}; waiting for it to finish "
+                    "(Ctrl-C stops this run, nothing is lost)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            died = not _holder_record(fd).get("clean", True)  # its holder was killed mid-write
+            _write_holder(fd, clean=False)
+            self._holding = True
+            try:
+                self._read_header()
+                self._read_index()
+                if died or not self._repaired:
+                    self._repair()
+                yield True
+            finally:
+                self._holding = False
+                _write_holder(fd, clean=True)
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _repair(self) -> None:
+        if self._torn:  # a crash mid-append: drop the torn line
+            with open(self.index_path, "r+b") as f:
+                f.truncate(self._offset)
+                f.flush()
+                os.fsync(f.fileno())
+            self._torn = False
+        self._find_unindexed()
+        for key in sorted(self._unindexed):
+            self._append({"event": "paid", **_entry_json(self.entries[key])})
+        self._unindexed.clear()
+        for tmp in self.root.glob("blobs/*/*.tmp"):
+            tmp.unlink(missing_ok=True)  # only a writer makes these, and the writer is us
+        self._repaired = True
+
+    # -- writing (under the lock) ------------------------------------------------------------------
     def _append(self, event: dict) -> None:
         line = (json.dumps(event, sort_keys=True) + "\n").encode()
         fd = os.open(self.index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -198,6 +430,7 @@ class Ledger:
             os.fsync(fd)
         finally:
             os.close(fd)
+        self._offset += len(line)
 
     def bind(self, target: Target) -> None:
         """Record which target this ledger pays; refuse to mix responses of two targets."""
@@ -208,32 +441,68 @@ class Ledger:
             "padding": target.padding,
             "sample_rate": SAMPLE_RATE,
         }
-        if self.header is None:
-            tmp = self.root / "ledger.json.tmp"
-            tmp.write_text(json.dumps(header, indent=2))
-            os.replace(tmp, self.root / "ledger.json")
-            _fsync_dir(self.root)
-            self.header = header
-        elif self.header["target"] != header["target"] or self.header["layers"] != header["layers"]:
-            raise ValueError(
-                f"ledger {self.root} holds responses of {self.header['target']} (layers "
-                f"{self.header['layers']}), not {header['target']} (layers {header['layers']})"
-            )
+        with self._writing():
+            if self.header is None:
+                path = self.root / "ledger.json"
+                tmp = _unique_tmp(path)
+                tmp.write_text(json.dumps(header, indent=2))
+                os.replace(tmp, path)
+                _fsync_dir(self.root)
+                self.header = header
+            elif self.header["target"] != header["target"] or self.header["layers"] != header["layers"]:
+                raise ValueError(
+                    f"ledger {self.root} holds responses of {self.header['target']} (layers "
+                    f"{self.header['layers']}), not {header['target']} (layers {header['layers']})"
+                )
 
     def _store(self, key: str, clip_id: str, wav: np.ndarray, response: dict[str, np.ndarray]) -> Entry:
-        entry = Entry(key, clip_id, int(len(wav)), {k: int(v.shape[0]) for k, v in response.items()})
+        arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in response.items()}
+        entry = Entry(
+            key, clip_id, int(len(wav)), {k: int(v.shape[0]) for k, v in arrays.items()},
+            answer_digest(arrays), round(time.time(), 3),
+        )  # fmt: skip
         path = self._blob_path(key)
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        meta = {"clip_id": clip_id, "num_samples": str(entry.num_samples), "frames": json.dumps(entry.frames)}
-        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in response.items()}, tmp, meta)
+        tmp = _unique_tmp(path)
+        meta = {
+            "clip_id": clip_id,
+            "num_samples": str(entry.num_samples),
+            "frames": json.dumps(entry.frames),
+            "digest": entry.digest,
+        }
+        save_file(arrays, tmp, meta)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
         self._append({"event": "paid", **_entry_json(entry)})
+        self.spent_clips += 1
+        self.spent_seconds += entry.seconds
         self._add(entry)
         return entry
+
+    def drop(self, keys: Iterable[str], reason: str = "damaged") -> list[str]:
+        """Move the answers of ``keys`` to ``damaged/`` and forget them, so the next query buys them
+        again; returns the keys dropped. What they cost stays spent."""
+        dropped = []
+        with self._writing():
+            for key in keys:
+                if key not in self.entries:
+                    continue
+                path = self._blob_path(key)
+                if path.exists():
+                    (self.root / "damaged").mkdir(exist_ok=True)
+                    os.replace(path, self.root / "damaged" / f"{key}.{int(time.time())}.safetensors")
+                self._append({"event": "drop", "key": key, "reason": reason, "time": time.time()})
+                self.entries.pop(key)
+                self.dropped += 1
+                dropped.append(key)
+        return dropped
+
+    def repair(self, keys: Iterable[str] | None = None) -> list[str]:
+        """Drop every damaged or missing answer among ``keys`` (default: all), to be bought again."""
+        report = self.verify(keys)
+        return self.drop([key for _, key, _ in report.damaged + report.missing])
 
     def _would_exceed(self, extra_clips: int, extra_seconds: float) -> bool:
         return not self.budget.allows(self.spent_clips + extra_clips, self.spent_seconds + extra_seconds)
@@ -248,10 +517,15 @@ class Ledger:
     ) -> dict:
         """Pay for the responses of ``clips`` (pairs of clip id and a loader of its waveform).
 
-        Clips already paid (by id or by content) cost nothing; a clip that would exceed the budget is
-        skipped and counted as ``over_budget``; a clip whose loader raises :class:`AudioError` is
-        listed in ``unusable`` with the reason. Returns what was paid, reused and skipped.
+        Clips already paid (by id or by content, by this process or another) cost nothing; a clip
+        that would exceed the budget is skipped and counted as ``over_budget``; a clip whose loader
+        raises :class:`AudioError` is listed in ``unusable`` with the reason. Holds the writer lock
+        throughout (waiting for another writer to finish). Returns what was paid, reused and skipped.
         """
+        with self._writing():
+            return self._query(target, clips, batch_size, progress, total)
+
+    def _query(self, target, clips, batch_size, progress, total) -> dict:
         self.bind(target)
         takes_keys = "keys" in inspect.signature(target.__call__).parameters
         paid = reused = over_budget = 0
@@ -266,16 +540,12 @@ class Ledger:
                 return
             keys = [k for _, k, _ in batch]
             self._append({"event": "send", "keys": keys, "time": time.time()})
+            self._sent.update(keys)
             wavs = [w for _, _, w in batch]
-            try:
-                responses = target(wavs, keys=keys) if takes_keys else target(wavs)
-            except BaseException:
-                self.in_doubt |= set(keys)  # sent, no answer on disk
-                raise
+            responses = target(wavs, keys=keys) if takes_keys else target(wavs)
             for (clip_id, key, wav), response in zip(batch, responses, strict=True):
                 self._store(key, clip_id, wav, response)
                 paid += 1
-            self.in_doubt -= set(keys)
             batch.clear()
             pending.clear()
 
@@ -343,16 +613,51 @@ def query_clips(
 
 
 def _entry_json(entry: Entry) -> dict:
-    return {
+    event = {
         "key": entry.key,
         "clip_id": entry.clip_id,
         "num_samples": entry.num_samples,
         "frames": entry.frames,
     }
+    if entry.digest is not None:
+        event["digest"] = entry.digest
+    if entry.time is not None:
+        event["time"] = entry.time
+    return event
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
     with safe_open(path, framework="numpy") as f:
         return dict(f.metadata() or {})
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))
+
+
+# The lock file's content: who holds (or last held) the lock, and whether they finished cleanly.
+def _holder_record(fd: int) -> dict:
+    try:
+        return json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:
+        return {}
+
+
+def _holder(fd: int) -> str:
+    r = _holder_record(fd)
+    if not r:
+        return "another process"
+    return f"pid {r.get('pid')} on {r.get('host')} ({r.get('command')}, since {r.get('since')})"
+
+
+def _write_holder(fd: int, clean: bool) -> None:
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": " ".join(sys.argv)[:200],
+        "since": _iso(time.time()),
+        "clean": clean,
+    }
+    data = json.dumps(record).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)

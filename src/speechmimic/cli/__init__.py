@@ -14,6 +14,7 @@ from speechmimic.cli import (
     evaluate,
     extract,
     fidelity,
+    ledger,
     pretrain,
     probe,
     query,
@@ -21,6 +22,7 @@ from speechmimic.cli import (
     score,
     select,
 )
+from speechmimic.ledger import LedgerError
 
 COMMANDS = (
     demo,
@@ -30,6 +32,7 @@ COMMANDS = (
     score,
     select,
     query,
+    ledger,
     distill,
     extract,
     fidelity,
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (AudioError, ValueError, FileNotFoundError, KeyError) as e:
+    except (AudioError, LedgerError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"speechmimic {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -17,7 +17,8 @@ def register(sub) -> None:
         help="send clips to the target and store the answers in a crash-safe ledger",
         description="Send the clips of a manifest to the target and store every answer in the "
         "ledger. Already paid clips (by id or identical audio) are never sent again; "
-        "after a crash, rerun the same command to resume.",
+        "after a crash, rerun the same command to resume. One process writes a ledger at a time: "
+        "a second query on the same ledger waits for the first, then pays only what is still missing.",
     )
     _options.add_target(p)
     p.add_argument(
@@ -31,6 +32,12 @@ def register(sub) -> None:
         help="lifetime cap of the ledger: N clips or Ns/Nm/Nh of audio (default: no cap)",
     )
     p.add_argument("--batch-size", type=int, default=8, help="clips per request to the target (default: 8)")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="first check the stored answers of the manifest's clips against their digests and buy "
+        "the damaged or missing ones again",
+    )
     _options.add_device(p)
     _options.add_progress(p)
     p.set_defaults(func=run)
@@ -42,9 +49,14 @@ def run(args) -> int:
     if ledger.in_doubt:
         print(f"{len(ledger.in_doubt)} clips were in flight when the last run stopped; sending them again")
     target = load_target(args.target, device=args.device)
+    clips = read_manifest(args.manifest)
+    if args.repair:
+        keys = [k for k in (ledger.key_of(c.id) for c in clips) if k is not None]
+        dropped = ledger.repair(keys)
+        print(f"checked {len(keys)} stored answers: {len(dropped)} damaged or missing, bought again below")
     stats = query_clips(
         target,
-        read_manifest(args.manifest),
+        clips,
         ledger,
         batch_size=args.batch_size,
         progress=not args.no_progress,

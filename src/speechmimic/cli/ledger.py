@@ -1,0 +1,83 @@
+"""``speechmimic ledger``: check a ledger's answers against their digests, and what it holds."""
+
+from __future__ import annotations
+
+import json
+
+from speechmimic.cli import _options
+from speechmimic.ledger import Ledger
+
+MAX_LISTED = 20
+
+
+def register(subparsers) -> None:
+    ledger = subparsers.add_parser(
+        "ledger",
+        help="check a ledger of paid answers (verify) or say what it holds (stats)",
+        description="Inspect a ledger of paid answers without paying anything.",
+    )
+    sub = ledger.add_subparsers(
+        dest="ledger_command", metavar="COMMAND", required=True, help="what to do with the ledger"
+    )
+    p = sub.add_parser(
+        "verify",
+        help="check every stored answer against the digest recorded when it was paid",
+        description="Check every answer of a ledger against the digest recorded when it was paid, and "
+        "the ledger's files: damaged or missing answers, answers a killed writer never indexed, its "
+        "leftover temporary files, a torn last index line. Exits 1 when an answer is damaged or "
+        "missing (0 after --drop).",
+    )
+    p.add_argument("dir", metavar="DIR", help="the ledger folder")
+    p.add_argument(
+        "--drop",
+        action="store_true",
+        help="move damaged and missing answers aside (DIR/damaged) so the next query buys them again",
+    )
+    _options.add_progress(p)
+    p.set_defaults(func=run_verify)
+    s = sub.add_parser(
+        "stats",
+        help="answers, seconds, bytes, payments, target and first/last payment of a ledger",
+        description="Print, as JSON, what a ledger holds and what it has spent: its target, answers "
+        "and their seconds, bytes on disk, payments (an answer bought twice counts twice), clips in "
+        "doubt and dropped, first and last payment.",
+    )
+    s.add_argument("dir", metavar="DIR", help="the ledger folder")
+    s.set_defaults(func=run_stats)
+
+
+def _existing(path: str) -> Ledger:
+    ledger = Ledger(path)
+    if ledger.header is None and not len(ledger):
+        raise FileNotFoundError(f"{path} holds no ledger (no ledger.json, no answers)")
+    return ledger
+
+
+def run_verify(args) -> int:
+    ledger = _existing(args.dir)
+    report = ledger.verify(progress=not args.no_progress)
+    bad = report.damaged + report.missing
+    for label, rows in (("damaged", report.damaged), ("missing", report.missing)):
+        for clip_id, key, reason in rows[:MAX_LISTED]:
+            print(f"{label}: clip {clip_id} (key {key}): {reason}")
+        if len(rows) > MAX_LISTED:
+            print(f"... and {len(rows) - MAX_LISTED} more {label}")
+    if report.unindexed:
+        print(f"{len(report.unindexed)} answers a killed writer never indexed (the next writer indexes them)")
+    if report.leftovers:
+        print(f"{len(report.leftovers)} temporary files of killed writers (the next writer removes them)")
+    if report.torn_tail:
+        print("the index ends in a torn line (the next writer cuts it)")
+    if report.unverified:
+        print(f"{len(report.unverified)} answers were paid before digests were recorded: not verifiable")
+    print(f"checked {report.checked} answers: {len(report.damaged)} damaged, {len(report.missing)} missing")
+    if bad and args.drop:
+        dropped = ledger.drop([key for _, key, _ in bad])
+        print(f"dropped {len(dropped)} answers to {ledger.root / 'damaged'}: the next query buys them again")
+        return 0
+    return 1 if bad else 0
+
+
+def run_stats(args) -> int:
+    print(json.dumps(_existing(args.dir).stats(), indent=2))
+    return 0
