@@ -1,7 +1,10 @@
 """Decoding and validation of audio files: every waveform that reaches a model goes through here.
 
 Bad inputs raise one typed subclass of :class:`AudioError` per kind of problem, so callers (the
-corpus scanner above all) can skip a file and say why instead of crashing mid-run.
+corpus scanner above all) can skip a file and say why instead of crashing mid-run. Files are
+untrusted: a header's claims (channels, rate, length) are checked against the file's size and sane
+limits before anything is read, decoding goes in bounded blocks, and whatever the decoder raises on a
+stranger's bytes becomes this file's typed error, never the run's (nor a ``MemoryError``).
 """
 
 from __future__ import annotations
@@ -57,6 +60,29 @@ class TooShortAudioError(AudioError):
     """Fewer samples than the model's receptive field."""
 
 
+class ImplausibleHeaderError(UnreadableAudioError):
+    """A header claiming channels, a rate or a length the file cannot hold (a lying or corrupt header)."""
+
+
+class TooLongAudioError(AudioError):
+    """Longer than the caller allows (``max_seconds``)."""
+
+
+# What a header may claim. Speech needs neither more channels nor rates outside these.
+MAX_CHANNELS = 32
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 384_000
+# The most frames one byte of a compressed file can plausibly carry: FLAC of digital silence at its
+# largest block size stays under ~5,500, Vorbis and MP3 far under; a header claiming more is lying.
+MAX_FRAMES_PER_BYTE = 8192
+# Frames decoded per read: memory grows with the audio actually found, one block at a time.
+BLOCK_FRAMES = 1 << 16
+# Bytes per sample of the uncompressed subtypes, whose frame count the file size bounds exactly.
+_PCM_BYTES = {
+    "PCM_S8": 1, "PCM_U8": 1, "ULAW": 1, "ALAW": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4,
+    "FLOAT": 4, "DOUBLE": 8,
+}  # fmt: skip
+_COMPRESSED_FORMATS = frozenset({"FLAC", "OGG", "MP3", "MPEG"})
+
 # Audio extensions the scanner looks at, mapped to the libsndfile format that decodes them (None:
 # audio libsndfile never decodes; such files are reported as skipped rather than silently ignored).
 _EXTENSION_FORMATS = {
@@ -85,7 +111,9 @@ def _riff_data_sizes(path: Path) -> tuple[int, int, int] | None:
             fh.seek(pos)
             chunk_id, size = struct.unpack("<4sI", fh.read(8))
             if chunk_id == b"fmt " and size >= 14:
-                block_align = struct.unpack("<H", fh.read(14)[12:14])[0] or 1
+                fmt = fh.read(14)
+                if len(fmt) == 14:
+                    block_align = struct.unpack("<H", fmt[12:14])[0] or 1
             elif chunk_id == b"data":
                 # 0 and 0xFFFFFFFF are placeholders written by streaming encoders, not a promise.
                 if size in (0, 0xFFFFFFFF):
@@ -95,7 +123,7 @@ def _riff_data_sizes(path: Path) -> tuple[int, int, int] | None:
     return None
 
 
-def _open(path: PathLike) -> sf.SoundFile:
+def _open(path: PathLike, max_seconds: float | None = None) -> sf.SoundFile:
     p = Path(path)
     if not p.exists():
         raise UnreadableAudioError(path, "no such file")
@@ -103,7 +131,7 @@ def _open(path: PathLike) -> sf.SoundFile:
         raise UnreadableAudioError(path, "not a regular file")
     try:
         f = sf.SoundFile(p)
-    except (RuntimeError, TypeError, ValueError, OSError) as e:
+    except Exception as e:  # whatever libsndfile makes of a stranger's bytes, it is this file's failure
         ext = p.suffix.lower()
         if ext in DECODABLE_EXTENSIONS:
             raise UnreadableAudioError(path, f"cannot decode ({e})") from e
@@ -112,11 +140,41 @@ def _open(path: PathLike) -> sf.SoundFile:
             path, f"unsupported audio type {kind} (decodable: wav, flac, ogg and other libsndfile formats)"
         ) from e
     try:
+        _check_claims(f, p, max_seconds)
         _check_complete(f, p)
-    except BaseException:
+    except AudioError:
         f.close()
         raise
+    except Exception as e:
+        f.close()
+        raise UnreadableAudioError(path, f"corrupt header ({type(e).__name__}: {e})") from e
     return f
+
+
+def _check_claims(f: sf.SoundFile, path: Path, max_seconds: float | None) -> None:
+    """Refuse a header whose channels, rate or length the file cannot hold, before anything is read:
+    nothing is ever allocated from what a header claims."""
+    if not 1 <= f.channels <= MAX_CHANNELS:
+        raise ImplausibleHeaderError(path, f"header claims {f.channels} channels (at most {MAX_CHANNELS})")
+    if not MIN_SAMPLE_RATE <= f.samplerate <= MAX_SAMPLE_RATE:
+        raise ImplausibleHeaderError(
+            path, f"header claims {f.samplerate} Hz (accepted: {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz)"
+        )
+    size = path.stat().st_size
+    width = _PCM_BYTES.get(f.subtype)
+    if width is not None and f.format not in _COMPRESSED_FORMATS:
+        most = size // (width * f.channels)  # uncompressed: the bytes bound the frames exactly
+    else:
+        most = size * MAX_FRAMES_PER_BYTE
+    if f.frames > most:
+        raise ImplausibleHeaderError(
+            path,
+            f"header claims {f.frames} frames of {f.channels} channels; {size} bytes hold at most {most}",
+        )
+    if max_seconds is not None and f.frames > max_seconds * f.samplerate:
+        raise TooLongAudioError(
+            path, f"{f.frames / f.samplerate:.1f} s, longer than the {max_seconds:g} s allowed"
+        )
 
 
 def _check_complete(f: sf.SoundFile, path: Path) -> None:
@@ -136,43 +194,55 @@ def _check_complete(f: sf.SoundFile, path: Path) -> None:
         raise UnreadableAudioError(path, "truncated file: Ogg stream ends without end-of-stream page")
 
 
-def audio_info(path: PathLike) -> tuple[int, int, int]:
-    """``(sampling_rate, num_frames, channels)`` of a file, raising the typed errors."""
-    with _open(path) as f:
+def audio_info(path: PathLike, max_seconds: float | None = None) -> tuple[int, int, int]:
+    """``(sampling_rate, num_frames, channels)`` of a file from its header, once the claims are found
+    plausible for the file's size (and within ``max_seconds``); raises the typed errors."""
+    with _open(path, max_seconds) as f:
         if f.frames <= 0:
             raise EmptyAudioError(path, "file contains no samples")
         return f.samplerate, f.frames, f.channels
 
 
 def decode_audio(
-    path: PathLike, offset: float = 0.0, duration: float | None = None
+    path: PathLike, offset: float = 0.0, duration: float | None = None, max_seconds: float | None = None
 ) -> tuple[np.ndarray, int]:
     """Decode ``[offset, offset + duration)`` seconds as float32 mono at the file's own rate.
 
-    Only the requested frames are read. Raises on unreadable, unsupported, empty and non-finite
-    audio; silence and length are left to :func:`validate_waveform`.
+    Only the requested frames are read, in blocks of at most ``BLOCK_FRAMES``, each mixed to mono as
+    it comes: memory follows the audio actually decoded, never the length a header claims. Raises on
+    unreadable, unsupported, implausible, too long (``max_seconds``), empty and non-finite audio; any
+    error of the decoder is an :class:`UnreadableAudioError` of this file. Silence and length are
+    left to :func:`validate_waveform`.
     """
     if offset < 0 or (duration is not None and duration < 0):
         raise ValueError(f"offset and duration must be >= 0, got {offset}, {duration}")
-    with _open(path) as f:
+    with _open(path, max_seconds) as f:
         sr, total = f.samplerate, f.frames
         start = min(round(offset * sr), total)
         n = total - start if duration is None else min(round(duration * sr), total - start)
         if n <= 0:
             where = f" at offset {offset:g} s (file lasts {total / sr:g} s)" if start else ""
             raise EmptyAudioError(path, f"no samples{where}")
+        blocks, got = [], 0
         try:
             if start:
                 f.seek(start)
-            data = f.read(n, dtype="float32", always_2d=True)
-        except (RuntimeError, ValueError) as e:
-            raise UnreadableAudioError(path, f"corrupt or truncated file ({e})") from e
-    if len(data) < n:
-        raise UnreadableAudioError(path, f"truncated file: read {len(data)} of {n} frames")
-    if not np.isfinite(data).all():
-        raise NonFiniteAudioError(path, "contains NaN/Inf samples")
-    wav = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float32)
-    return np.ascontiguousarray(wav, dtype=np.float32), sr
+            while got < n:
+                block = f.read(min(BLOCK_FRAMES, n - got), dtype="float32", always_2d=True)
+                if not len(block):
+                    break
+                if not np.isfinite(block).all():
+                    raise NonFiniteAudioError(path, "contains NaN/Inf samples")
+                mono = block[:, 0] if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float32)
+                blocks.append(np.ascontiguousarray(mono, dtype=np.float32))
+                got += len(block)
+        except AudioError:
+            raise
+        except Exception as e:
+            raise UnreadableAudioError(path, f"corrupt or truncated file ({type(e).__name__}: {e})") from e
+    if got < n:
+        raise UnreadableAudioError(path, f"truncated file: read {got} of {n} frames")
+    return (blocks[0] if len(blocks) == 1 else np.concatenate(blocks)), sr
 
 
 def resample(wav: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
@@ -214,11 +284,16 @@ def load_audio(
     sample_rate: int = SAMPLE_RATE,
     min_samples: int = 0,
     silence_threshold: float = DEFAULT_SILENCE_THRESHOLD,
+    max_seconds: float | None = None,
 ) -> np.ndarray:
     """Decode, mix to mono, resample to ``sample_rate`` and validate; returns float32 1-D.
 
-    ``min_samples`` counts samples at ``sample_rate`` (after resampling).
+    ``min_samples`` counts samples at ``sample_rate`` (after resampling); a file longer than
+    ``max_seconds`` is refused before it is decoded. Every failure is an :class:`AudioError`.
     """
-    wav, sr = decode_audio(path, offset, duration)
-    wav = resample(wav, sr, sample_rate)
+    wav, sr = decode_audio(path, offset, duration, max_seconds)
+    try:
+        wav = resample(wav, sr, sample_rate)
+    except Exception as e:
+        raise UnreadableAudioError(path, f"cannot resample {sr} Hz to {sample_rate} Hz ({e})") from e
     return validate_waveform(wav, path, min_samples=min_samples, silence_threshold=silence_threshold)

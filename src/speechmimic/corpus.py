@@ -31,6 +31,7 @@ import math
 import os
 import random
 import re
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -160,6 +161,16 @@ def iter_manifest(path: str | os.PathLike) -> Iterator[Clip]:
 
 def read_manifest(path: str | os.PathLike) -> list[Clip]:
     return list(iter_manifest(path))
+
+
+def warn_unusable(step: str, unusable: dict[str, str], shown: int = 5) -> None:
+    """Say on stderr which clips ``step`` skipped and why: a bad file is its own failure, not the run's."""
+    if not unusable:
+        return
+    items = list(unusable.items())
+    listed = "; ".join(f"{clip_id}: {reason}" for clip_id, reason in items[:shown])
+    more = f"; and {len(items) - shown} more" if len(items) > shown else ""
+    print(f"{step}: skipped {len(items)} unusable clip(s): {listed}{more}", file=sys.stderr, flush=True)
 
 
 def fingerprint(*parts) -> str:
@@ -312,11 +323,13 @@ def scan(
     min_samples: int = 0,
     progress: bool = True,
     silence_threshold: float = DEFAULT_SILENCE_THRESHOLD,
+    max_file_seconds: float | None = None,
 ) -> ScanResult:
     """Find, decode and validate every audio file under ``root``; bad files are skipped, never fatal.
 
     ``min_samples`` counts samples at 16 kHz. With ``max_segment_seconds``, longer files become
-    segments ``<id>@<k>`` (label ``segment: k``), each validated on its own.
+    segments ``<id>@<k>`` (label ``segment: k``), each validated on its own. Files longer than
+    ``max_file_seconds`` are skipped before they are decoded.
     """
     root = Path(root)
     if not root.is_dir():
@@ -344,10 +357,13 @@ def scan(
             skipped.append((str(path), str(e)))
             continue
         try:
-            wav, sr = decode_audio(path)
+            wav, sr = decode_audio(path, max_seconds=max_file_seconds)
             validate_waveform(wav, path, silence_threshold=silence_threshold)
         except AudioError as e:
             skipped.append((str(path), e.reason))
+            continue
+        except Exception as e:  # never the scan's failure: the decoder types its errors, this is the net
+            skipped.append((str(path), f"unexpected error while decoding ({type(e).__name__}: {e})"))
             continue
         clip_id = _unique(clip_id, rel, seen_ids)
         bounds = _segment_bounds(len(wav), sr, max_segment_seconds)
@@ -362,6 +378,9 @@ def scan(
                 )
             except AudioError as e:
                 skipped.append((seg_path, e.reason))
+                continue
+            except Exception as e:
+                skipped.append((seg_path, f"unexpected error while resampling ({type(e).__name__}: {e})"))
                 continue
             if len(bounds) == 1:
                 clips.append(Clip(clip_id, str(path), sr, n, n / sr, 0.0, labels))

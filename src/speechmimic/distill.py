@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from speechmimic.audio import SAMPLE_RATE
+from speechmimic.audio import SAMPLE_RATE, AudioError
 from speechmimic.config import option
-from speechmimic.corpus import Clip, fingerprint
+from speechmimic.corpus import Clip, fingerprint, warn_unusable
 from speechmimic.ledger import Ledger
 from speechmimic.student import (
     CONFIG_NAME,
@@ -61,15 +61,37 @@ def infer_heads(ledger: Ledger, keys: list[str]) -> list[HeadSpec]:
 
 
 class PairedClips:
-    """Waveforms and paid responses of the queried clips, cached in memory up to ``cache_bytes``."""
+    """Waveforms and paid responses of the queried clips, cached in memory up to ``cache_bytes``.
+
+    Every pair is read once here: a clip whose audio no longer decodes is left out and named in
+    ``unusable`` (a damaged answer, in contrast, raises: it must be repaired, not trained around)."""
 
     def __init__(self, clips: list[Clip], ledger: Ledger, cache_bytes: int = 4 << 30):
-        self.clips = [c for c in clips if ledger.key_of(c.id) in ledger.entries]
-        if not self.clips:
-            raise ValueError(f"none of the {len(clips)} clips has a paid response in {ledger.root}")
         self.ledger = ledger
         self.cache: dict[int, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
         self.cache_left = cache_bytes
+        self.clips: list[Clip] = []
+        self.unusable: dict[str, str] = {}
+        for clip in clips:
+            key = ledger.key_of(clip.id)
+            if key not in ledger.entries:
+                continue
+            try:
+                item = (clip.load(), ledger.get(key))
+            except AudioError as e:
+                self.unusable[clip.id] = e.reason
+                continue
+            self.clips.append(clip)
+            self._keep(len(self.clips) - 1, item)
+        if not self.clips:
+            raise ValueError(f"none of the {len(clips)} clips has a usable paid response in {ledger.root}")
+        warn_unusable("distill", self.unusable)
+
+    def _keep(self, i: int, item: tuple[np.ndarray, dict[str, np.ndarray]]) -> None:
+        size = item[0].nbytes + sum(v.nbytes for v in item[1].values())
+        if size <= self.cache_left:
+            self.cache[i] = item
+            self.cache_left -= size
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -82,10 +104,7 @@ class PairedClips:
             return self.cache[i]
         clip = self.clips[i]
         item = (clip.load(), self.ledger.get(self.ledger.key_of(clip.id)))
-        size = item[0].nbytes + sum(v.nbytes for v in item[1].values())
-        if size <= self.cache_left:
-            self.cache[i] = item
-            self.cache_left -= size
+        self._keep(i, item)
         return item
 
 

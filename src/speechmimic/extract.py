@@ -117,11 +117,14 @@ def extract(
     t = time.time()
     init = stage1_checkpoint(pool, out_dir, cfg, progress)
     scores = Scores.load(cfg.scores) if cfg.scores else None
+    candidates = pool
     if scores is None and STRATEGIES[cfg.strategy].needs and init is not None:
         scores = cached_scores(init, pool, out_dir, cfg.seed, progress)
+        scored = set(scores.ids)  # a clip that does not decode has no scores: it cannot be chosen
+        candidates = [c for c in pool if c.id in scored]
     timings["stage1"] = time.time() - t
     t = time.time()
-    chosen = select(pool, budget, strategy=cfg.strategy, seed=cfg.seed, scores=scores)
+    chosen = select(candidates, budget, strategy=cfg.strategy, seed=cfg.seed, scores=scores)
     if not chosen:
         raise ValueError(f"budget {budget} admits no clip of the pool")
     write_manifest(chosen, out_dir / "selected.jsonl")

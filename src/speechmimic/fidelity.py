@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from speechmimic.corpus import Clip
+from speechmimic.audio import AudioError
+from speechmimic.corpus import Clip, warn_unusable
 from speechmimic.ledger import Ledger, query_clips
 from speechmimic.student import Student, predict
 from speechmimic.targets import Target
@@ -92,8 +93,23 @@ def heldout_fidelity(
 ) -> dict:
     """Fidelity on clips the attack never queried, the target's answers read through ``eval_ledger``
     (the evaluator's, never the attack's budget); ``mean_target`` is the student's stored mean of the
-    queried frames (its heads' de-standardisation means)."""
-    query_clips(target, heldout, eval_ledger, progress=progress)
+    queried frames (its heads' de-standardisation means). Clips that do not decode are left out and
+    named on stderr."""
+    stats = query_clips(target, heldout, eval_ledger, progress=progress)
+    unusable = dict(stats["unusable"])
     mean_target = {name: head.mean.numpy() for name, head in student.heads.items()}
-    pairs = ((c.load(min_samples=target.min_samples), eval_ledger.get_clip(c.id)) for c in heldout)
-    return evaluate_fidelity(student, pairs, mean_target, total=len(heldout), progress=progress)
+
+    def pairs():
+        for clip in heldout:
+            if clip.id in unusable:
+                continue
+            try:
+                wav = clip.load(min_samples=target.min_samples)
+            except AudioError as e:  # it decoded when it was queried; the file has changed since
+                unusable[clip.id] = e.reason
+                continue
+            yield wav, eval_ledger.get_clip(clip.id)
+
+    result = evaluate_fidelity(student, pairs(), mean_target, total=len(heldout), progress=progress)
+    warn_unusable("held-out fidelity", unusable)
+    return result

@@ -26,7 +26,7 @@ from torch import nn
 
 from speechmimic.audio import SAMPLE_RATE
 from speechmimic.config import option
-from speechmimic.corpus import Clip
+from speechmimic.corpus import Clip, warn_unusable
 from speechmimic.student import Student, StudentConfig, build_student
 from speechmimic.trainer import STATE_NAME, TrainConfig, seed_all, train_loop
 from speechmimic.units import MIN_SAMPLES, MFCCSource, StudentSource, Units, fit_units, source_from_dict
@@ -202,6 +202,8 @@ def _train_iteration(
     student = build_student(preset)
     model = MaskedPredictor(student, UnitHead(student.cfg.dim, units.k, cfg.codebook_dim, cfg.temperature))
     labels = units.student_labels(clips, student.cfg, out_dir.parent / "units", progress)
+    clips = [c for c in clips if c.id in labels]  # a clip that does not decode is skipped, not fatal
+    warn_unusable(f"pretrain iter{iteration}", units.unusable)
     model.to(cfg.device).train()
     waves = _Waves(clips)
     span = span_frames(cfg.mask_length, student.cfg)
@@ -244,6 +246,7 @@ def _train_iteration(
             "pretrain": record,
             "units_source": units.source.describe(out_dir),
             "clips": len(clips),
+            "unusable": units.unusable,
             "train_seconds": round(time.time() - t0, 1),
         },
     )

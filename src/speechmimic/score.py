@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from speechmimic.corpus import Clip, clips_fingerprint
+from speechmimic.corpus import Clip, clips_fingerprint, warn_unusable
 from speechmimic.pretrain import MaskedPredictor, UnitHead, load_pretrained, span_frames, span_mask
 from speechmimic.student import CONFIG_NAME, WEIGHTS_NAME, Student
 from speechmimic.units import MIN_SAMPLES
@@ -143,11 +143,13 @@ def masked_accuracy(
 
 
 def _checkpoint_and_labels(directory: str | Path, clips: list[Clip], device: str, progress: bool):
-    """A stage-1 checkpoint (student, unit head), its units of every clip per student frame, and the
-    settings it was trained with."""
+    """A stage-1 checkpoint (student, unit head), its units of every clip that decodes, one per student
+    frame (the others are named on stderr and left out), and the settings it was trained with."""
     student, head, units = load_pretrained(directory, device)
     rec = json.loads((Path(directory) / CONFIG_NAME).read_text())["pretrain"]
-    return student, head, units.student_labels(clips, student.cfg, progress=progress), rec
+    labels = units.student_labels(clips, student.cfg, progress=progress)
+    warn_unusable("stage-1 scoring", units.unusable)
+    return student, head, [c for c in clips if c.id in labels], labels, rec
 
 
 def checkpoint_accuracy(
@@ -155,7 +157,7 @@ def checkpoint_accuracy(
 ) -> dict:
     """:func:`masked_accuracy` of a stage-1 checkpoint on ``clips`` (e.g. held out), masked as in
     its training."""
-    student, head, labels, rec = _checkpoint_and_labels(directory, clips, device, progress)
+    student, head, clips, labels, rec = _checkpoint_and_labels(directory, clips, device, progress)
     return masked_accuracy(
         student,
         head,
@@ -178,8 +180,9 @@ def score_clips(
     progress: bool = True,
 ) -> Scores:
     """What clip selection ranks by: per clip, the stage-1 student's mean masked-prediction loss over
-    ``n_masks`` seeded masks (uncertainty) and its mean-pooled last-layer features (embedding)."""
-    student, head, labels, rec = _checkpoint_and_labels(student_dir, clips, device, progress)
+    ``n_masks`` seeded masks (uncertainty) and its mean-pooled last-layer features (embedding). A clip
+    that does not decode gets no row (and is named on stderr)."""
+    student, head, clips, labels, rec = _checkpoint_and_labels(student_dir, clips, device, progress)
     span = span_frames(rec["mask_length"], student.cfg)
     uncertainty, embeddings = [], []
     for loss, _, _, emb in _per_clip(

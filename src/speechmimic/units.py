@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from speechmimic.audio import SAMPLE_RATE
+from speechmimic.audio import SAMPLE_RATE, AudioError
 from speechmimic.baselines import MFCCUpstream
 from speechmimic.corpus import Clip, clips_fingerprint, fingerprint
 from speechmimic.dsp import HOP as MFCC_HOP
@@ -165,6 +165,8 @@ class Units:
 
     source: MFCCSource | StudentSource
     centroids: np.ndarray  # (k, D) float32
+    # clip id -> why it could not be labelled (it does not decode); filled by clip_labels
+    unusable: dict[str, str] = field(default_factory=dict)
 
     @property
     def k(self) -> int:
@@ -184,20 +186,29 @@ class Units:
         self, clips: list[Clip], cache_dir: str | Path | None = None, progress: bool = True
     ) -> dict[str, tuple[np.ndarray, int]]:
         """Units of each clip at the source's rate, with the clip's samples at 16 kHz; cached under
-        ``cache_dir`` when given."""
+        ``cache_dir`` when given. A clip that does not decode gets none and is named, with why, in
+        :attr:`unusable`."""
 
         def run(_, part, bar):
-            labels, samples = [], []
+            ids, labels, samples, bad, reasons = [], [], [], [], []
             for clip in part:
-                wav = clip.load(min_samples=MIN_SAMPLES)
+                bar.update(1)
+                try:
+                    wav = clip.load(min_samples=MIN_SAMPLES)
+                except AudioError as e:
+                    bad.append(clip.id)
+                    reasons.append(e.reason)
+                    continue
+                ids.append(clip.id)
                 labels.append(self.assign(self.source(wav)))
                 samples.append(len(wav))
-                bar.update(1)
             return {
-                "ids": np.array([c.id for c in part]),
+                "ids": np.array(ids, dtype=str),
                 "samples": np.array(samples, dtype=np.int64),
                 "lengths": np.array([len(x) for x in labels], dtype=np.int64),
-                "labels": np.concatenate(labels),
+                "labels": np.concatenate(labels) if labels else np.zeros(0, np.int16),
+                "unusable_ids": np.array(bad, dtype=str),
+                "unusable_reasons": np.array(reasons, dtype=str),
             }
 
         if cache_dir is None:
@@ -208,6 +219,10 @@ class Units:
             parts = _map_parts(clips, run, directory, "units", progress)
         out = {}
         for part in parts:
+            for clip_id, reason in zip(
+                part.get("unusable_ids", ()), part.get("unusable_reasons", ()), strict=True
+            ):
+                self.unusable[str(clip_id)] = str(reason)
             ends = np.cumsum(part["lengths"])
             for clip_id, n, a, b in zip(
                 part["ids"], part["samples"], ends - part["lengths"], ends, strict=True
@@ -254,13 +269,19 @@ def fit_units(
         rng = np.random.default_rng([seed, i])  # per part, so a resumed pass draws the same sample
         frames = []
         for clip in part:
-            feats = source(clip.load(min_samples=MIN_SAMPLES))
-            frames.append(feats[rng.random(len(feats)) < keep])
             bar.update(1)
-        return {"frames": np.concatenate(frames).astype(np.float32)}
+            try:
+                feats = source(clip.load(min_samples=MIN_SAMPLES))
+            except AudioError:
+                continue  # named by the labelling pass, which meets the same clip
+            frames.append(feats[rng.random(len(feats)) < keep])
+        return {
+            "frames": np.concatenate(frames).astype(np.float32) if frames else np.zeros((0, 0), np.float32)
+        }
 
     parts = _map_parts(clips, run, cache_dir / f"sample-{key}", "k-means sample", progress)
-    sample = np.concatenate([p["frames"] for p in parts])
+    found = [p["frames"] for p in parts if len(p["frames"])]
+    sample = np.concatenate(found) if found else np.zeros((0, 1), np.float32)
     if len(sample) < k:
         raise ValueError(f"{len(sample)} sampled frames cannot make {k} clusters")
     km = MiniBatchKMeans(

@@ -64,6 +64,13 @@ def register(subparsers) -> None:
         help="skip clips with fewer than N samples at 16 kHz, e.g. the target model's receptive field",
     )
     p.add_argument(
+        "--max-file-seconds",
+        type=float,
+        default=None,
+        metavar="N",
+        help="skip files longer than N seconds, from their header, before decoding them (default: no limit)",
+    )
+    p.add_argument(
         "--skipped",
         default=None,
         metavar="FILE",
@@ -82,6 +89,7 @@ def run_scan(args: argparse.Namespace) -> int:
             max_segment_seconds=args.max_seconds,
             min_samples=args.min_samples,
             progress=not args.no_progress,
+            max_file_seconds=args.max_file_seconds,
         )
     except (NotADirectoryError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

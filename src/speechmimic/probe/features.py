@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from speechmimic.audio import SAMPLE_RATE
+from speechmimic.audio import SAMPLE_RATE, AudioError
 from speechmimic.baselines import BASELINES
 from speechmimic.corpus import Clip
 from speechmimic.student import CONFIG_NAME, WEIGHTS_NAME
@@ -94,6 +94,7 @@ class FeatureStore:
         # A module with no identity cannot be told apart from another: keep its features in memory only.
         self.root = Path(cache_dir) / _folder_name(self.identity) if cache_dir and self.identity else None
         self.calls = 0
+        self.unusable: dict[str, str] = {}  # clip id -> why its audio did not decode
         self.names: list[str] | None = None
         self._memory: dict[str, ClipFeatures] = {}
         self._index: dict[str, tuple[Path, bool]] = {}  # clip key -> (shard, has frames)
@@ -159,10 +160,13 @@ class FeatureStore:
         for key, feats in pending.items():
             self._index[key] = (shard, feats.frames is not None)
 
-    def get(self, clips: Sequence[Clip], frames: bool = False, progress: bool = True) -> list[ClipFeatures]:
+    def get(
+        self, clips: Sequence[Clip], frames: bool = False, progress: bool = True
+    ) -> list[ClipFeatures | None]:
         """Features of every clip, in order; frames only if ``frames`` (else ``ClipFeatures.frames`` is None).
 
         Clips are encoded one at a time (no padding can leak into a clip's features), under no_grad.
+        A clip whose audio does not decode gets None and is named, with why, in :attr:`unusable`.
         """
         keys = [clip_key(c) for c in clips]
         found: dict[str, ClipFeatures] = {}
@@ -180,7 +184,11 @@ class FeatureStore:
         pending: dict[str, ClipFeatures] = {}
         size = 0
         for key, clip in tqdm(missing.items(), desc="upstream features", unit="clip", disable=not progress):
-            feats = self._encode(clip, frames)
+            try:
+                feats = self._encode(clip, frames)
+            except AudioError as e:
+                self.unusable[clip.id] = e.reason
+                continue
             found[key] = feats
             if self.root is None:
                 self._memory[key] = feats
@@ -192,4 +200,4 @@ class FeatureStore:
                 pending, size = {}, 0
         if pending:
             self._write_shard(pending)
-        return [found[k] for k in keys]
+        return [found.get(k) for k in keys]

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from speechmimic.corpus import warn_unusable
 from speechmimic.probe.features import ClipFeatures, FeatureStore
 from speechmimic.probe.featurizer import Featurizer
 from speechmimic.probe.heads import CTCHead, UtteranceHead
@@ -158,6 +159,10 @@ def probe(
     store = FeatureStore(upstream, cache_dir, identity=upstream_id, device=device, ledger=ledger)
     clips = {s: task.split(s) for s in ("train", "dev", "test")}
     feats = {s: store.get(c, frames=use_frames, progress=progress) for s, c in clips.items()}
+    for s in clips:  # a clip whose audio does not decode is left out of its split, and named
+        clips[s] = [c for c, f in zip(clips[s], feats[s], strict=True) if f is not None]
+        feats[s] = [f for f in feats[s] if f is not None]
+    warn_unusable(f"probe {task.name}", store.unusable)
     names = store.names
     chosen = _choose_states(names, [m.shape[0] for m in feats["train"][0].means], layers)
     data = {s: _Data(f, chosen, use_frames) for s, f in feats.items()}
@@ -266,6 +271,7 @@ def probe(
         "upstream": store.identity or type(store.upstream).__name__,
         "head": "utterance" if classify else ("bilstm-ctc" if lstm else "linear-ctc"),
         "splits": {s: data[s].n for s in data},
+        "unusable": store.unusable,
     }
     if out_dir is not None:
         out = Path(out_dir)
