@@ -109,3 +109,30 @@ def read(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file holds one JSON object of settings")
     return data
+
+
+def from_env(cls: type, prefix: str, environ: typing.Mapping[str, str] | None = None) -> dict:
+    """The settings of ``cls`` given as environment variables ``<prefix><FIELD_NAME>`` (scalar fields
+    only), parsed to the field's type; a value that does not parse is refused, naming the variable."""
+    environ = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name.upper()
+        if name not in environ:
+            continue
+        typ, optional = field_type(cls, f.name)
+        raw = environ[name]
+        if optional and raw.strip().lower() in ("", "none", "null"):
+            out[f.name] = None
+        elif typ is bool:
+            if raw.strip().lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(f"{name}={raw!r}: expected true or false")
+            out[f.name] = raw.strip().lower() in ("1", "true", "yes")
+        elif typ in (int, float):
+            try:
+                out[f.name] = typ(raw)
+            except ValueError:
+                raise ValueError(f"{name}={raw!r}: expected {typ.__name__}") from None
+        elif typ is str:
+            out[f.name] = raw
+    return out

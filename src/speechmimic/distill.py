@@ -43,21 +43,12 @@ class DistillConfig(TrainConfig):
 
 
 def infer_heads(ledger: Ledger, keys: list[str]) -> list[HeadSpec]:
-    """Width and frame rate of each returned layer, read off the paid responses only.
-
-    The rate is the slope of frames against seconds over the clips: edge frames (centred windows,
-    receptive fields) only shift the intercept, so the slope is unbiased even on short clips.
-    """
-    seconds = np.array([ledger.entries[k].seconds for k in keys])
-    specs = []
-    for name, arr in ledger.get(keys[0]).items():
-        frames = np.array([ledger.entries[k].frames[name] for k in keys], dtype=float)
-        if np.ptp(seconds) > 0.05:
-            rate = np.polyfit(seconds, frames, 1)[0]
-        else:  # all clips of one length: no slope to fit
-            rate = float(np.median(frames / seconds))
-        specs.append(HeadSpec(name=name, dim=int(arr.shape[1]), rate=round(float(rate), 1)))
-    return specs
+    """Width and frame rate of each returned layer, read off the paid responses only."""
+    rates = ledger.frame_rates(keys)
+    return [
+        HeadSpec(name=name, dim=int(arr.shape[1]), rate=rates[name])
+        for name, arr in ledger.get(keys[0]).items()
+    ]
 
 
 class PairedClips:

@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 from speechmimic.audio import SAMPLE_RATE, AudioError
 from speechmimic.budget import Budget, take_within
 from speechmimic.corpus import Clip
-from speechmimic.targets.base import Target
+from speechmimic.targets.base import ClipRefused, PartialAnswers, Target
 
 LOCK_NAME = "writer.lock"
 
@@ -230,6 +230,8 @@ class Ledger:
                 self.spent_clips += 1
                 self.spent_seconds += entry.seconds
             self._add(entry)
+        elif kind == "refused":
+            self._sent.discard(event["key"])
         elif kind == "alias":
             self.aliases[event["clip_id"]] = event["key"]
         elif kind == "drop":
@@ -294,6 +296,25 @@ class Ledger:
         if entry.digest is not None and answer_digest(arrays) != entry.digest:
             raise damaged("its bytes no longer match the digest recorded when it was paid")
         return arrays
+
+    def frame_rates(self, keys: Iterable[str] | None = None) -> dict[str, float]:
+        """Frames per second of each returned layer, read off the answers' frame counts alone.
+
+        The rate is the slope of frames against seconds over the clips: edge frames (centred windows,
+        receptive fields) only shift the intercept, so the slope is unbiased even on short clips.
+        """
+        entries = [self.entries[k] for k in (self.entries if keys is None else keys)]
+        if not entries:
+            raise LedgerError(f"ledger {self.root} holds no answers to read frame rates from")
+        seconds = np.array([e.seconds for e in entries])
+        rates = {}
+        for name in entries[0].frames:
+            frames = np.array([e.frames[name] for e in entries], dtype=float)
+            if np.ptp(seconds) > 0.05:
+                rates[name] = round(float(np.polyfit(seconds, frames, 1)[0]), 1)
+            else:  # all clips of one length: no slope to fit
+                rates[name] = round(float(np.median(frames / seconds)), 1)
+        return rates
 
     def get_clip(self, clip_id: str) -> dict[str, np.ndarray]:
         key = self.key_of(clip_id)
@@ -437,25 +458,45 @@ class Ledger:
         header = {
             "target": target.spec,
             "frame_rate": target.frame_rate,
-            "layers": list(target.layers),
+            "layers": None if target.layers is None else list(target.layers),
             "padding": target.padding,
             "sample_rate": SAMPLE_RATE,
         }
         with self._writing():
             if self.header is None:
-                path = self.root / "ledger.json"
-                tmp = _unique_tmp(path)
-                tmp.write_text(json.dumps(header, indent=2))
-                os.replace(tmp, path)
-                _fsync_dir(self.root)
-                self.header = header
-            elif self.header["target"] != header["target"] or self.header["layers"] != header["layers"]:
+                self._write_header(header)
+            elif self.header["target"] != header["target"] or (
+                None not in (self.header["layers"], header["layers"])
+                and self.header["layers"] != header["layers"]
+            ):
                 raise ValueError(
                     f"ledger {self.root} holds responses of {self.header['target']} (layers "
                     f"{self.header['layers']}), not {header['target']} (layers {header['layers']})"
                 )
 
+    def _write_header(self, header: dict) -> None:
+        path = self.root / "ledger.json"
+        tmp = _unique_tmp(path)
+        tmp.write_text(json.dumps(header, indent=2))
+        os.replace(tmp, path)
+        _fsync_dir(self.root)
+        self.header = header
+
+    def _check_layers(self, response: dict[str, np.ndarray]) -> None:
+        """The first answer of a target that did not say what it returns says it; every later answer
+        must return the same layers, or two targets' answers would mix."""
+        layers = list(response)
+        if self.header["layers"] is None:
+            self._write_header({**self.header, "layers": layers})
+        elif sorted(layers) != sorted(self.header["layers"]):
+            raise LedgerError(
+                f"{self.header['target']} returned layers {layers}; this ledger holds "
+                f"{self.header['layers']}: "
+                "the API changed what it returns, so its answers cannot share one ledger"
+            )
+
     def _store(self, key: str, clip_id: str, wav: np.ndarray, response: dict[str, np.ndarray]) -> Entry:
+        self._check_layers(response)
         arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in response.items()}
         entry = Entry(
             key, clip_id, int(len(wav)), {k: int(v.shape[0]) for k, v in arrays.items()},
@@ -542,12 +583,24 @@ class Ledger:
             self._append({"event": "send", "keys": keys, "time": time.time()})
             self._sent.update(keys)
             wavs = [w for _, _, w in batch]
-            responses = target(wavs, keys=keys) if takes_keys else target(wavs)
-            for (clip_id, key, wav), response in zip(batch, responses, strict=True):
-                self._store(key, clip_id, wav, response)
-                paid += 1
+            failed: dict[int, Exception] = {}
+            try:
+                responses = target(wavs, keys=keys) if takes_keys else target(wavs)
+            except PartialAnswers as e:  # keep what was answered (and charged) before anything else
+                responses, failed = e.answers, e.errors
+            for i, ((clip_id, key, wav), response) in enumerate(zip(batch, responses, strict=True)):
+                if response is not None:
+                    self._store(key, clip_id, wav, response)
+                    paid += 1
+                elif isinstance(failed[i], ClipRefused):  # that clip's failure, not the run's
+                    self._append({"event": "refused", "key": key, "reason": failed[i].reason})
+                    self._sent.discard(key)
+                    unusable.append((clip_id, failed[i].reason))
             batch.clear()
             pending.clear()
+            fatal = [e for e in failed.values() if not isinstance(e, ClipRefused)]
+            if fatal:
+                raise fatal[0]
 
         for clip_id, load in clips:
             bar.update(1)

@@ -21,8 +21,10 @@ from speechmimic.cli import (
     recipe,
     score,
     select,
+    serve,
 )
 from speechmimic.ledger import LedgerError
+from speechmimic.targets.base import TargetError
 
 COMMANDS = (
     demo,
@@ -39,6 +41,7 @@ COMMANDS = (
     probe,
     evaluate,
     embed,
+    serve,
 )
 
 
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (AudioError, LedgerError, ValueError, FileNotFoundError, KeyError) as e:
+    except (AudioError, LedgerError, TargetError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"speechmimic {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

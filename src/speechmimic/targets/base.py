@@ -21,19 +21,47 @@ class Target(Protocol):
     "bucket"): padding changes the outputs of transformer encoders, so it is recorded with every
     paid query. ``min_samples`` is the shortest clip the target accepts (its receptive field).
 
+    A remote API may not say what it returns: its ``layers`` are then ``None`` and its
+    ``frame_rate`` ``None`` until answers show them (the ledger learns both from the answers).
+
     The attack code reads only the returned arrays and these attributes; never weights, configs
     or layer counts of the model behind the API.
     """
 
     spec: str
-    frame_rate: float
-    layers: list[str]
+    frame_rate: float | None
+    layers: list[str] | None
     padding: str
     min_samples: int
 
     def __call__(
         self, wavs: list[np.ndarray], keys: list[str] | None = None
     ) -> list[dict[str, np.ndarray]]: ...
+
+
+class TargetError(RuntimeError):
+    """A target that could not answer (a remote API refusing the key, out of quota, unreachable)."""
+
+
+class ClipRefused(TargetError):
+    """The target refuses one clip for what it is (too long, too short, undecodable): that clip's
+    failure, never the run's. ``reason`` says why."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+class PartialAnswers(TargetError):
+    """Some clips of a batch were answered and some not: ``answers[i]`` is clip i's answer or
+    ``None``, ``errors[i]`` the :class:`TargetError` of each unanswered clip. Raised so the caller
+    keeps what was answered (and paid for) before it handles the rest."""
+
+    def __init__(self, answers: list[dict[str, np.ndarray] | None], errors: dict[int, TargetError]):
+        self.answers = answers
+        self.errors = errors
+        first = errors[min(errors)]
+        super().__init__(f"{len(errors)} of {len(answers)} clips unanswered; first: {first}")
 
 
 def as_clip(wav: np.ndarray, min_samples: int) -> np.ndarray:

@@ -4,6 +4,8 @@ A spec is ``<kind>[:<location>][?key=value&...]``:
 
 - ``hf:<local dir or hub id>?layers=...&padding=per_clip|bucket&batch_seconds=60``
 - ``resemblyzer?layers=...&padding=per_clip``
+- ``http://host:port[/prefix]?key_env=VAR&concurrency=8&timeout=60&retries=8&dtype=float32`` (or
+  ``https://``): an embedding API (see :mod:`speechmimic.targets.http`)
 
 Backends are imported only when a spec asks for them, so importing this module stays cheap.
 """
@@ -12,10 +14,13 @@ from __future__ import annotations
 
 from speechmimic.targets.base import Target
 
+_HTTP_OPTIONS = ("key_env", "concurrency", "timeout", "retries", "dtype")
 # kind -> (takes a location, accepted option keys)
 _KINDS: dict[str, tuple[bool, tuple[str, ...]]] = {
     "hf": (True, ("layers", "padding", "batch_seconds")),
     "resemblyzer": (False, ("layers", "padding")),
+    "http": (True, _HTTP_OPTIONS),
+    "https": (True, _HTTP_OPTIONS),
 }
 
 
@@ -73,8 +78,33 @@ def load_target(spec: str, device: str = "cpu") -> Target:
             batch_seconds=seconds,
             device=device,
         )
+    if kind in ("http", "https"):
+        from speechmimic.targets.http import DEFAULT_KEY_ENV, HTTPTarget
+
+        if not location.startswith("//"):
+            raise ValueError(f"spec {spec!r} is not a URL: expected {kind}://host:port[/prefix]")
+        return HTTPTarget(
+            f"{kind}:{location}",
+            key_env=options.get("key_env", DEFAULT_KEY_ENV),
+            concurrency=_number(options, "concurrency", int, 8, 1),
+            timeout=_number(options, "timeout", float, 60.0, 1e-3),
+            retries=_number(options, "retries", int, 8, 0),
+            dtype=options.get("dtype", "float32"),
+        )
     from speechmimic.targets.resemblyzer import ResemblyzerTarget
 
     return ResemblyzerTarget(
         layers=options.get("layers"), padding=options.get("padding", "per_clip"), device=device
     )
+
+
+def _number(options: dict[str, str], key: str, kind: type, default, least):
+    if key not in options:
+        return default
+    try:
+        value = kind(options[key])
+    except ValueError:
+        value = None
+    if value is None or not value >= least:
+        raise ValueError(f"option {key} must be a {kind.__name__} >= {least}, got {options[key]!r}")
+    return value

@@ -1,0 +1,74 @@
+"""The server's settings: defaults < a JSON file (``--config``) < ``SPEECHMIMIC_SERVE_*`` variables <
+flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from speechmimic.config import option
+
+ENV_PREFIX = "SPEECHMIMIC_SERVE_"
+INFO_FIELDS = ("layers", "widths", "frame_rate", "min_samples", "padding", "limits")
+
+
+@dataclass
+class ServeConfig:
+    target: str = option(
+        "",
+        "the encoder to serve, a target spec (e.g. 'resemblyzer?layers=all', 'hf:DIR'); required",
+        metavar="SPEC",
+    )
+    db: str = option(
+        "serve.sqlite",
+        "SQLite file of API keys, usage and stored answers (created if absent)",
+        metavar="FILE",
+    )
+    host: str = option("127.0.0.1", "address to listen on (loopback by default: expose it on purpose)")
+    port: int = option(8000, "port to listen on; 0 picks a free one (see --ready-file)")
+    ready_file: str | None = option(
+        None,
+        "once serving, write {url, pid} as JSON to this file (for scripts that start the server)",
+        metavar="FILE",
+    )
+    max_batch_seconds: float = option(
+        30.0, "dynamic batching: most seconds of audio in one call of the target (a longer clip runs alone)"
+    )
+    max_delay_ms: float = option(
+        5.0, "dynamic batching: longest a request waits for others to join its batch"
+    )
+    max_queue: int = option(256, "requests waiting for the model beyond which new ones get 429 (server busy)")
+    max_payload_bytes: int = option(
+        32 * 1024 * 1024, "largest request body accepted from any key (a key may allow less)"
+    )
+    max_clip_seconds: float = option(120.0, "longest clip accepted from any key (a key may allow less)")
+    hide_info: str = option(
+        "",
+        f"comma list of /v1/info fields to hide from clients, of {', '.join(INFO_FIELDS)}; 'all' hides it",
+        metavar="FIELDS",
+    )
+    answers_ttl_hours: float = option(
+        168.0, "how long answers stay stored under their Idempotency-Key (a resend within it is free)"
+    )
+    device: str = option("cpu", "torch device of the served model")
+    threads: int = option(0, "torch threads of the model (0: torch's default)")
+
+    def hidden(self) -> set[str]:
+        names = {x.strip() for x in self.hide_info.split(",") if x.strip()}
+        if "all" in names:
+            return {"all", *INFO_FIELDS}
+        unknown = names - set(INFO_FIELDS)
+        if unknown:
+            raise ValueError(
+                f"hide_info: unknown field(s) {sorted(unknown)}; valid: {list(INFO_FIELDS)} or all"
+            )
+        return names
+
+    def check(self) -> None:
+        if not self.target:
+            raise ValueError("serve needs a target spec (--target, or 'target' in the config file)")
+        for name in ("max_batch_seconds", "max_payload_bytes", "max_clip_seconds", "max_queue"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_delay_ms < 0 or self.answers_ttl_hours <= 0:
+            raise ValueError("max_delay_ms must be >= 0 and answers_ttl_hours > 0")
+        self.hidden()

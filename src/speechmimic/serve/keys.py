@@ -1,0 +1,244 @@
+"""API keys, their limits and their usage, and the answers stored under idempotency keys: one SQLite
+file (WAL, ``synchronous=FULL``), so what was committed survives a restart or a ``kill -9``.
+
+A key is shown once, when it is created; only its SHA-256 is stored (keys are 256 random bits, so a
+fast hash is enough). Usage is counted in requests and in samples at 16 kHz (exact integers: the
+server's charged seconds can be compared with a ledger's to the sample). The charge for an answer,
+and the answer itself when the request had an ``Idempotency-Key``, are committed in one
+transaction before the answer is sent: an answer that was charged can always be fetched again for
+free, and one that was not committed was never charged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from speechmimic.audio import SAMPLE_RATE
+
+TOKEN_PREFIX = "smk_"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    hash TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL,
+    revoked REAL,
+    quota_requests INTEGER,
+    quota_seconds REAL,
+    rate REAL,
+    burst REAL,
+    max_bytes INTEGER,
+    max_seconds REAL,
+    requests INTEGER NOT NULL DEFAULT 0,
+    samples INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS answers (
+    key_id INTEGER NOT NULL REFERENCES keys(id),
+    idempotency_key TEXT NOT NULL,
+    request_hash TEXT NOT NULL,
+    samples INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (key_id, idempotency_key)
+);
+CREATE INDEX IF NOT EXISTS answers_created ON answers(created);
+"""
+LIMITS = ("quota_requests", "quota_seconds", "rate", "burst", "max_bytes", "max_seconds")
+
+
+class QuotaExceeded(Exception):
+    def __init__(self, what: str):
+        self.what = what
+        super().__init__(what)
+
+
+@dataclass(frozen=True)
+class Key:
+    id: int
+    name: str
+    created: float
+    revoked: float | None
+    quota_requests: int | None
+    quota_seconds: float | None
+    rate: float | None  # requests per second, refilled continuously
+    burst: float | None  # bucket size (default: max(1, rate))
+    max_bytes: int | None
+    max_seconds: float | None
+    requests: int
+    samples: int
+
+    @property
+    def seconds(self) -> float:
+        return self.samples / SAMPLE_RATE
+
+    def over_quota(self, requests: int, samples: int) -> str | None:
+        """What a key that had already used ``requests`` and ``samples`` would exceed, or None."""
+        if self.quota_requests is not None and requests > self.quota_requests:
+            return f"request quota of {self.quota_requests} spent ({self.requests} used)"
+        if self.quota_seconds is not None and samples > round(self.quota_seconds * SAMPLE_RATE):
+            return f"audio quota of {self.quota_seconds:g} s spent ({self.seconds:.1f} s used)"
+        return None
+
+    def public(self) -> dict:
+        """What ``keys list`` and ``/v1/usage`` show: never the hash."""
+        return {
+            "name": self.name,
+            "created": self.created,
+            "revoked": self.revoked,
+            **{k: getattr(self, k) for k in LIMITS},
+            "requests": self.requests,
+            "samples": self.samples,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass(frozen=True)
+class StoredAnswer:
+    request_hash: str
+    samples: int
+    body: bytes
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class KeyStore:
+    """The SQLite file behind the server and ``speechmimic keys``; safe to share between threads."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- keys --------------------------------------------------------------------------------------
+    def create(self, name: str, **limits) -> tuple[Key, str]:
+        """A new key named ``name`` with ``limits`` (see :data:`LIMITS`); returns it and its token,
+        which is shown this once and never stored."""
+        unknown = set(limits) - set(LIMITS)
+        if unknown:
+            raise ValueError(f"unknown key limit(s) {sorted(unknown)}; valid: {list(LIMITS)}")
+        for k, v in limits.items():
+            if v is not None and not v > 0:
+                raise ValueError(f"{k} must be > 0, got {v}")
+        if not name or not name.isprintable() or len(name) > 100:
+            raise ValueError(f"a key name is 1 to 100 printable characters, got {name!r}")
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        values = {k: limits.get(k) for k in LIMITS}
+        with self._lock:
+            try:
+                self._db.execute(
+                    f"INSERT INTO keys (name, hash, created, {', '.join(LIMITS)}) "
+                    f"VALUES (?, ?, ?, {', '.join('?' * len(LIMITS))})",
+                    (name, token_hash(token), time.time(), *values.values()),
+                )
+            except sqlite3.IntegrityError:
+                raise ValueError(f"a key named {name!r} exists already") from None
+        return self.find(name), token
+
+    def find(self, name: str) -> Key:
+        row = self._one("SELECT * FROM keys WHERE name = ?", (name,))
+        if row is None:
+            raise KeyError(f"no key named {name!r} in {self.path}")
+        return _key(row)
+
+    def get(self, key_id: int) -> Key:
+        return _key(self._one("SELECT * FROM keys WHERE id = ?", (key_id,)))
+
+    def list(self) -> list[Key]:
+        with self._lock:
+            return [_key(r) for r in self._db.execute("SELECT * FROM keys ORDER BY id")]
+
+    def revoke(self, name: str) -> Key:
+        key = self.find(name)
+        if key.revoked is None:
+            with self._lock:
+                self._db.execute("UPDATE keys SET revoked = ? WHERE id = ?", (time.time(), key.id))
+        return self.find(name)
+
+    def authenticate(self, token: str) -> Key | None:
+        row = self._one("SELECT * FROM keys WHERE hash = ?", (token_hash(token),))
+        return None if row is None else _key(row)
+
+    # -- answers and charges -----------------------------------------------------------------------
+    def stored(self, key_id: int, idempotency_key: str) -> StoredAnswer | None:
+        """The answer stored under ``idempotency_key`` for this key, if any."""
+        with self._lock:
+            return self._stored(key_id, idempotency_key)
+
+    def _stored(self, key_id: int, idempotency_key: str) -> StoredAnswer | None:
+        row = self._db.execute(
+            "SELECT request_hash, samples, body FROM answers WHERE key_id = ? AND idempotency_key = ?",
+            (key_id, idempotency_key),
+        ).fetchone()
+        return None if row is None else StoredAnswer(row["request_hash"], row["samples"], bytes(row["body"]))
+
+    def charge(
+        self,
+        key_id: int,
+        samples: int,
+        idempotency_key: str | None = None,
+        request_hash: str = "",
+        body: bytes = b"",
+    ) -> StoredAnswer | None:
+        """Charge one request of ``samples`` and store its answer under ``idempotency_key``, in one
+        transaction. Returns the answer stored before if that key was answered meanwhile (nothing is
+        charged then); raises :class:`QuotaExceeded` (nothing charged) if the quota does not allow it."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if idempotency_key is not None:
+                    earlier = self._stored(key_id, idempotency_key)
+                    if earlier is not None:
+                        self._db.execute("ROLLBACK")
+                        return earlier
+                key = _key(self._db.execute("SELECT * FROM keys WHERE id = ?", (key_id,)).fetchone())
+                exceeded = key.over_quota(key.requests + 1, key.samples + samples)
+                if exceeded:
+                    raise QuotaExceeded(exceeded)
+                if idempotency_key is not None:
+                    self._db.execute(
+                        "INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?)",
+                        (key_id, idempotency_key, request_hash, samples, body, time.time()),
+                    )
+                self._db.execute(
+                    "UPDATE keys SET requests = requests + 1, samples = samples + ? WHERE id = ?",
+                    (samples, key_id),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        return None
+
+    def forget_answers(self, older_than_hours: float) -> int:
+        """Drop stored answers older than the retention; returns how many."""
+        with self._lock:
+            cur = self._db.execute(
+                "DELETE FROM answers WHERE created < ?", (time.time() - older_than_hours * 3600,)
+            )
+            return cur.rowcount
+
+    def _one(self, sql: str, args: tuple):
+        with self._lock:
+            return self._db.execute(sql, args).fetchone()
+
+
+def _key(row: sqlite3.Row) -> Key:
+    return Key(**{k: row[k] for k in row.keys() if k != "hash"})

@@ -1,0 +1,218 @@
+"""Any HTTP embedding API as a :class:`~speechmimic.targets.base.Target`: ours (``speechmimic serve``)
+or another that speaks the same wire format (:mod:`speechmimic.targets.wire`).
+
+Spec: ``http://host:port[/prefix]?key_env=VAR&concurrency=8&timeout=60&retries=8&dtype=float32``.
+The API key is read from the environment variable ``key_env`` (default ``SPEECHMIMIC_API_KEY``),
+never from the spec, so specs (which the ledger records) hold no secret.
+
+What it promises the ledger:
+
+- **Never charged twice for one clip.** Each request carries the clip's content key (the ledger's
+  key, the SHA-256 of its samples) as ``Idempotency-Key``; a resend (a retry, a resume after a
+  crash) of the same clip is answered from the server's store without a second charge, by any
+  server that honours the header (ours does). Against one that does not, a retry after a lost
+  answer may be charged again: set ``retries=0`` there.
+- **Never beyond the budget.** It sends only the clips the ledger gives it, one request each; the
+  ledger checks the budget before it hands them over.
+- **Bounded concurrency**: at most ``concurrency`` requests in flight; retries with exponential
+  backoff and full jitter on 5xx, 408, 409 (the same clip still in flight), timeouts and refused
+  connections (``retries`` of them per clip); on 429 it waits what ``Retry-After`` says, and a 429
+  without it (a spent quota) ends the run.
+- **Learns what it needs from the answers**: ``GET /v1/info`` is read if the API has it; otherwise
+  (or for what it hides) layers come from the first answer and the frame rate is left to the
+  ledger, which fits it on the answers' frame counts.
+
+A clip the API refuses for itself (413 too long, 422 undecodable/too short/silent) is a
+:class:`ClipRefused`: the ledger lists it as unusable and goes on.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from speechmimic.targets import wire
+from speechmimic.targets.base import ClipRefused, PartialAnswers, TargetError
+
+DEFAULT_KEY_ENV = "SPEECHMIMIC_API_KEY"
+# A Retry-After longer than this is not worth waiting for in a run: it ends the run, resumable.
+MAX_RETRY_AFTER = 600.0
+_BACKOFF_BASE, _BACKOFF_CAP = 0.25, 20.0
+_CLIP_STATUSES = (413, 422)  # refusals of one clip for what it is
+_RETRY_STATUSES = (408, 409, 500, 502, 503, 504)
+
+
+class HTTPTarget:
+    """A remote embedding API; see the module docstring for what it guarantees."""
+
+    def __init__(
+        self,
+        url: str,
+        key_env: str = DEFAULT_KEY_ENV,
+        concurrency: int = 8,
+        timeout: float = 60.0,
+        retries: int = 8,
+        dtype: str = "float32",
+        seed: int = 0,
+    ):
+        import httpx
+
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        if dtype not in wire.DTYPES:
+            raise ValueError(f"dtype must be one of {list(wire.DTYPES)}, got {dtype!r}")
+        self.url = url.rstrip("/")
+        self.key_env = key_env
+        self.concurrency = concurrency
+        self.retries = retries
+        self.dtype = dtype
+        key = os.environ.get(key_env)
+        if not key:
+            raise ValueError(f"no API key: set the environment variable {key_env} (the spec's key_env)")
+        self._headers = {"Authorization": f"Bearer {key}"}
+        self._client = httpx.Client(
+            timeout=timeout,
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+        )
+        self._httpx = httpx
+        self._pool: ThreadPoolExecutor | None = None
+        self._rng = random.Random(seed)
+        self._rng_lock = threading.Lock()
+        options = [f"key_env={key_env}"] if key_env != DEFAULT_KEY_ENV else []
+        options += [f"dtype={dtype}"] if dtype != "float32" else []
+        self.spec = self.url + ("?" + "&".join(options) if options else "")
+
+        info = self._info()
+        layers = info.get("layers")
+        self.layers: list[str] | None = [str(x) for x in layers] if isinstance(layers, list) else None
+        rate = info.get("frame_rate")
+        self.frame_rate: float | None = float(rate) if isinstance(rate, int | float) else None
+        self.min_samples = int(info["min_samples"]) if isinstance(info.get("min_samples"), int) else 0
+        self.padding = str(info.get("padding", "remote"))
+
+    def _info(self) -> dict:
+        """What ``GET /v1/info`` says, or ``{}`` where the API has no such endpoint."""
+        try:
+            r = self._client.get(f"{self.url}/v1/info", headers=self._headers)
+        except self._httpx.HTTPError as e:
+            raise TargetError(f"cannot reach the API at {self.url} ({type(e).__name__}: {e})") from None
+        if r.status_code in (401, 403):
+            raise TargetError(f"{self.url} refuses the key in ${self.key_env}: {_detail(r)}")
+        if r.status_code != 200:
+            return {}
+        try:
+            info = r.json()
+        except ValueError:
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def __call__(self, wavs: list[np.ndarray], keys: list[str] | None = None) -> list[dict[str, np.ndarray]]:
+        if keys is not None and len(keys) != len(wavs):
+            raise ValueError(f"{len(keys)} idempotency keys for {len(wavs)} clips")
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="http-target")
+        futures = [
+            self._pool.submit(self._embed, wav, keys[i] if keys else None) for i, wav in enumerate(wavs)
+        ]
+        answers: list[dict[str, np.ndarray] | None] = []
+        errors: dict[int, TargetError] = {}
+        for i, future in enumerate(futures):
+            try:
+                answers.append(future.result())
+            except TargetError as e:
+                answers.append(None)
+                errors[i] = e
+        if errors:
+            raise PartialAnswers(answers, errors)
+        return answers  # type: ignore[return-value]
+
+    def _embed(self, wav: np.ndarray, key: str | None) -> dict[str, np.ndarray]:
+        body = wire.encode_raw(wav)
+        headers = {**self._headers, "Content-Type": wire.RAW}
+        if key:
+            headers["Idempotency-Key"] = key
+        params = {"encoding": "f32le", "sample_rate": "16000", "format": "safetensors", "dtype": self.dtype}
+        failures = 0
+        while True:
+            try:
+                r = self._client.post(f"{self.url}/v1/embed", content=body, headers=headers, params=params)
+            except self._httpx.TransportError as e:  # refused, reset, timed out: the answer may be lost
+                failures += 1
+                self._backoff(failures, f"{type(e).__name__}: {e}")
+                continue
+            if r.status_code == 200:
+                return self._answer(r, len(wav))
+            if r.status_code == 429:
+                wait = _retry_after(r.headers.get("Retry-After"))
+                if wait is None:
+                    raise TargetError(
+                        f"{self.url} refuses: {_detail(r)} (429 without Retry-After: quota spent)"
+                    )
+                if wait > MAX_RETRY_AFTER:
+                    raise TargetError(f"{self.url} asks to wait {wait:.0f} s ({_detail(r)}); rerun later")
+                time.sleep(wait + self._jitter(0.1))
+                continue
+            if r.status_code in _CLIP_STATUSES:
+                raise ClipRefused(f"the API refuses the clip: {r.status_code} {_detail(r)}")
+            if r.status_code in _RETRY_STATUSES:
+                failures += 1
+                self._backoff(failures, f"{r.status_code} {_detail(r)}")
+                continue
+            raise TargetError(f"{self.url} refuses: {r.status_code} {_detail(r)}")
+
+    def _answer(self, r, num_samples: int) -> dict[str, np.ndarray]:
+        try:
+            arrays, samples = wire.decode_answer(r.content, r.headers.get("Content-Type"))
+        except wire.WireError as e:
+            raise TargetError(f"{self.url} sent an unreadable answer: {e}") from None
+        if samples is not None and samples != num_samples:
+            raise TargetError(f"{self.url} answered for {samples} samples, {num_samples} were sent")
+        if self.layers is None:
+            self.layers = list(arrays)
+        return arrays
+
+    def _jitter(self, scale: float) -> float:
+        with self._rng_lock:
+            return self._rng.uniform(0, scale)
+
+    def _backoff(self, failures: int, what: str) -> None:
+        if failures > self.retries:
+            raise TargetError(f"{self.url}: gave up after {failures} tries; last: {what}")
+        time.sleep(self._jitter(min(_BACKOFF_CAP, _BACKOFF_BASE * 2**failures)))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+        self._client.close()
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _detail(r) -> str:
+    """The ``detail`` (or ``title``) of a problem document, else the start of the body."""
+    try:
+        doc = r.json()
+        if isinstance(doc, dict):
+            return str(doc.get("detail") or doc.get("title") or doc)
+    except ValueError:
+        pass
+    return r.text[:200] or r.reason_phrase
