@@ -1,0 +1,62 @@
+"""32 concurrent clients against a real server on loopback, for a bounded time: no 5xx, every answer
+charged exactly once, latency percentiles printed. 10 s by default, 60 s behind the slow marker."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from speechmimic.targets import wire
+
+from _server import Server
+
+CLIENTS = 32
+
+
+def hammer(server: Server, wavs: list[bytes], tokens: list[str], seconds: float) -> dict:
+    stop = time.monotonic() + seconds
+    statuses: dict[int, int] = {}
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        rng = random.Random(i)
+        headers = {"Authorization": f"Bearer {tokens[i % len(tokens)]}", "Content-Type": wire.RAW}
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            while time.monotonic() < stop:
+                t = time.perf_counter()
+                r = http.post("/v1/embed", content=rng.choice(wavs), headers=headers)
+                with lock:
+                    latencies.append(time.perf_counter() - t)
+                    statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        list(pool.map(client, range(CLIENTS)))
+    lat = np.array(latencies)
+    return {
+        "statuses": statuses,
+        "requests": len(lat),
+        "per_second": len(lat) / seconds,
+        "p50_ms": float(np.percentile(lat, 50) * 1000),
+        "p99_ms": float(np.percentile(lat, 99) * 1000),
+    }
+
+
+@pytest.mark.parametrize("seconds", [10, pytest.param(60, marks=pytest.mark.slow)])
+def test_32_concurrent_clients_get_no_server_error(tmp_path, tiny_hf, speech_clips, seconds):
+    wavs = [wire.encode_raw(c.load()) for c in speech_clips[0][:16]]
+    with Server(tmp_path, f"hf:{tiny_hf['hubert']}?layers=all") as server:
+        names = [f"client-{i}" for i in range(4)]
+        tokens = [server.key(n) for n in names]
+        report = hammer(server, wavs, tokens, seconds)
+        print(f"\n{CLIENTS} clients for {seconds} s: {report}")
+        assert not [s for s in report["statuses"] if s >= 500]
+        assert report["statuses"].get(200, 0) == report["requests"]  # nothing refused: no limits were set
+        charged = sum(server.usage(n).requests for n in names)
+        assert charged == report["requests"]
