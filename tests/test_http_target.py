@@ -15,13 +15,12 @@ import httpx
 import numpy as np
 import pytest
 
+from _server import Server
 from speechmimic.budget import Budget
 from speechmimic.corpus import write_manifest
 from speechmimic.ledger import Ledger, query_clips
 from speechmimic.targets import load_target
 from speechmimic.targets.base import TargetError
-
-from _server import Server
 
 DEADLINE = 180.0
 
@@ -63,7 +62,9 @@ def test_a_budgeted_attack_through_http_is_charged_exactly_what_the_ledger_paid(
         assert again["paid"] == 0 and server.usage("thief").requests == 20
 
 
-def test_an_api_that_hides_what_it_returns_is_learned_from_its_answers(tmp_path, spec, speech_clips, monkeypatch):
+def test_an_api_that_hides_what_it_returns_is_learned_from_its_answers(
+    tmp_path, spec, speech_clips, monkeypatch
+):
     pool = speech_clips[0][:10]
     with Server(tmp_path / "server", spec, "--hide-info", "all") as server:
         monkeypatch.setenv("THIEF_KEY", server.key("thief"))
@@ -89,7 +90,9 @@ def test_rate_limits_are_waited_out_and_a_spent_quota_ends_the_run_with_what_was
         monkeypatch.setenv("SLOW_KEY", server.key("slow", rate=4, burst=1))
         t = time.monotonic()
         ledger = Ledger(tmp_path / "slow")
-        stats = query_clips(load_target(http_spec(server, "SLOW_KEY", concurrency=4)), pool[:8], ledger, progress=False)
+        stats = query_clips(
+            load_target(http_spec(server, "SLOW_KEY", concurrency=4)), pool[:8], ledger, progress=False
+        )
         assert stats["paid"] == 8 and time.monotonic() - t > 7 / 4 * 0.9  # it waited, it did not fail
         assert server.usage("slow").requests == 8
 
@@ -137,7 +140,9 @@ def test_server_sigkilled_and_restarted_mid_attack_charges_exactly_what_the_ledg
     server = Server(tmp_path / "server", spec, "--max-delay-ms", "150").start()
     try:
         env = {"THIEF_KEY": server.key("thief")}
-        proc = _query(tmp_path, http_spec(server, "THIEF_KEY", concurrency=2), manifest, tmp_path / "ledger", env)
+        proc = _query(
+            tmp_path, http_spec(server, "THIEF_KEY", concurrency=2), manifest, tmp_path / "ledger", env
+        )
         _wait_sending(tmp_path / "ledger", 10, proc)
         server.kill()  # SIGKILL, with requests in flight
         time.sleep(1.0)
@@ -168,7 +173,9 @@ def test_client_sigkilled_mid_attack_then_resumed_is_never_charged_twice(tmp_pat
         assert resumed.wait(timeout=DEADLINE) == 0
         ledger = Ledger(tmp_path / "ledger")
         used = server.usage("thief")
-        assert len(ledger) == len(pool) and used.requests == len(pool) and used.samples == paid_samples(ledger)
+        assert (
+            len(ledger) == len(pool) and used.requests == len(pool) and used.samples == paid_samples(ledger)
+        )
         metrics = httpx.get(server.url + "/metrics").text
         replays = [ln for ln in metrics.splitlines() if ln.startswith("speechmimic_idempotent_replays_total")]
         replayed = float(replays[0].split()[-1]) if replays else 0.0

@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from _server import Server
 from speechmimic import config
 from speechmimic.audio import SAMPLE_RATE, load_audio
 from speechmimic.serve.config import ServeConfig
 from speechmimic.targets import load_target, wire
-
-from _server import Server
 
 EMBED = "/v1/embed"
 
@@ -124,14 +123,20 @@ def test_every_refusal_is_a_problem_document(server, clip, speech_clips):
     short = server.key("short", max_seconds=0.5)
     assert "longer than the 0.5 s allowed" in problem(post(url, short, ok), 413, "clip-too-long")["detail"]
     flac = open(speech_clips[0][0].path, "rb").read()
-    assert "longer than the 0.5 s allowed" in problem(post(url, short, flac, "audio/flac"), 413, "clip-too-long")["detail"]
+    assert (
+        "longer than the 0.5 s allowed"
+        in problem(post(url, short, flac, "audio/flac"), 413, "clip-too-long")["detail"]
+    )
 
     token = server.key("refusals")
     problem(post(url, token, b"hello", "text/plain"), 415, "unsupported-media-type")
     problem(post(url, token, b"fLaC" + bytes(200), "audio/flac"), 422, "undecodable-audio")
     problem(post(url, token, wire.encode_raw(np.full(8000, np.nan, np.float32))), 422, "non-finite-audio")
     problem(post(url, token, wire.encode_raw(np.zeros(8000, np.float32))), 422, "silent-audio")
-    assert "receptive field" in problem(post(url, token, wire.encode_raw(clip[:100])), 422, "clip-too-short")["detail"]
+    assert (
+        "receptive field"
+        in problem(post(url, token, wire.encode_raw(clip[:100])), 422, "clip-too-short")["detail"]
+    )
     problem(post(url, token, ok[:-1]), 422, "malformed-samples")
     problem(post(url, token, b""), 422, "empty-audio")
     problem(post(url, token, ok, format="npz"), 422, "invalid-request")
@@ -170,7 +175,9 @@ def test_idempotent_answers_survive_sigkill_and_are_charged_once(tmp_path, spec,
         assert first.status_code == 200 and "Idempotent-Replayed" not in first.headers
         server.kill()  # SIGKILL: nothing flushed on the way out
         server.start()
-        again = post(server.url, token, wire.encode_raw(clip), headers={"Idempotency-Key": "k" * 64}, format="json")
+        again = post(
+            server.url, token, wire.encode_raw(clip), headers={"Idempotency-Key": "k" * 64}, format="json"
+        )
         assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
         assert again.headers["X-Charged-Seconds"] == "0"
         a = wire.decode_answer(first.content, first.headers["content-type"])[0]
@@ -244,8 +251,10 @@ def test_keys_command_shows_a_key_once_and_lists_usage_without_it(tmp_path):
     token = out.splitlines()[0]
     assert token.startswith("smk_") and "quota_seconds=60, rate=2" in out
     listed = subprocess.run([*run, "list", "--db", db], capture_output=True, text=True, check=True).stdout
-    assert "alice" in listed and token not in listed and token not in (tmp_path / "k.sqlite").read_bytes().decode(
-        errors="replace"
+    assert (
+        "alice" in listed
+        and token not in listed
+        and token not in (tmp_path / "k.sqlite").read_bytes().decode(errors="replace")
     )
     again = subprocess.run([*run, "create", "alice", "--db", db], capture_output=True, text=True)
     assert again.returncode == 2 and "a key named 'alice' exists already" in again.stderr

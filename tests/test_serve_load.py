@@ -12,9 +12,8 @@ import httpx
 import numpy as np
 import pytest
 
-from speechmimic.targets import wire
-
 from _server import Server
+from speechmimic.targets import wire
 
 CLIENTS = 32
 
