@@ -15,10 +15,10 @@ import httpx
 import numpy as np
 import pytest
 
-from _server import Server
 from speechmimic.budget import Budget
 from speechmimic.corpus import write_manifest
 from speechmimic.ledger import Ledger, query_clips
+from speechmimic.serve.process import ServerProcess as Server
 from speechmimic.targets import load_target
 from speechmimic.targets.base import TargetError
 

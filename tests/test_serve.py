@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from _server import Server
 from speechmimic import config
 from speechmimic.audio import SAMPLE_RATE, load_audio
 from speechmimic.serve.config import ServeConfig
+from speechmimic.serve.process import ServerProcess as Server
 from speechmimic.targets import load_target, wire
 
 EMBED = "/v1/embed"

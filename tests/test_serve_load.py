@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from _server import Server
+from speechmimic.serve.process import ServerProcess as Server
 from speechmimic.targets import wire
 
 CLIENTS = 32

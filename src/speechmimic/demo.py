@@ -7,11 +7,16 @@ and held-out clips: the synthetic corpus shipped in ``speechmimic/data/demo_corp
 fidelity across budgets, and probes target, student and MFCC on a keyword task and a speaker-ID
 task built from held-out clips only (never queried; the target's answers to them come from the
 evaluation ledger the fidelity check filled).
+
+With ``http=True`` the same attack goes over the wire: the target is served by ``speechmimic serve``
+on a loopback port (``OUT/server``: its key database and logs), the attack pays through an
+``http://`` target, and the report sets the server's accounting beside the ledgers'.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from importlib import resources
@@ -21,16 +26,20 @@ from speechmimic.corpus import Clip, read_manifest
 from speechmimic.distill import DistillConfig
 from speechmimic.experiment import Experiment, Grid
 from speechmimic.fidelity import mean_r2
+from speechmimic.ledger import Ledger
 from speechmimic.report import (
     evaluate_and_report,
     fidelity_table,
     merge_into_report,
     probe_table,
+    usage_table,
     write_report,
 )
+from speechmimic.serve.process import ServerProcess
 from speechmimic.tasks import SPLITS, Task, write_task
 
 DEMO_TARGET = "resemblyzer?layers=all"
+DEMO_KEY_ENV = "SPEECHMIMIC_DEMO_KEY"
 
 
 def demo_corpus() -> tuple[list[Clip], list[Clip]]:
@@ -81,6 +90,40 @@ def demo_tasks(heldout: list[Clip], out_dir: Path, seed: int = 0) -> list[Task]:
     ]
 
 
+def start_demo_server(root: Path, target_spec: str) -> tuple[ServerProcess, str]:
+    """``target_spec`` served on loopback, and the spec of an ``http://`` target paying through it.
+
+    The port and the key are kept in ``root``, so a rerun of the demo resumes with the same target
+    spec (the ledgers refuse another) and the same account."""
+    port_file, key_file = root / "port", root / "demo.key"
+    port = int(port_file.read_text()) if port_file.exists() else None
+    server = ServerProcess(root, target_spec, port=port).start()
+    port_file.write_text(str(server.port))
+    if not key_file.exists():
+        token = server.key("demo")
+        key_file.write_text(token)
+        key_file.chmod(0o600)
+    os.environ[DEMO_KEY_ENV] = key_file.read_text().strip()
+    return server, f"{server.url}?key_env={DEMO_KEY_ENV}"
+
+
+def server_usage(server: ServerProcess, ledgers: dict[str, Ledger]) -> list[dict]:
+    """The server's charges for the demo's key beside what each ledger paid, in requests and samples."""
+    rows = [
+        {
+            "who": f"ledger {name}",
+            "requests": led.spent_clips,
+            "samples": sum(e.num_samples for e in led.entries.values()),
+        }
+        for name, led in ledgers.items()
+    ]
+    rows.append({"who": "ledgers, total", "requests": sum(r["requests"] for r in rows),
+                 "samples": sum(r["samples"] for r in rows)})  # fmt: skip
+    used = server.usage("demo")
+    rows.append({"who": "server, key 'demo'", "requests": used.requests, "samples": used.samples})
+    return rows
+
+
 def run_demo(
     out_dir: str | Path,
     budgets: tuple[str, ...] = ("10%", "100%"),
@@ -90,9 +133,22 @@ def run_demo(
     target_spec: str = DEMO_TARGET,
     probes: bool = True,
     progress: bool = True,
+    http: bool = False,
 ) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    server = None
+    if http:
+        server, target_spec = start_demo_server(out_dir / "server", target_spec)
+        print(f"serving the target on {server.url}; the attack pays through it", flush=True)
+    try:
+        return _run_demo(out_dir, budgets, steps, seed, preset, target_spec, probes, progress, server)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _run_demo(out_dir, budgets, steps, seed, preset, target_spec, probes, progress, server) -> dict:
     t_start = time.time()
     pool, heldout = demo_corpus()
     pool_seconds = sum(c.duration for c in pool)
@@ -153,5 +209,13 @@ def run_demo(
         report["probes"] = json.loads(paths["json"].read_text())["probes"]
         print()
         print(probe_table(results))
+    if server is not None:
+        ledgers = {part: Ledger(experiment.ledger_dir(name, part)) for part in ("pool", "heldout")}
+        report["usage"] = server_usage(server, ledgers)
+        paths = write_report(report, out_dir)
+        if probes:
+            merge_into_report(results, out_dir, plots)
+        print()
+        print(usage_table(report["usage"]))
     print(f"\nwrote {paths['json']}, {paths['md']} and {paths['plot']}")
     return report

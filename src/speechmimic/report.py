@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from speechmimic.audio import SAMPLE_RATE
 from speechmimic.evaluate import UPSTREAMS, evaluate
 from speechmimic.fidelity import mean_r2
 
@@ -93,8 +94,18 @@ def write_report(report: dict, out_dir: str | Path, plot_name: str = "fidelity.p
         "",
         "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report.get("timings", {}).items()),
     ]
+    if report.get("usage"):
+        md += ["", "## What the API charged", "", usage_table(report["usage"])]
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
     return {"json": out_dir / "report.json", "md": out_dir / "report.md", "plot": plot}
+
+
+def usage_table(rows: list[dict]) -> str:
+    """The server's charges beside the ledgers' payments (rows of who, requests, samples at 16 kHz)."""
+    lines = ["| who | requests | audio seconds | samples |", "|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['who']} | {r['requests']} | {r['samples'] / SAMPLE_RATE:.3f} | {r['samples']} |")
+    return "\n".join(lines)
 
 
 # -- grids of runs (speechmimic.experiment) -------------------------------------------------------------

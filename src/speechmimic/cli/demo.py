@@ -31,6 +31,13 @@ def register(sub) -> None:
         help="skip the downstream probes (keywords, speaker ID) on held-out clips",
     )
     p.add_argument("--target", default=DEMO_TARGET, help=f"target spec (default: {DEMO_TARGET})")
+    p.add_argument(
+        "--http",
+        action="store_true",
+        help="attack over the wire: serve the target with 'speechmimic serve' on a free loopback port "
+        "(OUT/server) and pay through an http:// target; the report adds the server's charges beside "
+        "the ledgers' payments",
+    )
     _options.add_seed(p)
     _options.add_progress(p)
     p.set_defaults(func=run)
@@ -48,5 +55,6 @@ def run(args) -> int:
         target_spec=args.target,
         probes=not args.no_probes,
         progress=not args.no_progress,
+        http=args.http,
     )
     return 0
