@@ -3,7 +3,7 @@
 Every module of ``src/speechmimic`` belongs to one stage of ``FLOW`` (earliest first). A module may
 import only from its own stage or an earlier one; no two modules import each other, directly or
 around a circle; imports inside functions count as much as those at the top. The packages that
-serve or wrap targets (``targets/``, and the coming ``defences/`` and ``serve/``) import nothing of
+serve or wrap targets (``targets/``, ``serve/`` and the coming ``defences/``) import nothing of
 the attack. A module in no stage fails the test: where a new module goes is a design decision, so
 it is made here, in writing.
 """

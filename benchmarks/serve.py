@@ -1,0 +1,147 @@
+"""What the wire costs: audio-seconds per second through ``speechmimic serve`` and an ``http://`` target,
+against calling the same target in-process, at client concurrency 1, 8 and 32, side by side in one run.
+
+In-process, the target answers the clips in batches of ``concurrency`` clips (one call each). Over
+HTTP, the attack's own ``http://`` target sends them with ``concurrency`` requests in flight, one
+clip each, with the ledger's content keys as ``Idempotency-Key`` (so the server stores every answer
+with its charge, as in a real attack); the server batches concurrent requests dynamically. Each
+round over HTTP uses a fresh API key, so no answer is replayed from the store. Rounds alternate
+(in-process, HTTP) ``--repeats`` times and the medians are compared; latency percentiles are over
+every request of the HTTP rounds.
+
+    python benchmarks/serve.py                                   # resemblyzer, 96 clips: ~3 min
+    python benchmarks/serve.py --target hf:DIR?layers=all --clips 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from speechmimic.audio import SAMPLE_RATE
+from speechmimic.demo import demo_corpus
+from speechmimic.ledger import content_key
+from speechmimic.serve.keys import KeyStore
+from speechmimic.serve.process import ServerProcess
+from speechmimic.targets import load_target
+from speechmimic.targets.http import HTTPTarget
+
+KEY_ENV = "SPEECHMIMIC_BENCH_KEY"
+
+
+class TimedHTTPTarget(HTTPTarget):
+    """The attack's HTTP target, timing each request."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.latencies: list[float] = []
+
+    def _embed(self, wav, key):
+        t = time.perf_counter()
+        out = super()._embed(wav, key)
+        self.latencies.append(time.perf_counter() - t)
+        return out
+
+
+def in_process(target, wavs: list[np.ndarray], concurrency: int) -> float:
+    t = time.perf_counter()
+    for i in range(0, len(wavs), concurrency):
+        target(wavs[i : i + concurrency])
+    return time.perf_counter() - t
+
+
+def over_http(
+    server: ServerProcess, wavs, keys, concurrency: int, round_no: int
+) -> tuple[float, list[float]]:
+    os.environ[KEY_ENV] = server.key(f"bench-c{concurrency}-r{round_no}")
+    target = TimedHTTPTarget(server.url, key_env=KEY_ENV, concurrency=concurrency)
+    t = time.perf_counter()
+    target(wavs, keys=keys)
+    elapsed = time.perf_counter() - t
+    target.close()
+    return elapsed, target.latencies
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", default="resemblyzer?layers=all", help="target spec (default: the demo's)")
+    p.add_argument("--clips", type=int, default=96, help="clips of the demo corpus per round (default: 96)")
+    p.add_argument("--concurrency", default="1,8,32", help="client concurrencies (default: 1,8,32)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds per concurrency (default: 3)")
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch threads, here and in the server (default: 2)"
+    )
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    pool, _ = demo_corpus()
+    wavs = [c.load() for c in pool[: args.clips]]
+    keys = [content_key(w) for w in wavs]
+    seconds = sum(len(w) for w in wavs) / SAMPLE_RATE
+    target = load_target(args.target)
+    target(wavs[:4])  # warm up
+    levels = [int(c) for c in args.concurrency.split(",")]
+    print(
+        f"target {target.spec}; {len(wavs)} clips, {seconds:.1f} s of audio per round; {args.threads} threads"
+    )
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        with ServerProcess(Path(tmp), args.target, threads=args.threads) as server:
+            over_http(server, wavs[:8], None, 4, -1)  # warm up: connections, first batches
+            for c in levels:
+                local, remote, latencies = [], [], []
+                for r in range(args.repeats):
+                    local.append(in_process(target, wavs, c))
+                    elapsed, lat = over_http(server, wavs, keys, c, r)
+                    remote.append(elapsed)
+                    latencies += lat
+                row = {
+                    "concurrency": c,
+                    "in_process_audio_s_per_s": seconds / float(np.median(local)),
+                    "http_audio_s_per_s": seconds / float(np.median(remote)),
+                    "p50_ms": float(np.percentile(latencies, 50) * 1000),
+                    "p99_ms": float(np.percentile(latencies, 99) * 1000),
+                }
+                row["ratio"] = row["http_audio_s_per_s"] / row["in_process_audio_s_per_s"]
+                rows.append(row)
+                print(
+                    f"concurrency {c:>3}: in-process {row['in_process_audio_s_per_s']:7.1f} audio-s/s, "
+                    f"HTTP {row['http_audio_s_per_s']:7.1f} audio-s/s, ratio {row['ratio']:.2f}; "
+                    f"latency p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms",
+                    flush=True,
+                )
+            charged = sum(k.samples for k in _keys(server)) / SAMPLE_RATE
+    print()
+    print("| concurrency | in-process audio-s/s | HTTP audio-s/s | HTTP / in-process | p50 ms | p99 ms |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['concurrency']} | {r['in_process_audio_s_per_s']:.1f} | {r['http_audio_s_per_s']:.1f} | "
+              f"{r['ratio']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |")  # fmt: skip
+    print(f"\nthe server charged {charged:.1f} s over all rounds ({len(levels) * args.repeats} x {seconds:.1f} s"
+          " + the warm-up)")  # fmt: skip
+    if args.out:
+        Path(args.out).write_text(
+            json.dumps({"target": target.spec, "clips": len(wavs), "rows": rows}, indent=2)
+        )
+    return 0
+
+
+def _keys(server: ServerProcess):
+    store = KeyStore(server.db)
+    try:
+        return store.list()
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
