@@ -267,8 +267,10 @@ def _metric(text: str, name: str) -> float:
     raise AssertionError(f"no metric {name}")
 
 
-def test_a_long_queue_is_turned_away_with_retry_after_not_an_error(tmp_path, spec, speech_clips):
-    with Server(tmp_path, spec, "--max-queue", "1", "--max-delay-ms", "200") as s:
+def test_a_long_queue_and_a_duplicate_in_flight_are_turned_away_with_retry_after(
+    tmp_path, spec, speech_clips
+):
+    with Server(tmp_path, spec, "--max-queue", "1", "--max-delay-ms", "1000") as s:
         token = s.key("crowd")
         wav = wire.encode_raw(speech_clips[0][0].load())
         t = time.monotonic()
@@ -276,3 +278,47 @@ def test_a_long_queue_is_turned_away_with_retry_after_not_an_error(tmp_path, spe
             codes = [r.status_code for r in pool.map(lambda _: post(s.url, token, wav), range(12))]
         assert set(codes) <= {200, 429} and 429 in codes and 200 in codes, codes
         assert time.monotonic() - t < 60
+        # the first request waits a second for company; the same Idempotency-Key meanwhile is told to wait
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(post, s.url, token, wav, headers={"Idempotency-Key": "once"})
+            time.sleep(0.3)
+            r = post(s.url, token, wav, headers={"Idempotency-Key": "once"})
+            assert first.result().status_code == 200
+        problem(r, 409, "in-flight")
+        assert r.headers["Retry-After"] == "1"
+        assert (
+            post(s.url, token, wav, headers={"Idempotency-Key": "once"}).headers["Idempotent-Replayed"]
+            == "true"
+        )
+
+
+def test_the_batcher_caps_batches_by_audio_seconds_and_answers_each_clip_as_alone(spec, speech_clips):
+    import asyncio
+
+    from speechmimic.serve.batcher import Batcher
+    from speechmimic.serve.metrics import Metrics
+
+    local = load_target(spec)
+    calls: list[float] = []
+
+    def recording(wavs, keys=None):
+        calls.append(sum(len(w) for w in wavs) / SAMPLE_RATE)
+        return local(wavs)
+
+    for name in ("spec", "frame_rate", "layers", "padding", "min_samples"):
+        setattr(recording, name, getattr(local, name))
+    wavs = [c.load()[: int(0.8 * SAMPLE_RATE)] for c in speech_clips[0][:10]]
+
+    async def run():
+        batcher = Batcher(recording, Metrics(), max_batch_seconds=2.0, max_delay=0.2, max_queue=100)
+        await batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.embed(w) for w in wavs))
+        finally:
+            await batcher.stop()
+
+    answers = asyncio.run(run())
+    assert max(calls) <= 2.0 and len(calls) < len(wavs)  # batched, never beyond the cap
+    assert sum(round(c / 0.8) for c in calls) == len(wavs)
+    for wav, answer in zip(wavs, answers, strict=True):
+        np.testing.assert_array_equal(answer[local.layers[-1]], local([wav])[0][local.layers[-1]])

@@ -22,6 +22,13 @@ no answer on disk). They are sent again on resume with the same idempotency keys
 accept ``keys=`` forward them, e.g. as an HTTP ``Idempotency-Key``), so an API that honours them
 does not charge twice; targets that run locally cost nothing to ask again.
 
+**Answers in part.** A target that answers some clips of a batch and not others raises
+:class:`~speechmimic.targets.base.PartialAnswers`: the answers that came are stored first (they may
+have been charged), a clip the target refuses for itself (:class:`ClipRefused`: too long, too short,
+undecodable) gets a ``refused`` event and is listed as unusable, and any other error then ends the run.
+A target that does not say what it returns (a remote API hiding it) has its layers recorded from the
+first answer; every later answer must return the same layers.
+
 **One writer at a time.** Every write (a query, binding a target, a repair, a drop) happens under an
 exclusive ``flock`` on ``writer.lock``, which the OS releases when its holder exits or is killed. A
 second writer *waits* for it, saying who holds it, then reads what the first one paid before it
