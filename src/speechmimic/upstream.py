@@ -30,7 +30,7 @@ from speechmimic.audio import SAMPLE_RATE
 from speechmimic.baselines import BASELINES
 from speechmimic.ledger import Ledger, content_key
 from speechmimic.student import CONFIG_NAME, Student, infer
-from speechmimic.targets import Target, load_target
+from speechmimic.targets import Target, load_target, parse_spec
 
 
 def _pad_stack(seqs: list[torch.Tensor]) -> torch.Tensor:
@@ -131,6 +131,13 @@ def load_upstream(
                 return StudentUpstream(student, config).to(device)
             except ValueError:
                 target = f"hf:{path}"  # a config.json that is not ours: a transformers checkpoint
+        elif not path.exists():
+            try:
+                parse_spec(target)
+            except ValueError as e:  # a mistyped folder would otherwise be taken for a target spec
+                raise ValueError(
+                    f"{target!r} is no such folder (a student), and not a target spec: {e}"
+                ) from None
     if ledger is None:
         raise ValueError(
             f"{getattr(target, 'spec', target)} is a target: its answers are paid for, so they are "
