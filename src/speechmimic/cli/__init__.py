@@ -7,6 +7,7 @@ import sys
 
 from speechmimic.audio import AudioError
 from speechmimic.cli import (
+    _options,
     corpus,
     demo,
     distill,
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_options.attach_signed_values(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args) or 0)
     except (AudioError, LedgerError, ValueError, FileNotFoundError, KeyError) as e:

@@ -11,9 +11,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 
-from speechmimic import config
+from speechmimic import budget, config
+
+# Flags whose value may begin with '-' and a digit yet not be a number argparse recognises ("-5%").
+_SIGNED_VALUE_FLAGS = ("--budget", "--budgets")
 
 
 def add_target(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -28,14 +32,36 @@ def add_target(p: argparse.ArgumentParser, required: bool = True) -> None:
     )
 
 
+def budget_text(text: str) -> str:
+    """The argparse type of a budget: what no pool could make sensible is refused at once, saying why."""
+    try:
+        budget.check(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def attach_signed_values(argv: list[str]) -> list[str]:
+    """``--budget -5%`` as ``--budget=-5%``: argparse takes a value like ``-5%`` for an unknown flag
+    and says the budget is missing; attached, it reaches the budget's check, which says what is wrong."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in _SIGNED_VALUE_FLAGS and re.match(r"-\.?\d", arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def add_budget(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument(
         "--budget",
         required=required,
         default=None,
+        type=budget_text,
         metavar="B",
         help="what may be queried: N clips, Ns/Nm/Nh of audio (e.g. 600s, 10m), "
-        "or N%% of the manifest's seconds",
+        "or N%% of the manifest's seconds, at most 100%%; a budget above the pool buys all of it",
     )
 
 
