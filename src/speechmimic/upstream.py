@@ -131,10 +131,10 @@ def load_upstream(
                 return StudentUpstream(student, config).to(device)
             except ValueError:
                 target = f"hf:{path}"  # a config.json that is not ours: a transformers checkpoint
-        elif not path.exists():
+        elif not path.exists() and ledger is None:
             try:
                 parse_spec(target)
-            except ValueError as e:  # a mistyped folder would otherwise be taken for a target spec
+            except ValueError as e:  # a mistyped folder would otherwise be asked for a ledger
                 raise ValueError(
                     f"{target!r} is no such folder (a student), and not a target spec: {e}"
                 ) from None
