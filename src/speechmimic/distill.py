@@ -46,11 +46,15 @@ def infer_heads(ledger: Ledger, keys: list[str]) -> list[HeadSpec]:
     """Width and frame rate of each returned layer, read off the paid responses only.
 
     The rate is the slope of frames against seconds over the clips: edge frames (centred windows,
-    receptive fields) only shift the intercept, so the slope is unbiased even on short clips.
+    receptive fields) only shift the intercept, so the slope is unbiased even on short clips. Heads
+    come in the target's order (the ledger's header), never the stored answer's, whose names are
+    sorted as strings (``hidden_12`` before ``hidden_4``).
     """
     seconds = np.array([ledger.entries[k].seconds for k in keys])
+    answer = ledger.get(keys[0])
     specs = []
-    for name, arr in ledger.get(keys[0]).items():
+    for name in (ledger.header or {}).get("layers") or answer:
+        arr = answer[name]
         frames = np.array([ledger.entries[k].frames[name] for k in keys], dtype=float)
         if np.ptp(seconds) > 0.05:
             rate = np.polyfit(seconds, frames, 1)[0]
