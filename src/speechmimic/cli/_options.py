@@ -15,6 +15,7 @@ import re
 import sys
 
 from speechmimic import budget, config
+from speechmimic.student import CHUNK_CONTEXT_SECONDS, CHUNK_SECONDS
 
 # Flags whose value may begin with '-' and a digit yet not be a number argparse recognises ("-5%").
 _SIGNED_VALUE_FLAGS = ("--budget", "--budgets")
@@ -80,6 +81,34 @@ def add_target_ledger(p, what: str) -> None:
         metavar="DIR",
         help=f"ledger that records a target's answers, needed when {what} is a target (a rerun pays "
         "nothing again)",
+    )
+
+
+def chunk_seconds(text: str) -> float | None:
+    """The argparse type of --chunk-seconds: seconds, or 'none' for whole clips."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 2 * CHUNK_CONTEXT_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give seconds above {2 * CHUNK_CONTEXT_SECONDS:g} (each window keeps "
+            f"{CHUNK_CONTEXT_SECONDS:g} s either side as context only), or 'none'"
+        )
+    return seconds
+
+
+def add_chunk_seconds(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--chunk-seconds",
+        type=chunk_seconds,
+        default=CHUNK_SECONDS,
+        metavar="S",
+        help=f"a student encodes clips longer than S seconds in overlapping windows of S s, so memory "
+        f"stays bounded on hour-long recordings; frames match whole-clip encoding closely, not "
+        f"exactly (see README); 'none' encodes every clip whole (default: {CHUNK_SECONDS:g})",
     )
 
 
