@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from speechmimic.budget import Budget, take_within
+from speechmimic.cli import main
 from speechmimic.corpus import Clip
 
 
@@ -20,6 +21,61 @@ def test_parse():
         Budget.parse("lots")
     with pytest.raises(ValueError, match="needs the pool"):
         Budget.parse("5%")
+    assert Budget.parse("100%", pool_seconds=80) == Budget(seconds=80)
+    assert Budget.parse("1e3") == Budget(clips=1000)
+    # A budget above the pool is meant: it buys the whole pool (experiment.covers).
+    assert Budget.parse("10h", pool_seconds=80) == Budget(seconds=36000)
+
+
+FORMS = "use N (clips), Ns/Nm/Nh (audio) or N% (of the pool's seconds)"
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("200%", "budget '200%' is more than the whole pool: a percentage is a share of it, at most 100%"),
+        (
+            "1e9h",
+            "budget '1e9h' is 1e+09 hours of audio, more than any speech corpus holds (at most 1e+06 h): "
+            "a unit or an exponent too many?",
+        ),
+        ("0", f"budget '0' buys nothing; {FORMS}, N > 0"),
+        ("0%", f"budget '0%' buys nothing; {FORMS}, N > 0"),
+        ("-5%", "budget '-5%' is negative: a budget is what may be spent, give a positive amount"),
+        ("1.5", "bad budget '1.5': a number of clips is whole; for audio add s, m or h"),
+        ("infh", f"bad budget 'infh': not a finite amount; {FORMS}"),
+        ("lots", f"bad budget 'lots': {FORMS}"),
+    ],
+)
+def test_budgets_that_cannot_be_meant_are_refused(text, message):
+    with pytest.raises(ValueError) as e:
+        Budget.parse(text, pool_seconds=80)
+    assert str(e.value) == message
+
+
+NEGATIVE = "budget '-5%' is negative: a budget is what may be spent, give a positive amount"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["--budget", "200%"],
+            "budget '200%' is more than the whole pool: a percentage is a share of it, at most 100%",
+        ),
+        (["--budget=-5%"], NEGATIVE),
+        (["--budget", "-5%"], NEGATIVE),  # argparse alone: "argument --budget: expected one argument"
+        (["--budget", "0"], f"budget '0' buys nothing; {FORMS}, N > 0"),
+    ],
+)
+def test_the_command_line_refuses_them_before_doing_anything(tmp_path, capsys, argv, message):
+    out = tmp_path / "selected.jsonl"
+    with pytest.raises(SystemExit) as e:
+        main(["select", "--manifest", str(tmp_path / "pool.jsonl"), "--out", str(out), *argv])
+    assert e.value.code == 2 and not out.exists()
+    assert (
+        capsys.readouterr().err.splitlines()[-1] == f"speechmimic select: error: argument --budget: {message}"
+    )
 
 
 def test_allows_and_take_within():

@@ -1,6 +1,10 @@
 import argparse
 import json
 import math
+import os
+import pickle
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +12,7 @@ import pytest
 import soundfile as sf
 
 from speechmimic.cli.corpus import register
-from speechmimic.corpus import Clip, iter_manifest, read_manifest, scan, write_manifest
+from speechmimic.corpus import Clip, ScanResult, iter_manifest, read_manifest, scan, write_manifest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -207,6 +211,82 @@ def test_segments_are_validated_on_their_own(tmp_path):
     result = scan(tmp_path, max_segment_seconds=1.0, progress=False)
     assert [c.id for c in result.clips] == ["half@0"]
     assert result.skipped[0][0].endswith("half.wav@1") and result.skipped[0][1].startswith("silent")
+
+
+@pytest.fixture
+def shared_tmp():
+    """A folder every user may read: the scan below may run as another user (see _scan_as_a_user)."""
+    root = Path(tempfile.mkdtemp(prefix="speechmimic-scan-"))
+    root.chmod(0o755)
+    yield root
+    for folder, dirs, _ in os.walk(root):
+        for d in dirs:
+            if not Path(folder, d).is_symlink():
+                Path(folder, d).chmod(0o755)
+    shutil.rmtree(root)
+
+
+def _scan_as_a_user(root: Path) -> ScanResult:
+    """``scan(root)`` by a user that file permissions apply to. Root reads a chmod 000 folder all the
+    same, so as root the scan runs in a forked child that first becomes ``nobody``: a subprocess could
+    not, since this interpreter may live under root's home."""
+    if os.geteuid() != 0:
+        return scan(root, progress=False)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to nobody, scan, send the result back pickled, never return to pytest
+        code = 1
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            result = scan(root, progress=False)
+            with os.fdopen(write, "wb") as fh:
+                pickle.dump(result, fh)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as fh:
+        data = fh.read()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and data, "the scan as nobody failed"
+    return pickle.loads(data)
+
+
+def test_folders_it_cannot_read_and_dangling_links_are_listed(shared_tmp, capsys):
+    good = noise(shared_tmp / "spk1" / "a.wav", seconds=0.3)
+    noise(shared_tmp / "locked" / "b.wav", seconds=0.3)
+    (shared_tmp / "locked").chmod(0o000)
+    (shared_tmp / "spk1" / "gone.wav").symlink_to(shared_tmp / "moved" / "gone.wav")
+    (shared_tmp / "spk2").symlink_to(shared_tmp / "spk1")  # a link to a folder: not followed
+    result = _scan_as_a_user(shared_tmp)
+    assert [c.path for c in result.clips] == [str(good)]
+    assert result.skipped == [
+        (str(shared_tmp / "locked"), "folder cannot be read (Permission denied): its files are not scanned"),
+        (
+            str(shared_tmp / "spk1" / "gone.wav"),
+            f"dangling link: its target {shared_tmp / 'moved' / 'gone.wav'} does not exist",
+        ),
+        (
+            str(shared_tmp / "spk2"),
+            f"link to a folder ({shared_tmp / 'spk1'}), not followed: scan that folder",
+        ),
+    ]
+    # The command line lists them as it lists every skipped file.
+    (shared_tmp / "locked").chmod(0o755)
+    (shared_tmp / "locked" / "b.wav").unlink()
+    assert (
+        run_cli(["corpus", "scan", str(shared_tmp), "--out", str(shared_tmp / "m.jsonl"), "--no-progress"])
+        == 0
+    )
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        f"  skipped {shared_tmp / 'spk1' / 'gone.wav'}: dangling link: its target "
+        f"{shared_tmp / 'moved' / 'gone.wav'} does not exist",
+        f"  skipped {shared_tmp / 'spk2'}: link to a folder ({shared_tmp / 'spk1'}), not followed: "
+        "scan that folder",
+    ]
 
 
 # ---------------------------------------------------------------- CLI

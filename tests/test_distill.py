@@ -92,3 +92,53 @@ def test_stage2_starts_from_a_stage1_checkpoint(tmp_path, speech_clips):
         distill(
             pool[:4], ledger, tmp_path / "s2", DistillConfig(steps=0), init=tmp_path / "bad", progress=False
         )
+
+
+class _NumberedLayers:
+    """A target returning layers named as HF's are (``hidden_<i>``), in an order that strings sort
+    differently: each layer's width is its number, so a mixed-up order shows in the shapes."""
+
+    spec = "numbered-layers"
+    frame_rate = 50.0
+    layers = ["hidden_4", "hidden_8", "hidden_12"]
+    padding = "per_clip"
+    min_samples = 320
+
+    def __call__(self, wavs, keys=None):
+        frames = [torch.from_numpy(w[: len(w) // 320 * 320]).reshape(-1, 320) for w in wavs]
+        return [{name: f[:, : int(name[7:])].numpy() for name in self.layers} for f in frames]
+
+
+def test_heads_keep_the_targets_order_not_the_strings(tmp_path, speech_clips):
+    from speechmimic import load_upstream
+    from speechmimic.fidelity import heldout_fidelity
+    from speechmimic.report import fidelity_table
+
+    pool, heldout = speech_clips
+    target = _NumberedLayers()
+    ledger = Ledger(tmp_path / "ledger")
+    query_clips(target, pool[:6], ledger, progress=False)
+    assert list(ledger.get(ledger.key_of(pool[0].id))) == [
+        "hidden_12",
+        "hidden_4",
+        "hidden_8",
+    ]  # stored sorted
+    student = distill(
+        pool[:6], ledger, tmp_path / "s", DistillConfig(steps=2, warmup=1), preset="tiny", progress=False
+    )
+    assert [(h.name, h.dim) for h in infer_heads(ledger, list(ledger.entries))] == [
+        ("hidden_4", 4),
+        ("hidden_8", 8),
+        ("hidden_12", 12),
+    ]
+    assert list(student.heads) == target.layers
+    assert load_upstream(tmp_path / "s").hidden_state_names[-3:] == [
+        "pred.hidden_4",
+        "pred.hidden_8",
+        "pred.hidden_12",
+    ]
+    assert load_upstream("numbered-layers", ledger=ledger).hidden_state_names == target.layers
+    fidelity = heldout_fidelity(student, target, heldout[:2], Ledger(tmp_path / "eval"), progress=False)
+    assert list(fidelity) == target.layers
+    table = fidelity_table([{"label": "6", "queries": 6, "queried_seconds": 9.0, "fidelity": fidelity}])
+    assert [row.split(" | ")[3] for row in table.splitlines()[2:5]] == target.layers

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from speechmimic.targets import Target, load_target, parse_spec
+from speechmimic.targets.registry import _KINDS
 from speechmimic.testing import tiny_hf_model
 
 HIDDEN = 32
@@ -113,6 +114,20 @@ def test_hf_preprocessor_config_decides_normalisation(tiny_models, tmp_path):
     AutoModel.from_pretrained(tiny_models["wavlm"], local_files_only=True).save_pretrained(tmp_path)
     Wav2Vec2FeatureExtractor(do_normalize=False).save_pretrained(tmp_path)
     assert load_target(f"hf:{tmp_path}").normalize is False
+
+
+@pytest.mark.parametrize("location", ["/missing/dir", "./missing", "models/x/y"])
+def test_a_missing_local_folder_is_not_taken_for_a_hub_id(tmp_path, location):
+    # transformers alone answers "Repo id must be in the form 'repo_name' or 'namespace/repo_name'".
+    with pytest.raises(ValueError) as e:
+        load_target(f"hf:{location}?layers=all")
+    # Every kind is listed, those taking a location with it (a new kind joins the list by itself).
+    forms = ", ".join(f"{k}:<location>" if loc else k for k, (loc, _) in _KINDS.items())
+    assert forms.startswith("hf:<location>, resemblyzer")
+    assert str(e.value) == (
+        f"'hf:{location}?layers=all': '{location}' is no such directory, and not a hub id ('name' or "
+        f"'namespace/name'); a target spec is one of {forms}, each with ?key=value&... options"
+    )
 
 
 def test_parse_spec():

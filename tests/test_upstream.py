@@ -10,6 +10,7 @@ from speechmimic import load_upstream
 from speechmimic.ledger import Ledger
 from speechmimic.student import Student, predict
 from speechmimic.targets import load_target
+from speechmimic.targets.registry import _KINDS
 from speechmimic.testing import CountingTarget
 
 
@@ -60,3 +61,13 @@ def test_a_target_without_a_ledger_is_refused(tmp_path):
     with pytest.raises(ValueError, match="ledger"):
         load_upstream("resemblyzer")
     assert load_upstream("mfcc").hidden_state_names == ["mfcc"]  # baselines pay nothing
+
+
+def test_a_mistyped_student_folder_is_not_taken_for_a_target(tmp_path):
+    typo = str(tmp_path / "studnet")
+    with pytest.raises(ValueError) as e:
+        load_upstream(typo)
+    assert str(e.value) == (
+        f"'{typo}' is no such folder (a student), and not a target spec: unknown target kind "
+        f"'{typo}' in spec '{typo}'; valid kinds: {sorted(_KINDS)}"
+    )

@@ -325,7 +325,8 @@ def scan(
     silence_threshold: float = DEFAULT_SILENCE_THRESHOLD,
     max_file_seconds: float | None = None,
 ) -> ScanResult:
-    """Find, decode and validate every audio file under ``root``; bad files are skipped, never fatal.
+    """Find, decode and validate every audio file under ``root``; bad files are skipped, never fatal,
+    and so are folders that cannot be read, dangling links and links to folders, each with why.
 
     ``min_samples`` counts samples at 16 kHz. With ``max_segment_seconds``, longer files become
     segments ``<id>@<k>`` (label ``segment: k``), each validated on its own. Files longer than
@@ -340,14 +341,13 @@ def scan(
         raise ValueError(f"max_segment_seconds must be > 0, got {max_segment_seconds}")
     root = root.resolve()
 
-    files = (p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+    files, skipped = _audio_files(root)
     rel_paths = sorted((p.relative_to(root) for p in files), key=lambda p: p.as_posix())
     if layout == "auto":
         layout = detect_layout(rel_paths)
     labeller = _Labeller(root, layout)
 
     clips: list[Clip] = []
-    skipped: list[tuple[str, str]] = []
     seen_ids: set[str] = set()
     for rel in tqdm(rel_paths, desc=f"scanning {root.name}", unit="file", disable=not progress):
         path = root / rel
@@ -389,6 +389,31 @@ def scan(
                     Clip(f"{clip_id}@{k}", str(path), sr, n, n / sr, start / sr, {**labels, "segment": k})
                 )
     return ScanResult(clips=clips, skipped=skipped, layout=layout)
+
+
+def _audio_files(root: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The audio files under ``root``, and (path, reason) for what could hold audio yet cannot be
+    scanned: a folder that cannot be listed, a dangling link (to a file or a folder: its name does
+    not say), a link to a folder (not followed: it may loop or repeat the tree)."""
+    files: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+
+    def unlistable(e: OSError) -> None:
+        skipped.append((e.filename, f"folder cannot be read ({e.strerror}): its files are not scanned"))
+
+    for folder, dirs, names in os.walk(root, onerror=unlistable):
+        for name in dirs:
+            if os.path.islink(os.path.join(folder, name)):
+                link = os.path.join(folder, name)
+                reason = f"link to a folder ({os.readlink(link)}), not followed: scan that folder"
+                skipped.append((link, reason))
+        for name in names:
+            path = Path(folder, name)
+            if path.is_symlink() and not path.exists():
+                skipped.append((str(path), f"dangling link: its target {os.readlink(path)} does not exist"))
+            elif path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file():
+                files.append(path)
+    return files, sorted(skipped)
 
 
 def _unique(clip_id: str, rel: Path, seen: set[str]) -> str:

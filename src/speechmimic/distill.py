@@ -43,11 +43,14 @@ class DistillConfig(TrainConfig):
 
 
 def infer_heads(ledger: Ledger, keys: list[str]) -> list[HeadSpec]:
-    """Width and frame rate of each returned layer, read off the paid responses only."""
+    """Width and frame rate of each returned layer, read off the paid responses only. Heads come in
+    the target's order (the ledger's header), never the stored answer's, whose names are sorted as
+    strings (``hidden_12`` before ``hidden_4``)."""
     rates = ledger.frame_rates(keys)
+    answer = ledger.get(keys[0])
     return [
-        HeadSpec(name=name, dim=int(arr.shape[1]), rate=rates[name])
-        for name, arr in ledger.get(keys[0]).items()
+        HeadSpec(name=name, dim=int(answer[name].shape[1]), rate=rates[name])
+        for name in (ledger.header or {}).get("layers") or answer
     ]
 
 

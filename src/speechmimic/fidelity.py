@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from speechmimic.audio import AudioError
 from speechmimic.corpus import Clip, warn_unusable
 from speechmimic.ledger import Ledger, query_clips
-from speechmimic.student import Student, predict
+from speechmimic.student import CHUNK_SECONDS, Student, predict
 from speechmimic.targets import Target
 
 
@@ -77,19 +77,26 @@ def evaluate_fidelity(
     mean_target: dict[str, np.ndarray],
     total: int | None = None,
     progress: bool = True,
+    chunk_seconds: float | None = CHUNK_SECONDS,
 ) -> dict[str, dict[str, float]]:
-    """Fidelity of ``student`` on (waveform, target response) pairs of held-out clips."""
+    """Fidelity of ``student`` on (waveform, target response) pairs of held-out clips; clips longer
+    than ``chunk_seconds`` are encoded in windows (:func:`~speechmimic.student.infer`)."""
     meter = FidelityMeter(mean_target)
     student.eval()
     for wav, target in tqdm(pairs, total=total, desc="fidelity", unit="clip", disable=not progress):
         frames = {k: len(v) for k, v in target.items()}
-        pred = predict(student, torch.from_numpy(wav), frames)
+        pred = predict(student, torch.from_numpy(wav), frames, chunk_seconds)
         meter.add({k: v.numpy() for k, v in pred.items()}, target)
     return meter.result()
 
 
 def heldout_fidelity(
-    student: Student, target: Target, heldout: list[Clip], eval_ledger: Ledger, progress: bool = True
+    student: Student,
+    target: Target,
+    heldout: list[Clip],
+    eval_ledger: Ledger,
+    progress: bool = True,
+    chunk_seconds: float | None = CHUNK_SECONDS,
 ) -> dict:
     """Fidelity on clips the attack never queried, the target's answers read through ``eval_ledger``
     (the evaluator's, never the attack's budget); ``mean_target`` is the student's stored mean of the
@@ -110,6 +117,8 @@ def heldout_fidelity(
                 continue
             yield wav, eval_ledger.get_clip(clip.id)
 
-    result = evaluate_fidelity(student, pairs(), mean_target, total=len(heldout), progress=progress)
+    result = evaluate_fidelity(
+        student, pairs(), mean_target, total=len(heldout), progress=progress, chunk_seconds=chunk_seconds
+    )
     warn_unusable("held-out fidelity", unusable)
     return result

@@ -8,10 +8,13 @@ never changes a clip's features.
 
 - An extracted student: its own states (front end, each transformer layer) and its prediction of
   every target layer (the stolen representations), all at the heads' frame rate (student states
-  are repeated to that rate).
+  are repeated to that rate). A clip longer than ``chunk_seconds`` is encoded in overlapping
+  windows, so memory stays bounded on hour-long recordings (see :func:`speechmimic.student.infer`
+  for the stitching and how close it is to encoding the clip whole).
 - A target (a spec ``hf:...``, ``resemblyzer...``, or a :class:`~speechmimic.targets.Target`): the
   layers its API returns, bought through a ledger (``ledger=``): every clip is paid once and a
-  rerun, or another probe of the same audio, reads the stored answer.
+  rerun, or another probe of the same audio, reads the stored answer. A target answers a clip
+  whole; one that declares ``max_samples`` refuses a longer clip before anything is paid.
 - ``mfcc`` or ``fbank``: the learning-free baselines of :mod:`speechmimic.baselines` (39-d MFCC with
   deltas, or 80 log-mel; one state at 100 Hz); ``mfcc+cmvn`` / ``fbank+cmvn`` add per-utterance
   CMVN. These names win over a folder of the same name: write ``./mfcc`` for the folder.
@@ -29,8 +32,8 @@ from torch import nn
 from speechmimic.audio import SAMPLE_RATE
 from speechmimic.baselines import BASELINES
 from speechmimic.ledger import Ledger, content_key
-from speechmimic.student import CONFIG_NAME, Student, infer
-from speechmimic.targets import Target, load_target
+from speechmimic.student import CHUNK_SECONDS, CONFIG_NAME, Student, infer
+from speechmimic.targets import Target, load_target, parse_spec
 
 
 def _pad_stack(seqs: list[torch.Tensor]) -> torch.Tensor:
@@ -39,10 +42,11 @@ def _pad_stack(seqs: list[torch.Tensor]) -> torch.Tensor:
 
 
 class StudentUpstream(nn.Module):
-    def __init__(self, student: Student, config: dict):
+    def __init__(self, student: Student, config: dict, chunk_seconds: float | None = CHUNK_SECONDS):
         super().__init__()
         self.student = student.eval()
         self.config = config
+        self.chunk_seconds = chunk_seconds
         ratios = {h.ratio for h in student.heads.values()} or {1}
         self.ratio = max(ratios)  # heads share the target's frame rate in practice
         self.downsample_rate = student.cfg.hop // self.ratio
@@ -59,7 +63,9 @@ class StudentUpstream(nn.Module):
         for wav in wavs:
             wav = wav.float().reshape(-1)
             n = int(self.student.cfg.num_frames(wav.shape[0])) * self.ratio
-            states, preds = infer(self.student, wav, {name: n for name in self.student.heads})
+            states, preds = infer(
+                self.student, wav, {name: n for name in self.student.heads}, self.chunk_seconds
+            )
             feats = [s.repeat_interleave(self.ratio, 0)[:n] for s in states] + list(preds.values())
             per_clip.append(feats)
         return {"hidden_states": [_pad_stack([c[i] for c in per_clip]) for i in range(len(per_clip[0]))]}
@@ -105,9 +111,18 @@ class TargetUpstream(nn.Module):
     def forward(self, wavs: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
         arrays = [w.float().reshape(-1).cpu().numpy() for w in wavs]
         keys = [content_key(a) for a in arrays]
-        unpaid = [(k, lambda a=a: a) for k, a in zip(keys, arrays, strict=True) if k not in self.ledger]
+        unpaid = [(k, a) for k, a in zip(keys, arrays, strict=True) if k not in self.ledger]
         if unpaid:
-            self.ledger.query(self.target, unpaid, progress=False)
+            # A target answers a clip whole: one it cannot take is refused before anything is paid.
+            limit = getattr(self.target, "max_samples", None)
+            longest = max(len(a) for _, a in unpaid)
+            if limit is not None and longest > limit:
+                raise ValueError(
+                    f"a clip of {longest / SAMPLE_RATE:.1f} s is longer than {self.spec} takes "
+                    f"({limit / SAMPLE_RATE:.1f} s at most): cut long recordings into segments first "
+                    "(speechmimic corpus scan --max-seconds N)"
+                )
+            self.ledger.query(self.target, [(k, lambda a=a: a) for k, a in unpaid], progress=False)
         out = [self.ledger.get(k) for k in keys]
         return {
             "hidden_states": [
@@ -120,9 +135,11 @@ def load_upstream(
     path_or_spec: str | os.PathLike | Target,
     device: str = "cpu",
     ledger: Ledger | str | os.PathLike | None = None,
+    chunk_seconds: float | None = CHUNK_SECONDS,
 ) -> nn.Module:
     """An upstream from an extracted student's directory, a baseline (``mfcc``...), or a target (a
-    spec, a transformers checkpoint folder, or a Target) whose answers ``ledger`` records."""
+    spec, a transformers checkpoint folder, or a Target) whose answers ``ledger`` records.
+    ``chunk_seconds``: a student encodes longer clips in windows of that length (None: whole)."""
     if isinstance(path_or_spec, str) and path_or_spec in BASELINES:
         return BASELINES[path_or_spec]().to(device)
     target = path_or_spec
@@ -132,9 +149,16 @@ def load_upstream(
         if (path / CONFIG_NAME).exists():
             try:
                 student, config = Student.load(path)
-                return StudentUpstream(student, config).to(device)
+                return StudentUpstream(student, config, chunk_seconds).to(device)
             except ValueError:
                 target = f"hf:{path}"  # a config.json that is not ours: a transformers checkpoint
+        elif not path.exists() and ledger is None:
+            try:
+                parse_spec(target)
+            except ValueError as e:  # a mistyped folder would otherwise be asked for a ledger
+                raise ValueError(
+                    f"{target!r} is no such folder (a student), and not a target spec: {e}"
+                ) from None
     if ledger is None:
         raise ValueError(
             f"{getattr(target, 'spec', target)} is a target: its answers are paid for, so they are "

@@ -7,6 +7,7 @@ import sys
 
 from speechmimic.audio import AudioError
 from speechmimic.cli import (
+    _options,
     corpus,
     demo,
     distill,
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_options.attach_signed_values(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args) or 0)
     except (AudioError, LedgerError, TargetError, ValueError, FileNotFoundError, KeyError) as e:

@@ -11,9 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 
-from speechmimic import config
+from speechmimic import budget, config
+from speechmimic.student import CHUNK_CONTEXT_SECONDS, CHUNK_SECONDS
+
+# Flags whose value may begin with '-' and a digit yet not be a number argparse recognises ("-5%").
+_SIGNED_VALUE_FLAGS = ("--budget", "--budgets")
 
 
 def add_target(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -28,14 +33,36 @@ def add_target(p: argparse.ArgumentParser, required: bool = True) -> None:
     )
 
 
+def budget_text(text: str) -> str:
+    """The argparse type of a budget: what no pool could make sensible is refused at once, saying why."""
+    try:
+        budget.check(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def attach_signed_values(argv: list[str]) -> list[str]:
+    """``--budget -5%`` as ``--budget=-5%``: argparse takes a value like ``-5%`` for an unknown flag
+    and says the budget is missing; attached, it reaches the budget's check, which says what is wrong."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in _SIGNED_VALUE_FLAGS and re.match(r"-\.?\d", arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def add_budget(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument(
         "--budget",
         required=required,
         default=None,
+        type=budget_text,
         metavar="B",
         help="what may be queried: N clips, Ns/Nm/Nh of audio (e.g. 600s, 10m), "
-        "or N%% of the manifest's seconds",
+        "or N%% of the manifest's seconds, at most 100%%; a budget above the pool buys all of it",
     )
 
 
@@ -54,6 +81,34 @@ def add_target_ledger(p, what: str) -> None:
         metavar="DIR",
         help=f"ledger that records a target's answers, needed when {what} is a target (a rerun pays "
         "nothing again)",
+    )
+
+
+def chunk_seconds(text: str) -> float | None:
+    """The argparse type of --chunk-seconds: seconds, or 'none' for whole clips."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 2 * CHUNK_CONTEXT_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give seconds above {2 * CHUNK_CONTEXT_SECONDS:g} (each window keeps "
+            f"{CHUNK_CONTEXT_SECONDS:g} s either side as context only), or 'none'"
+        )
+    return seconds
+
+
+def add_chunk_seconds(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--chunk-seconds",
+        type=chunk_seconds,
+        default=CHUNK_SECONDS,
+        metavar="S",
+        help=f"a student encodes clips longer than S seconds in overlapping windows of S s, so memory "
+        f"stays bounded on hour-long recordings; frames match whole-clip encoding closely, not "
+        f"exactly (see README); 'none' encodes every clip whole (default: {CHUNK_SECONDS:g})",
     )
 
 

@@ -26,8 +26,8 @@ def register(subparsers) -> None:
         help="decode and validate every audio file under DIR and write a JSONL manifest",
         description=(
             "Decode and validate every audio file under DIR and write a JSONL manifest with one clip "
-            "per line. Unreadable, unsupported, empty, NaN/Inf, silent or too-short files are skipped "
-            "and reported, never fatal."
+            "per line. Unreadable, unsupported, empty, NaN/Inf, silent or too-short files, folders that "
+            "cannot be read, dangling links and links to folders are skipped and reported, never fatal."
         ),
     )
     p.add_argument("dir", metavar="DIR", help="root folder of the corpus to scan (searched recursively)")

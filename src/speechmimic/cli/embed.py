@@ -29,12 +29,15 @@ def register(sub) -> None:
         "files", nargs="+", metavar="FILES", help="audio files (wav/flac/ogg; resampled to 16 kHz mono)"
     )
     _options.add_device(p)
+    _options.add_chunk_seconds(p)
     _options.add_target_ledger(p, "--model")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    upstream = load_upstream(args.model, device=args.device, ledger=args.ledger)
+    upstream = load_upstream(
+        args.model, device=args.device, ledger=args.ledger, chunk_seconds=args.chunk_seconds
+    )
     names = list(upstream.hidden_state_names)
     arrays: dict[str, np.ndarray] = {}
     skipped: dict[str, str] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from speechmimic import config
+from speechmimic.budget import check as check_budget
 from speechmimic.cli import _options
 from speechmimic.corpus import read_manifest
 from speechmimic.distill import DistillConfig
@@ -70,6 +71,7 @@ def resolve(args) -> ExtractConfig:
         values["stage1"] = {**(file.get("stage1") or {}), **stage1_flags, **shared}
     if "budget" not in values:
         raise ValueError("give --budget (or a --config file that sets one)")
+    check_budget(values["budget"])  # before anything is written or trained
     return config.from_dict(ExtractConfig, values)
 
 

@@ -27,6 +27,7 @@ def register(sub) -> None:
         "--eval-ledger", required=True, help="ledger folder for the target's answers to held-out clips"
     )
     p.add_argument("--out", default=None, help="JSON file to write (default: print only)")
+    _options.add_chunk_seconds(p)
     _options.add_progress(p)
     p.set_defaults(func=run)
 
@@ -39,6 +40,7 @@ def run(args) -> int:
         read_manifest(args.manifest),
         Ledger(args.eval_ledger),
         progress=not args.no_progress,
+        chunk_seconds=args.chunk_seconds,
     )
     text = json.dumps(result, indent=2)
     print(text)

@@ -28,6 +28,7 @@ def register(sub) -> None:
     p.add_argument(
         "--budget",
         default=None,
+        type=_options.budget_text,
         metavar="B",
         help="lifetime cap of the ledger: N clips or Ns/Nm/Nh of audio (default: no cap)",
     )

@@ -19,7 +19,9 @@ class Target(Protocol):
     is the rate of those frames in Hz. ``spec`` is the string that rebuilds the target with
     :func:`speechmimic.targets.load_target`. ``padding`` names the batching policy ("per_clip" or
     "bucket"): padding changes the outputs of transformer encoders, so it is recorded with every
-    paid query. ``min_samples`` is the shortest clip the target accepts (its receptive field).
+    paid query. ``min_samples`` is the shortest clip the target accepts (its receptive field). A
+    target may also declare ``max_samples``, the longest clip it answers (an API's request limit):
+    a longer clip is refused with a clear error before it is sent (absent or None: no limit).
 
     A remote API may not say what it returns: its ``layers`` are then ``None`` and its
     ``frame_rate`` ``None`` until answers show them (the ledger learns both from the answers).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -13,6 +14,8 @@ from speechmimic.audio import SAMPLE_RATE
 from speechmimic.targets.base import as_clip, parse_layers
 
 PADDINGS = ("per_clip", "bucket")
+# A hub repo id, 'name' or 'namespace/name' (the hub's rule, less its limits on length and '--').
+HUB_ID = re.compile(r"\w[\w.-]*(/\w[\w.-]*)?")
 # Clips whose lengths differ by at most this fraction share a padded batch in bucket mode.
 _BUCKET_TOLERANCE = 0.05
 

@@ -12,6 +12,8 @@ Backends are imported only when a spec asks for them, so importing this module s
 
 from __future__ import annotations
 
+import os
+
 from speechmimic.targets.base import Target
 
 _HTTP_OPTIONS = ("key_env", "concurrency", "timeout", "retries", "dtype")
@@ -62,8 +64,15 @@ def load_target(spec: str, device: str = "cpu") -> Target:
     (layers resolved to explicit indices, padding policy spelled out) that rebuilds it."""
     kind, location, options = parse_spec(spec)
     if kind == "hf":
-        from speechmimic.targets.hf import HFTarget
+        from speechmimic.targets.hf import HUB_ID, HFTarget
 
+        # transformers reads a location that is neither a folder nor a hub id as a malformed hub id.
+        if not os.path.isdir(location) and not HUB_ID.fullmatch(location):
+            forms = ", ".join(f"{k}:<location>" if loc else k for k, (loc, _) in _KINDS.items())
+            raise ValueError(
+                f"{spec!r}: {location!r} is no such directory, and not a hub id ('name' or "
+                f"'namespace/name'); a target spec is one of {forms}, each with ?key=value&... options"
+            )
         batch_seconds = options.get("batch_seconds", "60")
         try:
             seconds = float(batch_seconds)
