@@ -126,8 +126,8 @@ def main() -> int:
     for r in rows:
         print(f"| {r['concurrency']} | {r['in_process_audio_s_per_s']:.1f} | {r['http_audio_s_per_s']:.1f} | "
               f"{r['ratio']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |")  # fmt: skip
-    print(f"\nthe server charged {charged:.1f} s over all rounds ({len(levels) * args.repeats} x {seconds:.1f} s"
-          " + the warm-up)")  # fmt: skip
+    rounds = len(levels) * args.repeats
+    print(f"\nthe server charged {charged:.1f} s over all rounds ({rounds} x {seconds:.1f} s + the warm-up)")
     if args.out:
         Path(args.out).write_text(
             json.dumps({"target": target.spec, "clips": len(wavs), "rows": rows}, indent=2)

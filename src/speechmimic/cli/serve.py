@@ -31,8 +31,15 @@ def register(sub) -> None:
         description="Manage the API keys in a server's SQLite file (it may be serving meanwhile: "
         "a revocation takes effect on the next request).",
     )
-    ksub = k.add_subparsers(dest="keys_command", metavar="COMMAND", required=True, help="what to do")
-    c = ksub.add_parser("create", help="create a key and print it (shown this once: only its hash is kept)")
+    ksub = k.add_subparsers(
+        dest="keys_command", metavar="COMMAND", required=True, help="what to do with the keys"
+    )
+    c = ksub.add_parser(
+        "create",
+        help="create a key and print it (shown this once: only its hash is kept)",
+        description="Create an API key with optional limits and print it. It is shown this once: the "
+        "database keeps only its SHA-256. Limits not given are unlimited.",
+    )
     c.add_argument("name", help="a name for the key's holder, unique")
     limits = {
         "quota_requests": (int, "most requests the key may make in its lifetime"),
@@ -45,8 +52,16 @@ def register(sub) -> None:
     for name, (typ, text) in limits.items():
         c.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=text + " (default: none)")
     c.add_argument("--json", action="store_true", help="print the key and its settings as JSON")
-    ksub.add_parser("list", help="every key with its limits and usage (never the key itself)")
-    r = ksub.add_parser("revoke", help="revoke a key: its requests get 403 from now on")
+    ksub.add_parser(
+        "list",
+        help="every key with its limits and usage (never the key itself)",
+        description="List every key: its limits, requests and audio seconds charged, when it was revoked.",
+    )
+    r = ksub.add_parser(
+        "revoke",
+        help="revoke a key: its requests get 403 from now on",
+        description="Revoke a key by name; a running server refuses it (403) from its next request on.",
+    )
     r.add_argument("name", help="the key's name")
     for q in ksub.choices.values():
         q.add_argument(

@@ -16,6 +16,13 @@ import os
 
 from speechmimic.targets.base import Target
 
+# How a spec of each kind is written, for messages that list them.
+FORMS = {
+    "hf": "hf:<local dir or hub id>",
+    "resemblyzer": "resemblyzer",
+    "http": "http://host:port",
+    "https": "https://host:port",
+}
 _HTTP_OPTIONS = ("key_env", "concurrency", "timeout", "retries", "dtype")
 # kind -> (takes a location, accepted option keys)
 _KINDS: dict[str, tuple[bool, tuple[str, ...]]] = {
@@ -68,7 +75,7 @@ def load_target(spec: str, device: str = "cpu") -> Target:
 
         # transformers reads a location that is neither a folder nor a hub id as a malformed hub id.
         if not os.path.isdir(location) and not HUB_ID.fullmatch(location):
-            forms = ", ".join(f"{k}:<location>" if loc else k for k, (loc, _) in _KINDS.items())
+            forms = ", ".join(FORMS.values())
             raise ValueError(
                 f"{spec!r}: {location!r} is no such directory, and not a hub id ('name' or "
                 f"'namespace/name'); a target spec is one of {forms}, each with ?key=value&... options"
