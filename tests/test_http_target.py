@@ -102,7 +102,8 @@ def test_rate_limits_are_waited_out_and_a_spent_quota_ends_the_run_with_what_was
             query_clips(load_target(http_spec(server, "POOR_KEY", concurrency=3)), pool, ledger, batch_size=4,
                         progress=False)  # fmt: skip
         ledger = Ledger(tmp_path / "poor")
-        assert len(ledger) == 5 and server.usage("poor").requests == 5  # every answer charged is kept
+        charged = server.usage("poor").requests
+        assert (len(ledger), charged) == (5, 5), (len(ledger), charged)  # every answer charged is kept
 
 
 def _query(tmp_path, url_spec: str, manifest, ledger, env, *extra) -> subprocess.Popen:

@@ -51,6 +51,11 @@ class ServeConfig:
     )
     device: str = option("cpu", "torch device of the served model")
     threads: int = option(0, "torch threads of the model (0: torch's default)")
+    model_workers: int = option(
+        1,
+        "batches the model answers at once, each in its own thread (for thread-safe targets: hf and "
+        "resemblyzer are); on CPUs shared with other processes, N workers with --threads 1 use N cores best",
+    )
 
     def hidden(self) -> set[str]:
         names = {x.strip() for x in self.hide_info.split(",") if x.strip()}
@@ -66,7 +71,13 @@ class ServeConfig:
     def check(self) -> None:
         if not self.target:
             raise ValueError("serve needs a target spec (--target, or 'target' in the config file)")
-        for name in ("max_batch_seconds", "max_payload_bytes", "max_clip_seconds", "max_queue"):
+        for name in (
+            "max_batch_seconds",
+            "max_payload_bytes",
+            "max_clip_seconds",
+            "max_queue",
+            "model_workers",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_delay_ms < 0 or self.answers_ttl_hours <= 0:

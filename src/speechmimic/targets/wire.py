@@ -66,7 +66,7 @@ def decode_raw(body: bytes, encoding: str) -> np.ndarray:
     samples = np.frombuffer(body, dtype=dtype)
     if encoding == "s16le":
         return samples.astype(np.float32) / 32768.0
-    return samples.astype(np.float32)
+    return samples.astype(np.float32)  # a copy: frombuffer's array is read-only
 
 
 def encode_answer(
@@ -118,7 +118,7 @@ def decode_answer(body: bytes, content_type: str | None) -> tuple[dict[str, np.n
     for name, arr in out.items():
         if arr.ndim != 2:
             raise WireError(f"layer {name!r} has shape {arr.shape}, expected (frames, width)")
-    return {k: v.astype(np.float32) for k, v in out.items()}, samples
+    return {k: v.astype(np.float32, copy=False) for k, v in out.items()}, samples
 
 
 def _safetensors_metadata(body: bytes) -> dict[str, str]:
