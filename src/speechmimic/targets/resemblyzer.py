@@ -48,7 +48,9 @@ class ResemblyzerTarget:
     drop audio and make frame counts depend on content rather than on length. A silent clip is left
     at zero instead of becoming NaN as resemblyzer's normalisation would make it.
 
-    Only ``per_clip`` padding is offered; clips of equal length are batched, which is exact.
+    Only ``per_clip`` padding is offered; clips of equal length share an LSTM batch, which pads nothing
+    (answers equal a lone run up to float32 rounding: a GEMM of another batch size may round the last
+    bit differently).
     """
 
     frame_rate = SAMPLE_RATE / HOP
