@@ -100,6 +100,9 @@ def main() -> int:
         "--server-threads", type=int, default=1, help="torch threads of each server model worker (default: 1)"
     )
     p.add_argument("--model-workers", type=int, default=2, help="serve --model-workers (default: 2)")
+    p.add_argument(
+        "--max-batch-seconds", type=float, default=30.0, help="serve --max-batch-seconds (default: 30)"
+    )
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -120,7 +123,12 @@ def main() -> int:
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        flags = ("--model-workers", str(args.model_workers))
+        flags = (
+            "--model-workers",
+            str(args.model_workers),
+            "--max-batch-seconds",
+            str(args.max_batch_seconds),
+        )
         with ServerProcess(Path(tmp), spec, *flags, threads=args.server_threads) as server:
             over_http(server, wavs[:8], None, 4, -1)  # warm up: connections, first batches
             for c in levels:
