@@ -35,7 +35,6 @@ import torch
 from speechmimic.audio import SAMPLE_RATE
 from speechmimic.demo import demo_corpus
 from speechmimic.ledger import content_key
-from speechmimic.serve.keys import KeyStore
 from speechmimic.serve.process import ServerProcess
 from speechmimic.targets import load_target
 from speechmimic.targets.http import HTTPTarget
@@ -153,7 +152,7 @@ def main() -> int:
                     f"latency p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms",
                     flush=True,
                 )
-            charged = sum(k.samples for k in _keys(server)) / SAMPLE_RATE
+            charged = sum(k.samples for k in server.keys()) / SAMPLE_RATE
     print()
     print("| concurrency | in-process audio-s/s | HTTP audio-s/s | HTTP / in-process | p50 ms | p99 ms |")
     print("|---:|---:|---:|---:|---:|---:|")
@@ -167,14 +166,6 @@ def main() -> int:
             json.dumps({"target": target.spec, "clips": len(wavs), "rows": rows}, indent=2)
         )
     return 0
-
-
-def _keys(server: ServerProcess):
-    store = KeyStore(server.db)
-    try:
-        return store.list()
-    finally:
-        store.close()
 
 
 if __name__ == "__main__":

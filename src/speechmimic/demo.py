@@ -109,14 +109,8 @@ def start_demo_server(root: Path, target_spec: str) -> tuple[ServerProcess, str]
 
 def server_usage(server: ServerProcess, ledgers: dict[str, Ledger]) -> list[dict]:
     """The server's charges for the demo's key beside what each ledger paid, in requests and samples."""
-    rows = [
-        {
-            "who": f"ledger {name}",
-            "requests": led.spent_clips,
-            "samples": sum(e.num_samples for e in led.entries.values()),
-        }
-        for name, led in ledgers.items()
-    ]
+    rows = [{"who": f"ledger {name}", "requests": led.spent_clips, "samples": led.spent_samples}
+            for name, led in ledgers.items()]  # fmt: skip
     rows.append({"who": "ledgers, total", "requests": sum(r["requests"] for r in rows),
                  "samples": sum(r["samples"] for r in rows)})  # fmt: skip
     used = server.usage("demo")

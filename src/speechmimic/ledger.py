@@ -175,7 +175,7 @@ class Ledger:
         self.aliases: dict[str, str] = {}  # clip id -> key, for every clip id seen
         self.header: dict | None = None
         self.spent_clips = 0
-        self.spent_seconds = 0.0
+        self.spent_samples = 0  # at 16 kHz: exact, comparable with what an API charged
         self.dropped = 0
         self._sent: set[str] = set()
         self._ever_paid: set[str] = set()
@@ -234,8 +234,7 @@ class Ledger:
             if entry.key in self._unindexed:  # already counted from its blob
                 self._unindexed.discard(entry.key)
             else:
-                self.spent_clips += 1
-                self.spent_seconds += entry.seconds
+                self._count_payment(entry)
             self._add(entry)
         elif kind == "refused":
             self._sent.discard(event["key"])
@@ -262,9 +261,16 @@ class Ledger:
             except (OSError, KeyError, ValueError, SafetensorError):
                 continue
             self._unindexed.add(key)
-            self.spent_clips += 1
-            self.spent_seconds += entry.seconds
+            self._count_payment(entry)
             self._add(entry)
+
+    def _count_payment(self, entry: Entry) -> None:
+        self.spent_clips += 1
+        self.spent_samples += entry.num_samples
+
+    @property
+    def spent_seconds(self) -> float:
+        return self.spent_samples / SAMPLE_RATE
 
     def _add(self, entry: Entry) -> None:
         self.entries[entry.key] = entry
@@ -524,8 +530,7 @@ class Ledger:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
         self._append({"event": "paid", **_entry_json(entry)})
-        self.spent_clips += 1
-        self.spent_seconds += entry.seconds
+        self._count_payment(entry)
         self._add(entry)
         return entry
 

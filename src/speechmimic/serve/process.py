@@ -15,9 +15,10 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from speechmimic.serve.keys import KeyStore
+from speechmimic.serve.keys import Key, KeyStore
 
 START_TIMEOUT = 90.0
 
@@ -71,16 +72,23 @@ class ServerProcess:
         return (self.root / f"server-{self.starts}.log").read_text(errors="replace")
 
     def key(self, name: str, **limits) -> str:
-        store = KeyStore(self.db)
-        try:
+        """A new API key ``name`` with ``limits`` (see :data:`~speechmimic.serve.keys.LIMITS`)."""
+        with self._store() as store:
             return store.create(name, **limits)[1]
-        finally:
-            store.close()
 
-    def usage(self, name: str):
+    def usage(self, name: str) -> Key:
+        with self._store() as store:
+            return store.find(name)
+
+    def keys(self) -> list[Key]:
+        with self._store() as store:
+            return store.list()
+
+    @contextmanager
+    def _store(self):
         store = KeyStore(self.db)
         try:
-            return store.find(name)
+            yield store
         finally:
             store.close()
 

@@ -80,18 +80,11 @@ def load_target(spec: str, device: str = "cpu") -> Target:
                 f"{spec!r}: {location!r} is no such directory, and not a hub id ('name' or "
                 f"'namespace/name'); a target spec is one of {forms}, each with ?key=value&... options"
             )
-        batch_seconds = options.get("batch_seconds", "60")
-        try:
-            seconds = float(batch_seconds)
-        except ValueError:
-            seconds = float("nan")
-        if not seconds > 0:
-            raise ValueError(f"batch_seconds must be a positive number of seconds, got {batch_seconds!r}")
         return HFTarget(
             location,
             layers=options.get("layers"),
             padding=options.get("padding", "per_clip"),
-            batch_seconds=seconds,
+            batch_seconds=_number(options, "batch_seconds", float, 60.0, above=0),
             device=device,
         )
     if kind in ("http", "https"):
@@ -102,9 +95,9 @@ def load_target(spec: str, device: str = "cpu") -> Target:
         return HTTPTarget(
             f"{kind}:{location}",
             key_env=options.get("key_env", DEFAULT_KEY_ENV),
-            concurrency=_number(options, "concurrency", int, 8, 1),
-            timeout=_number(options, "timeout", float, 60.0, 1e-3),
-            retries=_number(options, "retries", int, 8, 0),
+            concurrency=_number(options, "concurrency", int, 8, least=1),
+            timeout=_number(options, "timeout", float, 60.0, above=0),
+            retries=_number(options, "retries", int, 8, least=0),
             dtype=options.get("dtype", "float32"),
         )
     from speechmimic.targets.resemblyzer import ResemblyzerTarget
@@ -114,13 +107,19 @@ def load_target(spec: str, device: str = "cpu") -> Target:
     )
 
 
-def _number(options: dict[str, str], key: str, kind: type, default, least):
+def _number(options: dict[str, str], key: str, kind: type, default, least=None, above=None):
+    """Option ``key`` as a ``kind`` that is ``>= least`` or ``> above``; a clear error otherwise."""
     if key not in options:
         return default
     try:
         value = kind(options[key])
     except ValueError:
         value = None
-    if value is None or not value >= least:
-        raise ValueError(f"option {key} must be a {kind.__name__} >= {least}, got {options[key]!r}")
+    ok = value is not None and (least is None or value >= least) and (above is None or value > above)
+    if not ok:
+        number = "whole number" if kind is int else "number"
+        bound = f"a {number} >= {least}" if least is not None else f"a {number} > {above}"
+        if above == 0:
+            bound = f"a positive {number}"
+        raise ValueError(f"option {key} must be {bound}, got {options[key]!r}")
     return value
