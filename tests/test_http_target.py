@@ -35,10 +35,6 @@ def http_spec(server: Server, env: str, **options) -> str:
     return f"{server.url}?{opts}"
 
 
-def paid_samples(ledger: Ledger) -> int:
-    return sum(e.num_samples for e in ledger.entries.values())
-
-
 def test_a_budgeted_attack_through_http_is_charged_exactly_what_the_ledger_paid(
     tmp_path, spec, speech_clips, monkeypatch
 ):
@@ -51,7 +47,7 @@ def test_a_budgeted_attack_through_http_is_charged_exactly_what_the_ledger_paid(
         stats = query_clips(target, pool, ledger, progress=False)
         assert stats["paid"] == 20 and stats["over_budget"] == len(pool) - 20
         used = server.usage("thief")
-        assert (used.requests, used.samples) == (20, paid_samples(ledger))
+        assert (used.requests, used.samples) == (20, ledger.spent_samples)
         # the answers are the in-process answers, bit for bit (raw float32 on the wire)
         local = load_target(spec)
         for clip in pool[:3]:
@@ -105,6 +101,14 @@ def test_rate_limits_are_waited_out_and_a_spent_quota_ends_the_run_with_what_was
         charged = server.usage("poor").requests
         assert (len(ledger), charged) == (5, 5), (len(ledger), charged)  # every answer charged is kept
 
+        # waiting out rate limits is bounded per clip: past the bound the run ends, resumable
+        monkeypatch.setattr("speechmimic.targets.http.MAX_RETRY_AFTER", 1.5)
+        monkeypatch.setenv("PATIENT_KEY", server.key("patient", rate=1, burst=1))
+        with pytest.raises(TargetError, match=r"asks to wait 1 s more .* after 1 s; rerun later"):
+            # 3 clips at once, 1 token a second: one clip is told to wait twice
+            query_clips(load_target(http_spec(server, "PATIENT_KEY", concurrency=3)), pool[:3],
+                        Ledger(tmp_path / "patient"), batch_size=3, progress=False)  # fmt: skip
+
 
 def _query(tmp_path, url_spec: str, manifest, ledger, env, *extra) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "speechmimic", "query", "--target", url_spec, "--manifest", str(manifest),
@@ -152,7 +156,7 @@ def test_server_sigkilled_and_restarted_mid_attack_charges_exactly_what_the_ledg
         ledger = Ledger(tmp_path / "ledger")
         assert len(ledger) == len(pool) and not ledger.in_doubt
         used = server.usage("thief")
-        assert used.samples == paid_samples(ledger) and used.requests == ledger.spent_clips == len(pool)
+        assert used.samples == ledger.spent_samples and used.requests == ledger.spent_clips == len(pool)
     finally:
         server.kill()
 
@@ -175,7 +179,7 @@ def test_client_sigkilled_mid_attack_then_resumed_is_never_charged_twice(tmp_pat
         ledger = Ledger(tmp_path / "ledger")
         used = server.usage("thief")
         assert (
-            len(ledger) == len(pool) and used.requests == len(pool) and used.samples == paid_samples(ledger)
+            len(ledger) == len(pool) and used.requests == len(pool) and used.samples == ledger.spent_samples
         )
         metrics = httpx.get(server.url + "/metrics").text
         replays = [ln for ln in metrics.splitlines() if ln.startswith("speechmimic_idempotent_replays_total")]

@@ -16,8 +16,8 @@ What it promises the ledger:
   ledger checks the budget before it hands them over.
 - **Bounded concurrency**: at most ``concurrency`` requests in flight; retries with exponential
   backoff and full jitter on 5xx, 408, 409 (the same clip still in flight), timeouts and refused
-  connections (``retries`` of them per clip); on 429 it waits what ``Retry-After`` says, and a 429
-  without it (a spent quota) ends the run.
+  connections (``retries`` of them per clip); on 429 it waits what ``Retry-After`` says (at most
+  ``MAX_RETRY_AFTER`` seconds per clip in all), and a 429 without it (a spent quota) ends the run.
 - **Learns what it needs from the answers**: ``GET /v1/info`` is read if the API has it; otherwise
   (or for what it hides) layers come from the first answer and the frame rate is left to the
   ledger, which fits it on the answers' frame counts.
@@ -35,13 +35,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 
 from speechmimic.targets import wire
 from speechmimic.targets.base import ClipRefused, PartialAnswers, TargetError
 
 DEFAULT_KEY_ENV = "SPEECHMIMIC_API_KEY"
-# A Retry-After longer than this is not worth waiting for in a run: it ends the run, resumable.
+# Waiting longer than this for one clip (a Retry-After, or all of them together) ends the run, resumable.
 MAX_RETRY_AFTER = 600.0
 _BACKOFF_BASE, _BACKOFF_CAP = 0.25, 20.0
 _CLIP_STATUSES = (413, 422)  # refusals of one clip for what it is
@@ -61,8 +62,6 @@ class HTTPTarget:
         dtype: str = "float32",
         seed: int = 0,
     ):
-        import httpx
-
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if dtype not in wire.DTYPES:
@@ -80,7 +79,6 @@ class HTTPTarget:
             timeout=timeout,
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
         )
-        self._httpx = httpx
         self._pool: ThreadPoolExecutor | None = None
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
@@ -100,7 +98,7 @@ class HTTPTarget:
         """What ``GET /v1/info`` says, or ``{}`` where the API has no such endpoint."""
         try:
             r = self._client.get(f"{self.url}/v1/info", headers=self._headers)
-        except self._httpx.HTTPError as e:
+        except httpx.HTTPError as e:
             raise TargetError(f"cannot reach the API at {self.url} ({type(e).__name__}: {e})") from None
         if r.status_code in (401, 403):
             raise TargetError(f"{self.url} refuses the key in ${self.key_env}: {_detail(r)}")
@@ -138,11 +136,11 @@ class HTTPTarget:
         if key:
             headers["Idempotency-Key"] = key
         params = {"encoding": "f32le", "sample_rate": "16000", "format": "safetensors", "dtype": self.dtype}
-        failures = 0
+        failures, waited = 0, 0.0
         while True:
             try:
                 r = self._client.post(f"{self.url}/v1/embed", content=body, headers=headers, params=params)
-            except self._httpx.TransportError as e:  # refused, reset, timed out: the answer may be lost
+            except httpx.TransportError as e:  # refused, reset, timed out: the answer may be lost
                 failures += 1
                 self._backoff(failures, f"{type(e).__name__}: {e}")
                 continue
@@ -154,9 +152,13 @@ class HTTPTarget:
                     raise TargetError(
                         f"{self.url} refuses: {_detail(r)} (429 without Retry-After: quota spent)"
                     )
-                if wait > MAX_RETRY_AFTER:
-                    raise TargetError(f"{self.url} asks to wait {wait:.0f} s ({_detail(r)}); rerun later")
+                if waited + wait > MAX_RETRY_AFTER:
+                    raise TargetError(
+                        f"{self.url} asks to wait {wait:.0f} s more ({_detail(r)}) after {waited:.0f} s; "
+                        "rerun later"
+                    )
                 time.sleep(wait + self._jitter(0.1))
+                waited += wait
                 continue
             if r.status_code in _CLIP_STATUSES:
                 raise ClipRefused(f"the API refuses the clip: {r.status_code} {_detail(r)}")
