@@ -7,6 +7,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+S3PRL ?= s3prl==0.4.18
 OUT ?= runs/demo
 ARGS ?=
 
@@ -22,6 +23,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# s3prl's source, unpacked by the tests only (its package imports torchaudio): see tests/test_s3prl.py
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: --dest $(VENV)/sdists $(S3PRL)
 	touch $(STAMP)
 
 demo: $(STAMP)

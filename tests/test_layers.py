@@ -16,7 +16,8 @@ from pathlib import Path
 PACKAGE = "speechmimic"
 SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 
-# corpus -> stage 1 -> score -> select (budget) -> ledger (query) -> stage 2 -> measurement -> report;
+# corpus -> stage 1 -> score -> select (budget) -> ledger (query) -> stage 2 -> measurement -> report,
+# and the models handed to other tools (interop);
 # targets (and defences wrapping them, the server serving them) beside the attack, never inside it.
 FLOW = [
     ("foundation", {"config", "audio", "dsp"}),
@@ -32,6 +33,7 @@ FLOW = [
     ("ledger", {"ledger"}),
     ("stage 2", {"distill"}),
     ("measurement", {"fidelity", "upstream", "probe", "evaluate"}),
+    ("interop", {"s3prl_expert", "export"}),  # our models in other tools: s3prl, ONNX, TorchScript
     ("orchestration", {"extract", "experiment", "report", "demo", "testing"}),
     ("interface", {"cli", "__init__", "__main__"}),
 ]

@@ -1,9 +1,9 @@
 """Upstreams with nothing learned: MFCC and log-mel filterbank features, for the bottom row of a probe table.
 
 Both follow the upstream contract of :mod:`speechmimic.upstream`: ``forward(list[Tensor 16 kHz])``
-returns ``{"hidden_states": [Tensor (B, T, D)]}`` (one state), ``downsample_rate`` is 160 and
-``hidden_state_names`` names the state. Frames are 25 ms Hann windows every 10 ms, centred, so a clip
-of N samples gives ``N // 160 + 1`` frames.
+returns ``{"hidden_states": [Tensor (B, T, D)]}`` (one state), ``downsample_rate`` (and s3prl's
+``get_downsample_rates``) is 160 and ``hidden_state_names`` names the state. Frames are 25 ms Hann
+windows every 10 ms, centred, so a clip of N samples gives ``N // 160 + 1`` frames.
 
 Normalisation: by default a fixed affine map of the log-mel energies (the student front end's
 ``(log(mel + 1e-6) + 6) / 4``), the same for every clip. Per-utterance CMVN (``cmvn=True``, specs
@@ -23,6 +23,12 @@ from speechmimic import dsp
 
 class _SpectralUpstream(nn.Module):
     downsample_rate = dsp.HOP
+
+    def get_downsample_rates(self, key: str) -> int:
+        """s3prl's contract: samples per frame of the features under ``key``."""
+        if key != "hidden_states":
+            raise KeyError(f"{key!r} is not among this upstream's features: hidden_states")
+        return self.downsample_rate
 
     def __init__(self, n_mels: int, cmvn: bool):
         super().__init__()

@@ -121,7 +121,9 @@ class FbankFrontend(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:  # (B, N) -> (B, T, D)
-        x = log_mel(wav, self.window, self.fbank)
+        return self.from_log_mel(log_mel(wav, self.window, self.fbank))
+
+    def from_log_mel(self, x: torch.Tensor) -> torch.Tensor:  # (B, T_mel, n_mels) -> (B, T, D)
         x = F.gelu(self.conv1(x.transpose(1, 2)))
         x = F.gelu(self.conv2(x))
         return self.norm(x.transpose(1, 2))
@@ -316,7 +318,6 @@ def _encode_chunked(
     }
 
 
-@torch.no_grad()
 def infer(
     student: Student,
     wav: torch.Tensor,
@@ -335,7 +336,8 @@ def infer(
     than ``CHUNK_CONTEXT_SECONDS / 2`` from a join differ from whole-clip frames by a mean relative
     L2 error under ``CHUNK_TOLERANCE`` (0.004-0.04 measured on LibriSpeech); the front end's frames
     are equal. A clip no longer than ``chunk_seconds`` is encoded whole, exactly as before; ``None``:
-    every clip whole.
+    every clip whole. Gradients flow where they are enabled (fine-tuning an upstream); ``predict``
+    runs without them.
     """
     n_student = int(student.cfg.num_frames(wav.shape[-1]))
     if chunk_seconds is None or wav.shape[-1] <= chunk_seconds * SAMPLE_RATE:
@@ -352,6 +354,7 @@ def infer(
     return states, out
 
 
+@torch.no_grad()
 def predict(
     student: Student,
     wav: torch.Tensor,

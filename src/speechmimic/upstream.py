@@ -2,15 +2,23 @@
 
 ``load_upstream(path_or_spec)`` returns an ``nn.Module`` whose ``forward(list[Tensor])`` takes 16 kHz
 mono float waveforms and returns ``{"hidden_states": [Tensor (B, T, D), ...]}``, with
-``downsample_rate`` (samples per frame) and ``hidden_state_names`` attributes. Clips shorter than the
-longest in the batch are zero-padded in the output; each clip is encoded on its own so padding
-never changes a clip's features.
+``downsample_rate`` (samples per frame) and ``hidden_state_names`` attributes, and s3prl's
+``get_downsample_rates(key)`` for every key it returns. Clips shorter than the longest in the batch
+are zero-padded in the output; each clip is encoded on its own so padding never changes a clip's
+features. A student or a baseline gives a clip of N samples at least ``round(N / downsample_rate)``
+frames, the count s3prl's ``Featurizer`` keeps, and at most two more; a target gives what its API
+answers. :mod:`speechmimic.s3prl_expert` wraps any of these for s3prl's own runner, with exactly
+that count.
 
 - An extracted student: its own states (front end, each transformer layer) and its prediction of
   every target layer (the stolen representations), all at the heads' frame rate (student states
-  are repeated to that rate). A clip longer than ``chunk_seconds`` is encoded in overlapping
-  windows, so memory stays bounded on hour-long recordings (see :func:`speechmimic.student.infer`
-  for the stitching and how close it is to encoding the clip whole).
+  are repeated to that rate); besides ``hidden_states`` (all of them) the output holds ``student``
+  (its own states, of its width) and ``pred`` (the predictions, of the target's widths), for
+  s3prl's weighted sum, which needs states of one width. In training mode
+  (``.train()``, as s3prl's runner sets for fine-tuning) gradients reach the student's weights; a
+  loaded upstream starts in eval mode, without them. A clip longer than ``chunk_seconds`` is
+  encoded in overlapping windows, so memory stays bounded on hour-long recordings (see
+  :func:`speechmimic.student.infer` for the stitching and how close it is to encoding it whole).
 - A target (a spec ``hf:...``, ``resemblyzer...``, or a :class:`~speechmimic.targets.Target`): the
   layers its API returns, bought through a ledger (``ledger=``): every clip is paid once and a
   rerun, or another probe of the same audio, reads the stored answer. A target answers a clip
@@ -36,12 +44,29 @@ from speechmimic.student import CHUNK_SECONDS, CONFIG_NAME, Student, infer
 from speechmimic.targets import Target, load_target, parse_spec
 
 
+class LedgerRequired(ValueError):
+    """A target was named without a ledger to record what its answers cost."""
+
+
 def _pad_stack(seqs: list[torch.Tensor]) -> torch.Tensor:
     t = max(s.shape[0] for s in seqs)
     return torch.stack([F.pad(s, (0, 0, 0, t - s.shape[0])) for s in seqs])
 
 
-class StudentUpstream(nn.Module):
+class _Upstream(nn.Module):
+    downsample_rate: int
+    keys: tuple[str, ...] = ("hidden_states",)
+
+    def get_downsample_rates(self, key: str) -> int:
+        """s3prl's contract: samples per frame of the features under ``key`` (all keys share it)."""
+        if key not in self.keys:
+            raise KeyError(f"{key!r} is not among this upstream's features: {', '.join(self.keys)}")
+        return self.downsample_rate
+
+
+class StudentUpstream(_Upstream):
+    keys = ("hidden_states", "student", "pred")
+
     def __init__(self, student: Student, config: dict, chunk_seconds: float | None = CHUNK_SECONDS):
         super().__init__()
         self.student = student.eval()
@@ -56,22 +81,25 @@ class StudentUpstream(nn.Module):
             + [f"student.layer{i + 1}" for i in range(n)]
             + [f"pred.{name}" for name in student.heads]
         )
+        self.eval()
 
-    @torch.no_grad()
     def forward(self, wavs: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
         per_clip: list[list[torch.Tensor]] = []
-        for wav in wavs:
-            wav = wav.float().reshape(-1)
-            n = int(self.student.cfg.num_frames(wav.shape[0])) * self.ratio
-            states, preds = infer(
-                self.student, wav, {name: n for name in self.student.heads}, self.chunk_seconds
-            )
-            feats = [s.repeat_interleave(self.ratio, 0)[:n] for s in states] + list(preds.values())
-            per_clip.append(feats)
-        return {"hidden_states": [_pad_stack([c[i] for c in per_clip]) for i in range(len(per_clip[0]))]}
+        with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
+            for wav in wavs:
+                wav = wav.float().reshape(-1)
+                n = int(self.student.cfg.num_frames(wav.shape[0])) * self.ratio
+                states, preds = infer(
+                    self.student, wav, {name: n for name in self.student.heads}, self.chunk_seconds
+                )
+                feats = [s.repeat_interleave(self.ratio, 0)[:n] for s in states] + list(preds.values())
+                per_clip.append(feats)
+        hidden = [_pad_stack([c[i] for c in per_clip]) for i in range(len(per_clip[0]))]
+        own = self.student.cfg.layers + 1
+        return {"hidden_states": hidden, "student": hidden[:own], "pred": hidden[own:]}
 
 
-class TargetUpstream(nn.Module):
+class TargetUpstream(_Upstream):
     """A target's answers as an upstream, bought through ``ledger``; a spec is loaded only when an
     answer is missing from the ledger, so a rerun needs neither the model nor the API."""
 
@@ -160,7 +188,7 @@ def load_upstream(
                     f"{target!r} is no such folder (a student), and not a target spec: {e}"
                 ) from None
     if ledger is None:
-        raise ValueError(
+        raise LedgerRequired(
             f"{getattr(target, 'spec', target)} is a target: its answers are paid for, so they are "
             "recorded in a ledger; pass ledger=Ledger(DIR) (on the command line: --ledger DIR)"
         )

@@ -13,6 +13,7 @@ from speechmimic.cli import (
     distill,
     embed,
     evaluate,
+    export,
     extract,
     fidelity,
     ledger,
@@ -42,6 +43,7 @@ COMMANDS = (
     probe,
     evaluate,
     embed,
+    export,
     serve,
 )
 

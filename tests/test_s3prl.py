@@ -1,0 +1,150 @@
+"""s3prl's own Featurizer, from s3prl's source, on our upstreams: no warning, the exact downsample rate.
+
+s3prl's package imports torchaudio when it is imported, so the test unpacks its sdist (``make setup``
+downloads it with ``pip download --no-deps``) and imports ``upstream/interfaces.py`` and the helper it
+needs as modules of empty packages, leaving ``s3prl/__init__.py`` unrun.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+import sys
+import tarfile
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from speechmimic import Ledger, load_upstream
+from speechmimic.s3prl_expert import UpstreamExpert
+from speechmimic.upstream import LedgerRequired
+
+SDIST = os.environ.get("SPEECHMIMIC_S3PRL_SDIST") or next(
+    iter(sorted(glob.glob(str(Path(sys.prefix) / "sdists" / "s3prl-*.tar.gz")))), ""
+)
+NEEDED = ("s3prl/upstream/interfaces.py", "s3prl/utility/helper.py", "s3prl/upstream/example/hubconf.py")
+# What the README tells a user to write into s3prl's customized upstream (upstream/example/expert.py).
+EXPERT_PY = "from speechmimic.s3prl_expert import UpstreamExpert  # noqa: F401\n"
+
+
+@pytest.fixture(scope="module")
+def s3prl(tmp_path_factory):
+    """s3prl's ``upstream.interfaces`` module, imported from its sdist, beside its customized upstream
+    (``upstream.example.hubconf``) with ``expert.py`` as the README says to write it."""
+    if not SDIST or not Path(SDIST).exists():
+        pytest.skip(
+            f"s3prl's sdist is not in {Path(sys.prefix) / 'sdists'}: `make setup` downloads it, or "
+            "pip download --no-deps --no-binary :all: s3prl==0.4.18, and set SPEECHMIMIC_S3PRL_SDIST"
+        )
+    root = tmp_path_factory.mktemp("s3prl")
+    with tarfile.open(SDIST) as tar:
+        for member in tar.getmembers():
+            if member.name.split("/", 1)[-1] in NEEDED:
+                member.name = member.name.split("/", 1)[-1]
+                tar.extract(member, root, filter="data")
+    (root / "s3prl/upstream/example/expert.py").write_text(EXPERT_PY)
+    saved = {k: v for k, v in sys.modules.items() if k == "s3prl" or k.startswith("s3prl.")}
+    for name in ("s3prl", "s3prl.upstream", "s3prl.utility", "s3prl.upstream.example"):
+        package = types.ModuleType(name)
+        package.__path__ = [str(root / name.replace(".", "/"))]
+        sys.modules[name] = package
+    had_torchaudio = "torchaudio" in sys.modules
+    try:
+        yield importlib.import_module("s3prl.upstream.interfaces")
+    finally:
+        for k in [k for k in sys.modules if k == "s3prl" or k.startswith("s3prl.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+    assert had_torchaudio or "torchaudio" not in sys.modules
+
+
+def featurize(s3prl, capsys, upstream, wavs, **kwds):
+    """s3prl's Featurizer over ``upstream``: (featurizer, per-clip features, what it printed)."""
+    capsys.readouterr()
+    featurizer = s3prl.Featurizer(upstream, upstream_device="cpu", **kwds)
+    printed = capsys.readouterr()
+    with torch.no_grad():
+        feats = featurizer(wavs, upstream(wavs))
+    return featurizer, feats, printed.out + printed.err
+
+
+def check(featurizer, feats, printed, wavs, rate):
+    assert "Warning" not in printed, printed
+    assert f"downsample rate is {rate}" in printed
+    assert featurizer.downsample_rate == rate
+    assert [len(f) for f in feats] == [round(len(w) / rate) for w in wavs]
+
+
+def test_featurizer_on_a_student(s3prl, capsys, tiny_student):
+    directory, _, clips = tiny_student
+    wavs = [torch.from_numpy(c.load()) for c in clips[:3]]
+    # load_upstream's own object: its predictions of the target's layers are one group of one width
+    plain = load_upstream(directory)
+    featurizer, feats, printed = featurize(s3prl, capsys, plain, wavs, feature_selection="pred")
+    check(featurizer, feats, printed, wavs, 160)
+    assert featurizer.layer_num == 3
+    # the class s3prl's runner builds: hidden_states is then that group by default
+    expert = UpstreamExpert(str(directory))
+    featurizer, feats, printed = featurize(s3prl, capsys, expert, wavs)
+    check(featurizer, feats, printed, wavs, 160)
+    # every frame s3prl keeps is the student's own frame of that clip, never padding
+    for wav, f in zip(wavs, feats, strict=True):
+        alone = plain([wav])["pred"]
+        weights = torch.softmax(featurizer.weights, 0)
+        expected = sum(w * s[0, : len(f)] for w, s in zip(weights, alone, strict=True))
+        assert torch.allclose(f, expected, atol=1e-6)
+    student_states = featurize(s3prl, capsys, expert, wavs, feature_selection="student")
+    check(*student_states, wavs, 160)
+    assert student_states[0].layer_num == 2  # front end + one layer
+
+
+def test_s3prls_runner_path(s3prl, capsys, tiny_student):
+    """What ``run_downstream.py -u customized_upstream -k STUDENT_DIR`` does before training: build the
+    upstream through the hub entry with the runner's arguments, check its interface, featurize."""
+    hubconf = importlib.import_module("s3prl.upstream.example.hubconf")
+    directory, _, clips = tiny_student
+    upstream = hubconf.customized_upstream(ckpt=str(directory), model_config=None, refresh=False)
+    assert hasattr(upstream, "get_downsample_rates")  # the runner asserts this interface
+    wavs = [torch.from_numpy(c.load()) for c in clips[:2]]
+    featurizer, feats, printed = featurize(s3prl, capsys, upstream, wavs, feature_selection="hidden_states")
+    check(featurizer, feats, printed, wavs, 160)
+
+
+def test_featurizer_on_target_specs(s3prl, capsys, tmp_path, speech_clips, tiny_hf):
+    pool, _ = speech_clips
+    wavs = [torch.from_numpy(c.load()) for c in pool[:3]]
+    for spec, rate, layers in (
+        ("resemblyzer?layers=all", 160, 3),
+        (f"hf:{tiny_hf['hubert']}?layers=all", 320, 3),
+    ):
+        ledger = tmp_path / spec.split(":")[0].split("?")[0]
+        check(*featurize(s3prl, capsys, load_upstream(spec, ledger=ledger), wavs), wavs, rate)
+        featurizer, feats, printed = featurize(s3prl, capsys, UpstreamExpert(spec, str(ledger)), wavs)
+        check(featurizer, feats, printed, wavs, rate)
+        assert featurizer.layer_num == layers
+        # our clips were paid once each, and each Featurizer's one second of noise once
+        assert len(Ledger(ledger)) == 3 + 2
+
+
+def test_featurizer_on_a_baseline(s3prl, capsys, speech_clips):
+    wavs = [torch.from_numpy(c.load()) for c in speech_clips[0][:2]]
+    check(*featurize(s3prl, capsys, UpstreamExpert("mfcc"), wavs), wavs, 160)
+
+
+def test_a_target_without_a_ledger_names_s3prls_option():
+    with pytest.raises(LedgerRequired, match="-g LEDGER_DIR"):
+        UpstreamExpert("resemblyzer?layers=all")
+    with pytest.raises(KeyError, match="hidden_states"):
+        UpstreamExpert("mfcc").get_downsample_rates("PR")
+
+
+def test_fine_tuning_reaches_the_students_weights(tiny_student):
+    expert = UpstreamExpert(str(tiny_student[0]))
+    wav = torch.from_numpy(tiny_student[2][0].load())
+    assert not expert(wav[None].unbind(0))["hidden_states"][0].requires_grad  # eval: features only
+    expert.train()
+    expert(wav[None].unbind(0))["hidden_states"][-1].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in expert.upstream.student.parameters())
