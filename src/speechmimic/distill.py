@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from speechmimic import distributed
 from speechmimic.audio import SAMPLE_RATE, AudioError
 from speechmimic.config import option
 from speechmimic.corpus import Clip, fingerprint, warn_unusable
@@ -131,20 +132,22 @@ def distill_loss(
     lengths: torch.Tensor,
     targets: list[dict[str, torch.Tensor]],
     cos_weight: float = 1.0,
+    frames: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """DistilHuBERT loss of the heads' standardised predictions (``student(wav, lengths)[2]``),
-    averaged over heads; per-head parts returned for logging."""
+    averaged over heads; per-head parts returned for logging. ``frames``: each head's frame count
+    to average over (default: those of ``targets``; a rank's rows of a batch pass the batch's)."""
     n_student = student.cfg.num_frames(lengths)
     total, parts = 0.0, {}
     for name, head in student.heads.items():
-        l1_sum, cos_sum, frames = 0.0, 0.0, 0
+        l1_sum, cos_sum = 0.0, 0.0
         for i, tgt in enumerate(targets):
             y = (tgt[name] - head.mean) / head.std
             p = align(preds[name][i], int(n_student[i]) * head.ratio, len(y))
             l1_sum = l1_sum + F.l1_loss(p, y, reduction="sum") / y.shape[1]
             cos_sum = cos_sum - F.logsigmoid(F.cosine_similarity(p, y, dim=-1)).sum()
-            frames += len(y)
-        l1, cos = l1_sum / frames, cos_sum / frames
+        count = frames[name] if frames else sum(len(t[name]) for t in targets)
+        l1, cos = l1_sum / count, cos_sum / count
         parts[name] = {"l1": float(l1.detach()), "cos": float(cos.detach())}
         total = total + l1 + cos_weight * cos
     return total / len(student.heads), parts
@@ -201,19 +204,25 @@ def distill(
         mean, std = stats[name]
         head.mean.copy_(torch.from_numpy(mean))
         head.std.copy_(torch.from_numpy(np.maximum(std, 1e-3 * float(std.mean()) + 1e-8)))
-    student.to(cfg.device).train()
+    device = distributed.device_for(cfg.device)
+    student.to(device).train()
 
     def step(model: torch.nn.Module, batch_idx: list[int], rng: random.Random):
+        # The whole batch is collated on every rank (same crops); each runs the model on its rows.
         wav, lengths, targets = _collate([data[i] for i in batch_idx], student, cfg.crop_seconds, rng)
-        lengths = lengths.to(cfg.device)
-        _, _, preds = model(wav.to(cfg.device), lengths)
-        targets = [{k: v.to(cfg.device) for k, v in t.items()} for t in targets]
-        loss, _ = distill_loss(student, preds, lengths, targets, cfg.cos_weight)
-        return loss, {}
+        frames = {name: sum(len(t[name]) for t in targets) for name in student.heads}
+        rows, weight = distributed.my_rows(len(batch_idx)), 1.0
+        if not rows:
+            rows, weight = [0], 0.0
+        lengths = lengths[rows].to(device)
+        _, _, preds = model(wav[rows].to(device), lengths)
+        targets = [{k: v.to(device) for k, v in targets[i].items()} for i in rows]
+        loss, _ = distill_loss(student, preds, lengths, targets, cfg.cos_weight, frames)
+        return loss * weight, {}
 
     # What the training state belongs to: a state left by other settings, answers or architecture is
     # not resumed (device and checkpointing do not change the result).
-    record = {k: v for k, v in asdict(cfg).items() if k not in ("device", "checkpoint_every")}
+    record = {k: v for k, v in asdict(cfg).items() if k not in ("device", "checkpoint_every", "compile")}
     record.update(answers=fingerprint(keys), student=student.cfg.to_dict(), init=str(init) if init else None)
     t0 = time.time()
     log = train_loop(
@@ -229,15 +238,17 @@ def distill(
         on_step=on_step,
     )
     student.eval()
-    student.save(
-        out_dir,
-        extra={
-            "distill": asdict(cfg),
-            "ledger": str(ledger.root),
-            "target": (ledger.header or {}).get("target"),
-            "queried_clips": len(data),
-            "train_seconds": round(time.time() - t0, 1),
-        },
-    )
-    (out_dir / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+    if distributed.is_main():  # one writer; the others wait until the student is on disk
+        student.save(
+            out_dir,
+            extra={
+                "distill": asdict(cfg),
+                "ledger": str(ledger.root),
+                "target": (ledger.header or {}).get("target"),
+                "queried_clips": len(data),
+                "train_seconds": round(time.time() - t0, 1),
+            },
+        )
+        (out_dir / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+    distributed.barrier()
     return student

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from speechmimic import distributed
 from speechmimic.audio import SAMPLE_RATE
 from speechmimic.config import option
 from speechmimic.corpus import Clip, warn_unusable
@@ -141,12 +142,15 @@ def _collate(waves, labels, student_cfg: StudentConfig, crop_seconds: float, rng
     return batch, lengths, target
 
 
-def _masked_loss(model: MaskedPredictor, wav, lengths, target, mask):
+def _masked_loss(model: MaskedPredictor, wav, lengths, target, mask, count: int | None = None):
+    """Cross-entropy over the masked, labelled frames, summed over those of these rows and divided by
+    ``count`` (default: their number; a rank's rows of a batch pass the batch's)."""
     logits, valid, _ = model(wav, lengths, mask)
     sel = mask & valid & (target >= 0)
-    loss = F.cross_entropy(logits[sel], target[sel])
+    n = int(sel.sum())
+    loss = F.cross_entropy(logits[sel], target[sel], reduction="sum") / max(1, count or n)
     correct = (logits[sel].argmax(-1) == target[sel]).sum()
-    return loss, int(correct), int(sel.sum())
+    return loss, int(correct), n
 
 
 def pretrain(
@@ -171,7 +175,8 @@ def pretrain(
         if it == 2:
             layer = cfg.layer if cfg.layer is not None else (student.cfg.layers + 1) // 2
             source = StudentSource(student, layer, cfg.device, out_dir / "iter1")
-        units = fit_units(clips, source, cfg.k, cfg.seed, out_dir / "units", cfg.kmeans_frames, progress)
+        with distributed.main_first():  # rank 0 fits and caches the units; the others read them
+            units = fit_units(clips, source, cfg.k, cfg.seed, out_dir / "units", cfg.kmeans_frames, progress)
         student = _train_iteration(clips, units, it_dir, cfg, preset, it, progress, resume, on_step)
     return student
 
@@ -189,22 +194,24 @@ def _train_iteration(
 ) -> Student:
     # What determines the result; device, checkpointing, the number of iterations and the iteration-2
     # layer (already in the units' fingerprint) do not, and changing them must not retrain this one.
-    ignored = {"device", "checkpoint_every", "iterations", "layer"}
+    ignored = {"device", "checkpoint_every", "iterations", "layer", "compile"}
     record = {k: v for k, v in asdict(cfg).items() if k not in ignored}
     record.update(preset=preset, iteration=iteration, units=units.fingerprint())
+    device = distributed.device_for(cfg.device)
     done = out_dir / "config.json"
     if done.exists() and (out_dir / UNITS_NAME).exists():
         config = json.loads(done.read_text())
         if config.get("pretrain") == record:
-            return Student.load(out_dir)[0].to(cfg.device)
+            return Student.load(out_dir)[0].to(device)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_all(cfg.seed)
     student = build_student(preset)
     model = MaskedPredictor(student, UnitHead(student.cfg.dim, units.k, cfg.codebook_dim, cfg.temperature))
-    labels = units.student_labels(clips, student.cfg, out_dir.parent / "units", progress)
+    with distributed.main_first():
+        labels = units.student_labels(clips, student.cfg, out_dir.parent / "units", progress)
     clips = [c for c in clips if c.id in labels]  # a clip that does not decode is skipped, not fatal
     warn_unusable(f"pretrain iter{iteration}", units.unusable)
-    model.to(cfg.device).train()
+    model.to(device).train()
     waves = _Waves(clips)
     span = span_frames(cfg.mask_length, student.cfg)
 
@@ -220,10 +227,21 @@ def _train_iteration(
         mask = span_mask(
             frames, target.shape[1], cfg.mask_prob, span, np.random.default_rng(rng.getrandbits(64))
         )
+        # Every rank draws the whole batch's crops and masks; each runs the model on its rows.
+        valid = torch.arange(target.shape[1])[None, :] < torch.tensor(frames)[:, None]
+        count = int((mask & valid & (target >= 0)).sum())
+        rows, weight = distributed.my_rows(len(batch_idx)), 1.0
+        if not rows:
+            rows, weight = [0], 0.0
         loss, correct, n_masked = _masked_loss(
-            model, wav.to(cfg.device), lengths.to(cfg.device), target.to(cfg.device), mask.to(cfg.device)
+            model,
+            wav[rows].to(device),
+            lengths[rows].to(device),
+            target[rows].to(device),
+            mask[rows].to(device),
+            count,
         )
-        return loss, {"masked_acc": round(correct / max(1, n_masked), 4)}
+        return loss * weight, {"masked_acc": round(correct / max(1, n_masked), 4)}
 
     t0 = time.time()
     log = train_loop(
@@ -239,18 +257,20 @@ def _train_iteration(
         on_step=on_step,
     )
     model.eval()
-    _save_units(out_dir, model.head, units)
-    student.save(
-        out_dir,
-        extra={
-            "pretrain": record,
-            "units_source": units.source.describe(out_dir),
-            "clips": len(clips),
-            "unusable": units.unusable,
-            "train_seconds": round(time.time() - t0, 1),
-        },
-    )
-    (out_dir / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+    if distributed.is_main():  # one writer; the others wait until the checkpoint is on disk
+        _save_units(out_dir, model.head, units)
+        student.save(
+            out_dir,
+            extra={
+                "pretrain": record,
+                "units_source": units.source.describe(out_dir),
+                "clips": len(clips),
+                "unusable": units.unusable,
+                "train_seconds": round(time.time() - t0, 1),
+            },
+        )
+        (out_dir / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+    distributed.barrier()
     return student
 
 

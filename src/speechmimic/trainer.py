@@ -2,10 +2,20 @@
 share: epochs of length-grouped batches capped by seconds, linear warm-up then cosine decay, AdamW,
 clipped gradients, a progress bar, and a ``train_state.pt`` that lets an interrupted run resume exactly (same
 weights, optimiser, step, batch order and random state).
+
+Under torchrun (see :mod:`speechmimic.distributed`) the model is wrapped in DistributedDataParallel
+and each batch is split across the ranks: every rank draws the same batches, crops and masks, and the
+step function computes its rank's share of the batch's loss (see ``StepFn``), so N processes take
+the steps one process takes, with the same loss up to float rounding, and a resume under another
+number of processes continues the same run. Rank 0 alone writes the state; on resume it reads it and
+hands it to the others (no shared disk needed). ``accumulate`` sums the gradients of several batches
+per step; ``amp`` runs the forward under bf16/fp16 autocast; ``compile`` hands the model to
+``torch.compile``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import Callable
@@ -16,8 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
+from speechmimic import distributed
 from speechmimic.config import option
 
 STATE_NAME = "train_state.pt"
@@ -36,7 +48,10 @@ class TrainConfig:
     crop_seconds: float = option(6.0, "longer clips are randomly cropped to this length in training")
     seed: int = option(0, "seed of every random choice")
     checkpoint_every: int = option(500, "save a resumable training state every N steps")
-    device: str = option("cpu", "torch device, e.g. cpu, cuda, cuda:1")
+    device: str = option("cpu", "torch device: cpu, cuda, cuda:1 (under torchrun, cuda is each rank's own)")
+    accumulate: int = option(1, "batches whose gradients are summed per optimiser step")
+    amp: str = option("off", "autocast the forward: off, bf16 or fp16 (fp16 with a gradient scaler; GPUs)")
+    compile: bool = option(False, "torch.compile the model (the first steps compile; needs a C compiler)")
 
 
 def seed_all(seed: int) -> None:
@@ -72,10 +87,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# One optimisation step's loss and the metrics to log beside it, from the model to run (the loop's:
-# the one it may wrap, e.g. for DDP), the batch's clip indices and the loop's random generator (for
-# crops and masks, so that a resume replays them).
+# One batch's loss and the metrics to log beside it, from the model to run (the loop's: the one it may
+# wrap, e.g. for DDP), the batch's clip indices and the loop's random generator (for crops and masks,
+# so that a resume replays them). Under DDP every rank gets the whole batch and must draw from the
+# generator exactly as a single process would, then return its share of the batch's loss: the loss
+# of its rows (``distributed.my_rows``) over the whole batch's normaliser, so the shares sum to the
+# batch's loss. A rank with no rows must still run the model (on any row, times zero): DDP's
+# gradient reduction needs every rank.
 StepFn = Callable[[nn.Module, list[int], random.Random], tuple[torch.Tensor, dict[str, float]]]
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def train_loop(
@@ -97,19 +117,31 @@ def train_loop(
     other units) is ignored rather than resumed. The final state is saved too, so rerunning a finished
     loop does no step.
     """
+    if cfg.accumulate < 1:
+        raise ValueError(f"accumulate must be at least 1, not {cfg.accumulate}")
+    if cfg.amp not in ("off", *AMP_DTYPES):
+        raise ValueError(f"amp {cfg.amp!r}: choose off, bf16 or fp16")
+    distributed.check_same("the training clips", [round(d, 4) for d in durations])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = random.Random(cfg.seed)
     step, epoch, log = 0, 0, []
-    if resume and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        if state.get("record") == record:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            step, epoch, log = state["step"], state["epoch"], state["log"]
-            rng.setstate(state["rng"])
-            torch.set_rng_state(state["torch_rng"])
+    state = None
+    if resume and distributed.is_main() and state_path.exists():
+        state = torch.load(state_path, weights_only=False, map_location="cpu")
+    state = distributed.broadcast(state)
+    if state is not None and state.get("record") == record:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, epoch, log = state["step"], state["epoch"], state["log"]
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+    net = _wrap(model, cfg)
+    device_type = next(model.parameters()).device.type
+    scaler = torch.amp.GradScaler(device_type, enabled=cfg.amp == "fp16")
 
     def save() -> None:
+        if not distributed.is_main():
+            return
         tmp = state_path.with_suffix(".tmp")
         torch.save(
             {
@@ -126,25 +158,38 @@ def train_loop(
         )
         tmp.replace(state_path)
 
-    bar = tqdm(total=cfg.steps, initial=step, desc=desc, unit="step", disable=not progress)
+    world = distributed.world()
+    quiet = not progress or not distributed.is_main()
+    bar = tqdm(total=cfg.steps, initial=step, desc=desc, unit="step", disable=quiet)
     while step < cfg.steps:
         batches = make_batches(
             durations, cfg.batch_seconds, cfg.crop_seconds, random.Random(cfg.seed + epoch)
         )
-        # The order is seeded per epoch: after a resume, skip the batches of this epoch already done.
+        groups = [batches[i : i + cfg.accumulate] for i in range(0, len(batches), cfg.accumulate)]
+        # The order is seeded per epoch: after a resume, skip the steps of this epoch already done.
         done_in_epoch = sum(1 for e in log if e.get("epoch") == epoch)
-        for batch_idx in batches[done_in_epoch:]:
+        for group in groups[done_in_epoch:]:
             if step >= cfg.steps:
                 break
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
-            loss, metrics = step_fn(model, batch_idx, rng)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, metrics = 0.0, {}
+            for i, batch_idx in enumerate(group):
+                # DDP reduces gradients on the group's last backward only
+                sync = i == len(group) - 1 or not isinstance(net, DDP)
+                with contextlib.nullcontext() if sync else net.no_sync(), _autocast(device_type, cfg):
+                    share, parts = step_fn(net, batch_idx, rng)
+                # DDP averages gradients over ranks: the shares' sum is the batch's loss
+                scaler.scale(share * (world / len(group))).backward()
+                loss += distributed.all_sum(float(share.detach())) / len(group)
+                for k, v in parts.items():
+                    metrics[k] = metrics.get(k, 0.0) + distributed.all_sum(v) / world / len(group)
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             step += 1
-            loss = float(loss.detach())
             log.append({"step": step, "epoch": epoch, "loss": round(loss, 5), **metrics})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in metrics.items()}, refresh=False)
@@ -156,4 +201,24 @@ def train_loop(
             epoch += 1
     bar.close()
     save()
+    distributed.barrier()
     return log
+
+
+def _wrap(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    net = model
+    if distributed.world() > 1:
+        device = next(model.parameters()).device
+        # Parameters a stage does not use (stage 2 never masks, so mask_emb gets no gradient) are allowed.
+        net = DDP(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
+    return torch.compile(net) if cfg.compile else net
+
+
+def _autocast(device_type: str, cfg: TrainConfig):
+    if cfg.amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=AMP_DTYPES[cfg.amp])

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from speechmimic import distributed
 from speechmimic.audio import AudioError
 from speechmimic.cli import (
     _options,
@@ -70,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_options.attach_signed_values(sys.argv[1:] if argv is None else argv))
+    if distributed.init(getattr(args, "device", None) or "cpu") and not distributed.is_main():
+        sys.stdout = open(os.devnull, "w")  # under torchrun rank 0 speaks for all; errors still show
     try:
         return int(args.func(args) or 0)
     except (AudioError, LedgerError, TargetError, ValueError, FileNotFoundError, KeyError) as e:

@@ -4,7 +4,8 @@ For every clip the cache holds the per-layer time mean (float32, (D,) per state)
 utterance head needs, and, when asked for, every frame of every state (float16 to halve the size),
 which CTC heads need. Entries live in sharded safetensors files under
 ``<cache_dir>/<upstream identity>/``; a shard is written atomically once it is full, so a crash keeps
-every finished shard and a rerun computes only what is missing.
+every finished shard and a rerun computes only what is missing. Under torchrun the ranks share the
+encoding of what is missing (each writes shards of its own) and then all read every shard.
 
 The upstream identity is its spec string as given (``resemblyzer?layers=all``, ``mfcc``), or for a
 directory (an extracted student, a transformers checkpoint) a hash of its ``config.json`` and
@@ -28,6 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from speechmimic import distributed
 from speechmimic.audio import SAMPLE_RATE, AudioError
 from speechmimic.baselines import BASELINES
 from speechmimic.corpus import Clip
@@ -152,7 +154,7 @@ class FeatureStore:
             for i, fr in enumerate(feats.frames or []):
                 tensors[f"{key}/frames/{i}"] = fr.contiguous()
         number = len(list(self.root.glob("shard-*.safetensors")))
-        shard = self.root / f"shard-{number:05d}-{os.getpid()}.safetensors"
+        shard = self.root / f"shard-{number:05d}-{distributed.rank()}-{os.getpid()}.safetensors"
         tmp = shard.with_suffix(".tmp")
         meta = {"identity": self.identity, "names": json.dumps(self.names)}
         save_file(tensors, str(tmp), metadata=meta)
@@ -181,6 +183,20 @@ class FeatureStore:
         ]
         found |= self._read(on_disk, frames) if on_disk else {}
         missing = {k: c for k, c in zip(keys, clips, strict=True) if k not in found}
+        if self.root is None or distributed.world() == 1 or not missing:
+            found |= self._encode_all(missing, frames, progress)
+            return [found.get(k) for k in keys]
+        # Under torchrun each rank encodes its share into shards of its own, then reads the others'.
+        rank, world = distributed.rank(), distributed.world()
+        found |= self._encode_all(dict(list(missing.items())[rank::world]), frames, progress and rank == 0)
+        distributed.barrier()
+        self.unusable = distributed.merged(self.unusable)
+        self._scan()
+        found |= self._read([k for k in missing if k not in found and k in self._index], frames)
+        return [found.get(k) for k in keys]
+
+    def _encode_all(self, missing: dict[str, Clip], frames: bool, progress: bool) -> dict[str, ClipFeatures]:
+        found: dict[str, ClipFeatures] = {}
         pending: dict[str, ClipFeatures] = {}
         size = 0
         for key, clip in tqdm(missing.items(), desc="upstream features", unit="clip", disable=not progress):
@@ -200,4 +216,4 @@ class FeatureStore:
                 pending, size = {}, 0
         if pending:
             self._write_shard(pending)
-        return [found.get(k) for k in keys]
+        return found

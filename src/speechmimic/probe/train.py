@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from speechmimic import distributed
 from speechmimic.corpus import warn_unusable
 from speechmimic.probe.features import ClipFeatures, FeatureStore
 from speechmimic.probe.featurizer import Featurizer
@@ -231,7 +232,8 @@ def probe(
 
     sign = 1.0 if classify else -1.0  # accuracy: higher is better; error rates: lower
     best_key, best_state, best_epoch, best_dev, epoch = None, None, 0, None, 0
-    bar = tqdm(range(1, max_epochs + 1), desc=f"probe {task.name}", unit="epoch", disable=not progress)
+    quiet = not progress or not distributed.is_main()
+    bar = tqdm(range(1, max_epochs + 1), desc=f"probe {task.name}", unit="epoch", disable=quiet)
     # Ops on cached means take microseconds: extra intra-op threads only add synchronisation, which
     # on a busy 2-core machine made each op ~1000x slower.
     tiny = not use_frames and torch.device(device).type == "cpu"
@@ -273,7 +275,7 @@ def probe(
         "splits": {s: data[s].n for s in data},
         "unusable": store.unusable,
     }
-    if out_dir is not None:
+    if out_dir is not None and distributed.is_main():  # every rank trains the same head; one writes
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         labels = task.classes if classify else vocab
