@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from speechmimic.corpus import write_manifest
 from speechmimic.ledger import Ledger, query_clips
 from speechmimic.targets import load_target
+from speechmimic.tasks import write_task
 
 HERE = Path(__file__).parent
 STEPS = 12
@@ -97,3 +98,33 @@ def test_a_killed_ddp_run_resumes_to_the_same_end(queried):
         torchrun(resume_with, *distill_cmd(root, out))
         # the same world size replays the run exactly; another one continues it to float rounding
         assert_same_run(root / "two", root / out, exact=resume_with == 2)
+
+
+def test_probe_ranks_share_the_encoding_and_agree(tmp_path, speech_clips):
+    pool, heldout = speech_clips
+    words = [c for c in pool + heldout if c.labels["kind"] == "keyword"]
+    speakers = sorted({c.labels["speaker"] for c in words})
+    split = {
+        "train": [c for c in words if c.labels["speaker"] not in speakers[:2]],
+        "dev": [c for c in words if c.labels["speaker"] == speakers[0]],
+        "test": [c for c in words if c.labels["speaker"] == speakers[1]],
+    }
+    write_task(tmp_path / "kw", "kw", "classify", "keyword", split)
+    results = {}
+    for nproc in (1, 2):
+        out, cache = tmp_path / f"out{nproc}", tmp_path / f"cache{nproc}"
+        args = [
+            "--upstream",
+            "mfcc",
+            "--task",
+            str(tmp_path / "kw"),
+            "--out",
+            str(out),
+            "--cache",
+            str(cache),
+        ]
+        torchrun(nproc, "-m", "speechmimic", "probe", *args, "--epochs", "20", "--no-progress")
+        results[nproc] = json.loads((out / "result.json").read_text())
+        shards = sorted(p.name.split("-")[2] for p in cache.rglob("shard-*.safetensors"))
+        assert set(shards) == ({"0"} if nproc == 1 else {"0", "1"})  # both ranks encoded a share
+    assert results[1] == results[2]
