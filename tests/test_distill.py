@@ -142,3 +142,38 @@ def test_heads_keep_the_targets_order_not_the_strings(tmp_path, speech_clips):
     assert list(fidelity) == target.layers
     table = fidelity_table([{"label": "6", "queries": 6, "queried_seconds": 9.0, "fidelity": fidelity}])
     assert [row.split(" | ")[3] for row in table.splitlines()[2:5]] == target.layers
+
+
+def test_accumulation_resumes_and_autocast_trains(tmp_path, speech_clips):
+    pool, _ = speech_clips
+    clips = pool[:10]
+    ledger = Ledger(tmp_path / "ledger")
+    query_clips(load_target("resemblyzer"), clips, ledger, progress=False)
+    # two batches of 3 s per step: a crash mid-epoch resumes on the right batch
+    cfg = DistillConfig(steps=8, warmup=2, batch_seconds=3, checkpoint_every=3, seed=1, accumulate=2)
+    full = distill(clips, ledger, tmp_path / "full", cfg, preset="tiny", progress=False)
+
+    def crash_at_5(step, loss):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(clips, ledger, tmp_path / "crashed", cfg, preset="tiny", progress=False, on_step=crash_at_5)
+    resumed = distill(clips, ledger, tmp_path / "crashed", cfg, preset="tiny", progress=False)
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+    def losses(directory):
+        return [json.loads(x)["loss"] for x in (directory / "train_log.jsonl").read_text().splitlines()]
+
+    # bf16 autocast on the CPU: the same run to bf16's precision (8 bits of mantissa)
+    plain = DistillConfig(steps=8, warmup=2, batch_seconds=6, seed=1)
+    distill(clips, ledger, tmp_path / "fp32", plain, preset="tiny", progress=False)
+    amp = DistillConfig(steps=8, warmup=2, batch_seconds=6, seed=1, amp="bf16")
+    distill(clips, ledger, tmp_path / "bf16", amp, preset="tiny", progress=False)
+    a, b = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert a != b and max(abs(x - y) / x for x, y in zip(a, b, strict=True)) < 0.05, (a, b)
+    with pytest.raises(ValueError, match="amp"):
+        distill(
+            clips, ledger, tmp_path / "x", DistillConfig(steps=1, amp="fp8"), preset="tiny", progress=False
+        )

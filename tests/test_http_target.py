@@ -43,7 +43,7 @@ def test_a_budgeted_attack_through_http_is_charged_exactly_what_the_ledger_paid(
         monkeypatch.setenv("THIEF_KEY", server.key("thief"))
         target = load_target(http_spec(server, "THIEF_KEY", concurrency=4))
         assert target.layers == load_target(spec).layers and target.frame_rate == 50.0
-        ledger = Ledger(tmp_path / "ledger", Budget(clips=20))
+        ledger = Ledger(tmp_path / "ledger", Budget(clips=20), store="float32")  # the wire, unrounded
         stats = query_clips(target, pool, ledger, progress=False)
         assert stats["paid"] == 20 and stats["over_budget"] == len(pool) - 20
         used = server.usage("thief")

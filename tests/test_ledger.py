@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from speechmimic.budget import Budget
-from speechmimic.ledger import Ledger, content_key
+from speechmimic.ledger import Ledger, LedgerError, content_key
 
 SR = 16_000
 HERE = Path(__file__).resolve().parent
@@ -82,11 +82,12 @@ def _paid_lines(root: Path) -> Counter:
     return Counter(e["key"] for e in _events(root) if e["event"] == "paid")
 
 
-def _assert_response_equal(got: dict, want: dict) -> None:
+def _assert_response_equal(got: dict, want: dict, store: str = "float16") -> None:
+    """``got`` is ``want`` as a ledger storing ``store`` (the default: float16) gives it back."""
     assert sorted(got) == sorted(want)
     for name in want:
         assert got[name].dtype == np.float32
-        np.testing.assert_array_equal(got[name], want[name])
+        np.testing.assert_array_equal(got[name], want[name].astype(store).astype(np.float32))
 
 
 # -- unit tests ---------------------------------------------------------------------------------------
@@ -333,7 +334,7 @@ def test_binding_to_another_target_raises(tmp_path):
 
 def test_layer_stats_match_numpy(tmp_path):
     wavs = _wavs(6, seed=12)
-    ledger = Ledger(tmp_path / "led")
+    ledger = Ledger(tmp_path / "led", store="float32")  # the statistics of the answers as computed
     ledger.query(FakeTarget(), _clips(wavs), batch_size=4, progress=False)
 
     def check(stats, subset):
@@ -610,3 +611,48 @@ def test_ledger_commands_and_query_repair(tmp_path, speech_clips, capsys):
     assert stats["target"] == "resemblyzer?layers=2" and stats["bytes"] > 0
     assert stats["first_payment"] <= stats["last_payment"]
     assert main(["ledger", "stats", str(tmp_path / "nothing")]) == 2
+
+
+def test_answers_are_stored_as_float16_unless_asked(tmp_path):
+    wavs = _wavs(4, seed=3)
+    sizes = {}
+    for store in ("float16", "float32"):
+        ledger = Ledger(tmp_path / store, store=None if store == "float16" else store)
+        ledger.query(FakeTarget(), _clips(wavs), progress=False)
+        assert ledger.store == store == json.loads((tmp_path / store / "ledger.json").read_text())["store"]
+        for w in wavs:
+            _assert_response_equal(ledger.get(content_key(w)), _features(w), store)
+            assert {a.dtype for a in ledger.get(content_key(w), dtype=None).values()} == {np.dtype(store)}
+        sizes[store] = sum(a.nbytes for w in wavs for a in ledger.get(content_key(w), dtype=None).values())
+        assert Ledger(tmp_path / store).verify().ok  # digests are of the stored bytes
+    assert sizes["float16"] * 2 == sizes["float32"]
+    # the choice is the ledger's for life
+    with pytest.raises(LedgerError, match="stores its answers as float16"):
+        Ledger(tmp_path / "float16", store="float32").query(FakeTarget(), _clips(_wavs(1, 9)), progress=False)
+
+
+def test_an_answer_beyond_float16s_range_stays_float32(tmp_path):
+    class Loud(FakeTarget):
+        def __call__(self, wavs, keys=None):
+            return [{k: v * 1e6 for k, v in a.items()} for a in super().__call__(wavs, keys)]
+
+    wav = _wavs(1, seed=5)[0]
+    ledger = Ledger(tmp_path / "led")
+    ledger.query(Loud(), _clips([wav]), progress=False)
+    stored = ledger.get(content_key(wav), dtype=None)
+    assert {a.dtype for a in stored.values()} == {np.dtype(np.float32)}
+    assert all(np.isfinite(a).all() for a in stored.values())
+
+
+def test_a_ledger_from_before_the_choice_reads_as_float32(tmp_path):
+    wav = _wavs(1, seed=6)[0]
+    Ledger(tmp_path / "led", store="float32").query(FakeTarget(), _clips([wav]), progress=False)
+    header = json.loads((tmp_path / "led" / "ledger.json").read_text())
+    del header["store"]
+    (tmp_path / "led" / "ledger.json").write_text(json.dumps(header))
+    old = Ledger(tmp_path / "led")
+    assert old.store == "float32"
+    _assert_response_equal(old.get(content_key(wav)), _features(wav), "float32")
+    more = _wavs(2, seed=7)
+    old.query(FakeTarget(), _clips(more), progress=False)  # it goes on storing float32
+    _assert_response_equal(old.get(content_key(more[1])), _features(more[1]), "float32")

@@ -72,7 +72,7 @@ class PairedClips:
             if key not in ledger.entries:
                 continue
             try:
-                item = (clip.load(), ledger.get(key))
+                item = (clip.load(), ledger.get(key, dtype=None))  # as stored: float16 halves the cache
             except AudioError as e:
                 self.unusable[clip.id] = e.reason
                 continue
@@ -98,7 +98,7 @@ class PairedClips:
         if i in self.cache:
             return self.cache[i]
         clip = self.clips[i]
-        item = (clip.load(), self.ledger.get(self.ledger.key_of(clip.id)))
+        item = (clip.load(), self.ledger.get(self.ledger.key_of(clip.id), dtype=None))
         self._keep(i, item)
         return item
 

@@ -101,11 +101,13 @@ def extract(
     ledger_dir: str | Path | None = None,
     eval_ledger_dir: str | Path | None = None,
     progress: bool = True,
+    store: str | None = None,
 ) -> dict:
     """Run one budgeted extraction; writes ``selected.jsonl``, the ledger, ``student/`` and
     ``result.json`` under ``out_dir`` and returns the result. Ledgers may be shared between runs
     (``ledger_dir``, ``eval_ledger_dir``): a clip already paid is never paid again, while the budget
-    caps what this run uses. With ``heldout``, fidelity is measured on those clips.
+    caps what this run uses. With ``heldout``, fidelity is measured on those clips. ``store``: how
+    new ledgers store answers (see :class:`~speechmimic.ledger.Ledger`; default float16).
 
     Raises :class:`~speechmimic.ledger.BudgetExhausted` when the ledger refuses clips the
     selection chose (a strategy that overshot the budget).
@@ -131,7 +133,7 @@ def extract(
     timings["select"] = time.time() - t
 
     t = time.time()
-    ledger = Ledger(ledger_dir or out_dir / "ledger")
+    ledger = Ledger(ledger_dir or out_dir / "ledger", store=store)
     query_stats = query_clips(target, chosen, ledger, progress=progress, budget=budget)
     if query_stats["over_budget"]:
         raise BudgetExhausted(
@@ -164,7 +166,7 @@ def extract(
     }
     if heldout:
         t = time.time()
-        eval_ledger = Ledger(eval_ledger_dir or out_dir / "eval_ledger")
+        eval_ledger = Ledger(eval_ledger_dir or out_dir / "eval_ledger", store=store)
         result["heldout"] = {"clips": len(heldout), "fingerprint": clips_fingerprint(heldout)}
         result["fidelity"] = heldout_fidelity(student, target, heldout, eval_ledger, progress=progress)
         timings["fidelity"] = time.time() - t

@@ -42,6 +42,12 @@ verifies it, and a mismatch (bit rot, a partial copy) raises :class:`DamagedAnsw
 clip. :meth:`Ledger.verify` checks a whole ledger; :meth:`Ledger.drop` moves damaged answers aside so
 the next query buys them again (``speechmimic query --repair``, ``speechmimic ledger verify --drop``).
 
+**Storage.** Answers are stored as float16 by default (``store="float32"`` keeps them whole):
+half the disk and half the memory of a training cache, for a rounding error (relative 2^-11) far
+below what a student's prediction error is; an answer holding a value beyond float16's range
+(|x| > 65504) is kept in float32. The header records the choice, once, for the ledger's life;
+:meth:`Ledger.get` returns float32 either way unless asked for the stored type.
+
 **Accounting.** What a ledger has spent is the sum of its ``paid`` events: an answer dropped and
 bought again counts twice, because it may have been charged twice.
 """
@@ -73,6 +79,8 @@ from speechmimic.corpus import Clip
 from speechmimic.targets.base import ClipRefused, PartialAnswers, Target
 
 LOCK_NAME = "writer.lock"
+STORES = {"float16": np.float16, "float32": np.float32}
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 class LedgerError(RuntimeError):
@@ -109,6 +117,11 @@ def answer_digest(arrays: dict[str, np.ndarray]) -> str:
         h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def _fits_float16(a: np.ndarray) -> bool:
+    finite = a[np.isfinite(a)]
+    return finite.size == 0 or float(np.abs(finite).max()) <= FLOAT16_MAX
 
 
 def _fsync_dir(path: Path) -> None:
@@ -168,9 +181,12 @@ class Ledger:
     count); the default caps nothing.
     """
 
-    def __init__(self, root: str | os.PathLike, budget: Budget | None = None):
+    def __init__(self, root: str | os.PathLike, budget: Budget | None = None, store: str | None = None):
+        if store is not None and store not in STORES:
+            raise ValueError(f"store {store!r}: choose {' or '.join(STORES)}")
         self.root = Path(root)
         self.budget = budget or Budget()
+        self._store_request = store
         self.entries: dict[str, Entry] = {}
         self.aliases: dict[str, str] = {}  # clip id -> key, for every clip id seen
         self.header: dict | None = None
@@ -291,9 +307,17 @@ class Ledger:
     def key_of(self, clip_id: str) -> str | None:
         return self.aliases.get(clip_id)
 
-    def get(self, key: str) -> dict[str, np.ndarray]:
-        """The response paid for ``key``: ``{layer: frames (T, D)}``, its digest verified;
-        :class:`DamagedAnswerError` if it is missing, unreadable or no longer matches."""
+    @property
+    def store(self) -> str:
+        """How answers are stored: ``float16`` or ``float32`` (ledgers older than the choice)."""
+        if self.header is None:
+            return self._store_request or "float16"
+        return self.header.get("store", "float32")
+
+    def get(self, key: str, dtype: type | None = np.float32) -> dict[str, np.ndarray]:
+        """The response paid for ``key``: ``{layer: frames (T, D)}`` as ``dtype`` (None: as stored),
+        its digest verified; :class:`DamagedAnswerError` if it is missing, unreadable or no longer
+        matches."""
         entry = self.entries[key]
         path = self._blob_path(key)
 
@@ -308,7 +332,9 @@ class Ledger:
             raise damaged(f"its file cannot be read ({e})") from None
         if entry.digest is not None and answer_digest(arrays) != entry.digest:
             raise damaged("its bytes no longer match the digest recorded when it was paid")
-        return arrays
+        if dtype is None:
+            return arrays
+        return {k: v.astype(dtype, copy=False) for k, v in arrays.items()}
 
     def frame_rates(self, keys: Iterable[str] | None = None) -> dict[str, float]:
         """Frames per second of each returned layer, read off the answers' frame counts alone.
@@ -474,10 +500,16 @@ class Ledger:
             "layers": None if target.layers is None else list(target.layers),
             "padding": target.padding,
             "sample_rate": SAMPLE_RATE,
+            "store": self._store_request or "float16",
         }
         with self._writing():
             if self.header is None:
                 self._write_header(header)
+            elif self._store_request not in (None, self.store):
+                raise LedgerError(
+                    f"ledger {self.root} stores its answers as {self.store}, not {self._store_request}: "
+                    "the choice is made when a ledger is created (use a new ledger folder)"
+                )
             elif self.header["target"] != header["target"] or (
                 None not in (self.header["layers"], header["layers"])
                 and self.header["layers"] != header["layers"]
@@ -511,6 +543,8 @@ class Ledger:
     def _store(self, key: str, clip_id: str, wav: np.ndarray, response: dict[str, np.ndarray]) -> Entry:
         self._check_layers(response)
         arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in response.items()}
+        if self.store == "float16" and all(_fits_float16(v) for v in arrays.values()):
+            arrays = {k: v.astype(np.float16) for k, v in arrays.items()}
         entry = Entry(
             key, clip_id, int(len(wav)), {k: int(v.shape[0]) for k, v in arrays.items()},
             answer_digest(arrays), round(time.time(), 3),

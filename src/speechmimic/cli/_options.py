@@ -74,6 +74,16 @@ def add_device(p) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
 
 
+def add_store(p) -> None:
+    p.add_argument(
+        "--store",
+        choices=("float16", "float32"),
+        default=None,
+        help="how a new ledger stores answers (default float16: half the disk, a rounding far below "
+        "a student's error; values beyond float16's range stay float32); an existing ledger keeps its own",
+    )
+
+
 def add_target_ledger(p, what: str) -> None:
     p.add_argument(
         "--ledger",

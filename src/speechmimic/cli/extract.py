@@ -47,6 +47,7 @@ def register(sub) -> None:
     s = p.add_argument_group("stage 1 (when neither --stage1 nor --from-scratch is given)")
     _options.add_config_flags(s, PretrainConfig, prefix="stage1-", skip=_SHARED)
     _options.add_config_file(p, "extraction")
+    _options.add_store(p)
     _options.add_progress(p)
     p.set_defaults(func=run)
 
@@ -86,6 +87,7 @@ def run(args) -> int:
         cfg,
         heldout=read_manifest(args.heldout) if args.heldout else None,
         progress=not args.no_progress,
+        store=args.store,
     )
     print(json.dumps(result, indent=2))
     return 0

@@ -39,6 +39,7 @@ def register(sub) -> None:
         help="first check the stored answers of the manifest's clips against their digests and buy "
         "the damaged or missing ones again",
     )
+    _options.add_store(p)
     _options.add_device(p)
     _options.add_progress(p)
     p.set_defaults(func=run)
@@ -46,7 +47,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     budget = Budget.parse(args.budget) if args.budget else Budget()
-    ledger = Ledger(args.ledger, budget)
+    ledger = Ledger(args.ledger, budget, store=args.store)
     if ledger.in_doubt:
         print(f"{len(ledger.in_doubt)} clips were in flight when the last run stopped; sending them again")
     target = load_target(args.target, device=args.device)
