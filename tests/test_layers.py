@@ -31,7 +31,7 @@ FLOW = [
     ("budget", {"budget"}),
     ("select", {"select"}),
     ("ledger", {"ledger"}),
-    ("stage 2", {"distill"}),
+    ("stage 2", {"distill", "compress"}),
     ("measurement", {"fidelity", "upstream", "probe", "evaluate"}),
     ("interop", {"s3prl_expert", "export"}),  # our models in other tools: s3prl, ONNX, TorchScript
     ("orchestration", {"extract", "experiment", "report", "demo", "testing"}),

@@ -56,6 +56,10 @@ class StudentConfig:
     ffn: int = 1024
     dropout: float = 0.0
     pos_kernel: int = 31
+    conv_dim: int = 512  # "conv" only: channels of the waveform CNN
+    norm_first: bool = True  # pre-norm transformer layers; False: post-norm (HuBERT/wav2vec2 base)
+    input_norm: bool = False  # a layer norm after the positional encoding (HuBERT base's encoder)
+    pos_groups: int = 16  # groups of the positional convolution (1 when they do not divide dim)
     targets: list[HeadSpec] = field(default_factory=list)
 
     @property
@@ -135,7 +139,8 @@ class ConvFrontend(nn.Module):
     def __init__(self, cfg: StudentConfig):
         super().__init__()
         layers, c_in = [], 1
-        for i, (c, k, s) in enumerate(W2V2_CONV):
+        for i, (_, k, s) in enumerate(W2V2_CONV):
+            c = cfg.conv_dim
             layers += [nn.Conv1d(c_in, c, k, stride=s, bias=False)]
             if i == 0:
                 layers += [nn.GroupNorm(c, c)]
@@ -184,15 +189,22 @@ class Student(nn.Module):
             cfg.dim,
             cfg.pos_kernel,
             padding=cfg.pos_kernel // 2,
-            groups=16 if cfg.dim % 16 == 0 else 1,
+            groups=cfg.pos_groups if cfg.dim % cfg.pos_groups == 0 else 1,
         )
         self.blocks = nn.ModuleList(
             nn.TransformerEncoderLayer(
-                cfg.dim, cfg.heads, cfg.ffn, cfg.dropout, activation="gelu", batch_first=True, norm_first=True
+                cfg.dim,
+                cfg.heads,
+                cfg.ffn,
+                cfg.dropout,
+                activation="gelu",
+                batch_first=True,
+                norm_first=cfg.norm_first,
             )
             for _ in range(cfg.layers)
         )
         self.final_norm = nn.LayerNorm(cfg.dim)
+        self.input_norm = nn.LayerNorm(cfg.dim) if cfg.input_norm else None
         # Stands in for masked front-end frames in stage-1 masked prediction (HuBERT). Zeros, not random:
         # building a student draws the same random numbers as before this parameter existed.
         self.mask_emb = nn.Parameter(torch.zeros(cfg.dim))
@@ -220,11 +232,16 @@ class Student(nn.Module):
         n = torch.clamp(self.cfg.num_frames(lengths), max=t)
         valid = torch.arange(t, device=wav.device)[None, :] < n[:, None]
         x = x * valid[..., None]
-        x = x + F.gelu(self.pos_conv(x.transpose(1, 2)).transpose(1, 2))
+        pos = self.pos_conv(x.transpose(1, 2)).transpose(1, 2)
+        x = x + F.gelu(pos[:, :t])  # an even kernel gives one frame more: drop it (wav2vec 2.0's SamePad)
+        if self.input_norm is not None:
+            x = self.input_norm(x)
         states = [x]
         for i, block in enumerate(self.blocks):
             x = block(x, src_key_padding_mask=~valid)
-            states.append(self.final_norm(x) if i == len(self.blocks) - 1 else x)
+            # pre-norm layers leave the residual stream unnormalised: the last state is normalised
+            last = i == len(self.blocks) - 1 and self.cfg.norm_first
+            states.append(self.final_norm(x) if last else x)
         return states, valid
 
     def forward(

@@ -10,6 +10,7 @@ from speechmimic import distributed
 from speechmimic.audio import AudioError
 from speechmimic.cli import (
     _options,
+    compress,
     corpus,
     demo,
     distill,
@@ -40,6 +41,7 @@ COMMANDS = (
     query,
     ledger,
     distill,
+    compress,
     extract,
     fidelity,
     probe,
