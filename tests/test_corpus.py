@@ -366,3 +366,15 @@ def test_real_subsets(folder, layout, n_clips, labels):
     assert len(result.clips) == n_clips and result.skipped == []
     assert all(set(c.labels) == labels for c in result.clips)
     assert len({c.id for c in result.clips}) == n_clips
+
+
+def test_a_scan_with_workers_is_the_serial_scan(tmp_path):
+    make_fsdd(tmp_path)
+    rec = tmp_path / "recordings"
+    sf.write(rec / "3_bad_2.wav", np.zeros(800, np.float32), 8000)  # silent: skipped by a worker
+    long = 0.1 * np.random.default_rng(1).standard_normal(16000 * 5).astype(np.float32)
+    sf.write(rec / "4_long_0.wav", long, 16000)
+    serial = scan(tmp_path, max_segment_seconds=2.0, progress=False)
+    parallel = scan(tmp_path, max_segment_seconds=2.0, progress=False, workers=2)
+    assert parallel == serial and len(serial.clips) > 4 and serial.skipped
+    assert [c.id for c in serial.clips if c.id.startswith("4_long_0")] == [f"4_long_0@{k}" for k in range(3)]

@@ -25,15 +25,19 @@ file follows, else plain. With a forced layout, files that do not follow its nam
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -324,9 +328,11 @@ def scan(
     progress: bool = True,
     silence_threshold: float = DEFAULT_SILENCE_THRESHOLD,
     max_file_seconds: float | None = None,
+    workers: int = 1,
 ) -> ScanResult:
     """Find, decode and validate every audio file under ``root``; bad files are skipped, never fatal,
     and so are folders that cannot be read, dangling links and links to folders, each with why.
+    ``workers`` > 1 decodes files in that many processes; the result is the same, in the same order.
 
     ``min_samples`` counts samples at 16 kHz. With ``max_segment_seconds``, longer files become
     segments ``<id>@<k>`` (label ``segment: k``), each validated on its own. Files longer than
@@ -347,48 +353,93 @@ def scan(
         layout = detect_layout(rel_paths)
     labeller = _Labeller(root, layout)
 
+    named: list[tuple[Path, str, dict] | tuple[Path, str]] = []  # (rel, id, labels) or (rel, why not)
+    for rel in rel_paths:
+        try:
+            named.append((rel, *labeller(rel)))
+        except ValueError as e:
+            named.append((rel, str(e)))
+    check = functools.partial(
+        _check_file,
+        max_segment_seconds=max_segment_seconds,
+        min_samples=min_samples,
+        silence_threshold=silence_threshold,
+        max_file_seconds=max_file_seconds,
+    )
+    paths = [str(root / entry[0]) for entry in named if len(entry) == 3]
     clips: list[Clip] = []
     seen_ids: set[str] = set()
-    for rel in tqdm(rel_paths, desc=f"scanning {root.name}", unit="file", disable=not progress):
-        path = root / rel
-        try:
-            clip_id, labels = labeller(rel)
-        except ValueError as e:
-            skipped.append((str(path), str(e)))
-            continue
-        try:
-            wav, sr = decode_audio(path, max_seconds=max_file_seconds)
-            validate_waveform(wav, path, silence_threshold=silence_threshold)
-        except AudioError as e:
-            skipped.append((str(path), e.reason))
-            continue
-        except Exception as e:  # never the scan's failure: the decoder types its errors, this is the net
-            skipped.append((str(path), f"unexpected error while decoding ({type(e).__name__}: {e})"))
-            continue
-        clip_id = _unique(clip_id, rel, seen_ids)
-        bounds = _segment_bounds(len(wav), sr, max_segment_seconds)
-        for k, (start, n) in enumerate(bounds):
-            seg_path = f"{path}@{k}" if len(bounds) > 1 else str(path)
-            try:
-                validate_waveform(
-                    resample(wav[start : start + n], sr, SAMPLE_RATE),
-                    seg_path,
-                    min_samples=min_samples,
-                    silence_threshold=silence_threshold,
-                )
-            except AudioError as e:
-                skipped.append((seg_path, e.reason))
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and len(paths) > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=_worker_context()))
+            results = pool.map(check, paths, chunksize=max(1, min(64, len(paths) // (4 * workers))))
+        else:
+            results = map(check, paths)
+        results = iter(
+            tqdm(results, total=len(paths), desc=f"scanning {root.name}", unit="file", disable=not progress)
+        )
+        for entry in named:  # in file order, whatever order the workers finish in
+            path = str(root / entry[0])
+            if len(entry) == 2:
+                skipped.append((path, entry[1]))
                 continue
-            except Exception as e:
-                skipped.append((seg_path, f"unexpected error while resampling ({type(e).__name__}: {e})"))
+            rel, clip_id, labels = entry
+            sr, segments, problems = next(results)
+            skipped.extend(problems)
+            if sr is None:
                 continue
-            if len(bounds) == 1:
-                clips.append(Clip(clip_id, str(path), sr, n, n / sr, 0.0, labels))
-            else:
-                clips.append(
-                    Clip(f"{clip_id}@{k}", str(path), sr, n, n / sr, start / sr, {**labels, "segment": k})
-                )
+            clip_id = _unique(clip_id, rel, seen_ids)
+            for k, start, n, whole in segments:
+                if whole:
+                    clips.append(Clip(clip_id, path, sr, n, n / sr, 0.0, labels))
+                else:
+                    clips.append(
+                        Clip(f"{clip_id}@{k}", path, sr, n, n / sr, start / sr, {**labels, "segment": k})
+                    )
     return ScanResult(clips=clips, skipped=skipped, layout=layout)
+
+
+def _check_file(
+    path: str,
+    max_segment_seconds: float | None,
+    min_samples: int,
+    silence_threshold: float,
+    max_file_seconds: float | None,
+) -> tuple[int | None, list[tuple[int, int, int, bool]], list[tuple[str, str]]]:
+    """Decode and validate one file (in a worker process, perhaps): its sample rate (None when the
+    file is unusable), its usable segments ``(k, start, frames, whole file)`` and what was skipped."""
+    try:
+        wav, sr = decode_audio(path, max_seconds=max_file_seconds)
+        validate_waveform(wav, path, silence_threshold=silence_threshold)
+    except AudioError as e:
+        return None, [], [(path, e.reason)]
+    except Exception as e:  # never the scan's failure: the decoder types its errors, this is the net
+        return None, [], [(path, f"unexpected error while decoding ({type(e).__name__}: {e})")]
+    bounds = _segment_bounds(len(wav), sr, max_segment_seconds)
+    segments, skipped = [], []
+    for k, (start, n) in enumerate(bounds):
+        seg_path = f"{path}@{k}" if len(bounds) > 1 else path
+        try:
+            validate_waveform(
+                resample(wav[start : start + n], sr, SAMPLE_RATE),
+                seg_path,
+                min_samples=min_samples,
+                silence_threshold=silence_threshold,
+            )
+        except AudioError as e:
+            skipped.append((seg_path, e.reason))
+            continue
+        except Exception as e:
+            skipped.append((seg_path, f"unexpected error while resampling ({type(e).__name__}: {e})"))
+            continue
+        segments.append((k, start, n, len(bounds) == 1))
+    return sr, segments, skipped
+
+
+def _worker_context():
+    # fork is fastest, but forking a process that runs torch's threads can deadlock
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
 def _audio_files(root: Path) -> tuple[list[Path], list[tuple[str, str]]]:

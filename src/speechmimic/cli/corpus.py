@@ -71,6 +71,13 @@ def register(subparsers) -> None:
         help="skip files longer than N seconds, from their header, before decoding them (default: no limit)",
     )
     p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="decode files in N processes (default 1); the manifest is the same, in the same order",
+    )
+    p.add_argument(
         "--skipped",
         default=None,
         metavar="FILE",
@@ -90,6 +97,7 @@ def run_scan(args: argparse.Namespace) -> int:
             min_samples=args.min_samples,
             progress=not args.no_progress,
             max_file_seconds=args.max_file_seconds,
+            workers=args.workers,
         )
     except (NotADirectoryError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
