@@ -277,19 +277,32 @@ def create_app(target: Target, store: KeyStore, cfg: ServeConfig, on_ready=None)
         held[1] += samples
         if idem is not None:
             in_flight.add((key.id, idem))
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                held[0] -= 1
+                held[1] -= samples
+                released = True
+
         try:
             try:
                 arrays = await batcher.embed(wav)
             except Busy as e:
                 raise Problem(429, "busy", str(e), {"Retry-After": "1"}) from None
             keep = wire.encode_answer(arrays, samples)[0] if idem is not None else b""
+            # Released before the charge commits, never after: a request checked between the commit
+            # (in a thread) and a later release would count this one twice, in the key's usage and
+            # in its reservations, and be refused short of the quota. Checked in the gap, it may be
+            # admitted one too many; the charge itself then refuses it (nothing is charged).
+            release()
             try:
                 earlier = await run_in_threadpool(store.charge, key.id, samples, idem, request_hash, keep)
             except QuotaExceeded as e:
                 raise Problem(429, "quota-exhausted", e.what) from None
         finally:
-            held[0] -= 1
-            held[1] -= samples
+            release()
             in_flight.discard((key.id, idem))
         if earlier is not None:
             return _replay(earlier, request_hash, format, dtype, key, metrics)
