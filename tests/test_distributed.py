@@ -128,3 +128,38 @@ def test_probe_ranks_share_the_encoding_and_agree(tmp_path, speech_clips):
         shards = sorted(p.name.split("-")[2] for p in cache.rglob("shard-*.safetensors"))
         assert set(shards) == ({"0"} if nproc == 1 else {"0", "1"})  # both ranks encoded a share
     assert results[1] == results[2]
+
+
+def test_extract_under_torchrun_pays_each_clip_once(queried, speech_clips):
+    root = queried
+    write_manifest(speech_clips[1][:6], root / "heldout.jsonl")
+    args = [
+        "-m",
+        "speechmimic",
+        "extract",
+        "--target",
+        "resemblyzer?layers=all",
+        "--manifest",
+        str(root / "m.jsonl"),
+    ]
+    args += [
+        "--heldout",
+        str(root / "heldout.jsonl"),
+        "--budget",
+        "50%",
+        "--out",
+        str(root / "x"),
+        "--from-scratch",
+    ]
+    args += ["--steps", "4", "--warmup", "1", "--preset", "tiny", "--batch-seconds", "8", "--no-progress"]
+    torchrun(2, *args)
+    result = json.loads((root / "x" / "result.json").read_text())
+    for ledger, clips in (("ledger", result["queries"]), ("eval_ledger", 6)):
+        events = [json.loads(line) for line in (root / "x" / ledger / "index.jsonl").read_text().splitlines()]
+        paid = [e["key"] for e in events if e["event"] == "paid"]
+        assert len(paid) == len(set(paid)) == clips  # rank 0 paid; rank 1 found every answer
+    assert result["query"]["paid"] == result["queries"] and set(result["fidelity"]) == {
+        "lstm1",
+        "lstm2",
+        "lstm3",
+    }

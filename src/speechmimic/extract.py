@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from speechmimic import config
+from speechmimic import config, distributed
 from speechmimic.budget import Budget
 from speechmimic.config import option
 from speechmimic.corpus import Clip, clips_fingerprint, write_manifest
@@ -121,7 +121,8 @@ def extract(
     scores = Scores.load(cfg.scores) if cfg.scores else None
     candidates = pool
     if scores is None and STRATEGIES[cfg.strategy].needs and init is not None:
-        scores = cached_scores(init, pool, out_dir, cfg.seed, progress)
+        with distributed.main_first():  # under torchrun rank 0 scores; the others read its cache
+            scores = cached_scores(init, pool, out_dir, cfg.seed, progress)
         scored = set(scores.ids)  # a clip that does not decode has no scores: it cannot be chosen
         candidates = [c for c in pool if c.id in scored]
     timings["stage1"] = time.time() - t
@@ -134,7 +135,9 @@ def extract(
 
     t = time.time()
     ledger = Ledger(ledger_dir or out_dir / "ledger", store=store)
-    query_stats = query_clips(target, chosen, ledger, progress=progress, budget=budget)
+    # Under torchrun rank 0 pays; the others then find every answer in the ledger and pay nothing.
+    with distributed.main_first():
+        query_stats = query_clips(target, chosen, ledger, progress=progress, budget=budget)
     if query_stats["over_budget"]:
         raise BudgetExhausted(
             f"the ledger {ledger.root} refused {query_stats['over_budget']} of the {len(chosen)} selected "
@@ -168,8 +171,11 @@ def extract(
         t = time.time()
         eval_ledger = Ledger(eval_ledger_dir or out_dir / "eval_ledger", store=store)
         result["heldout"] = {"clips": len(heldout), "fingerprint": clips_fingerprint(heldout)}
-        result["fidelity"] = heldout_fidelity(student, target, heldout, eval_ledger, progress=progress)
+        with distributed.main_first():
+            result["fidelity"] = heldout_fidelity(student, target, heldout, eval_ledger, progress=progress)
         timings["fidelity"] = time.time() - t
     result["timings"] = {k: round(v, 1) for k, v in timings.items()}
-    (out_dir / RESULT_NAME).write_text(json.dumps(result, indent=2))
+    if distributed.is_main():
+        (out_dir / RESULT_NAME).write_text(json.dumps(result, indent=2))
+    distributed.barrier()
     return result
