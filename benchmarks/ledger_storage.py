@@ -1,0 +1,71 @@
+"""What float16 ledgers save: bytes on disk per queried second, and stage 2's cache, float16 vs float32.
+
+The same clips (the demo corpus's pool: real synthetic speech, 288 clips, 283 s) are paid once into a
+float32 ledger and once into a float16 one, side by side, from the same target (resemblyzer, its
+three layers, 256-d at 100 Hz); then each is read the way stage 2 reads it. Prints the bytes per
+queried second of answers (blobs) and of the whole ledger folder, stage 2's in-memory answers, the
+largest difference of a float16 answer from its float32 original, and the ratios.
+
+    python benchmarks/ledger_storage.py [--target "resemblyzer?layers=all"] [--clips N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from speechmimic.demo import demo_corpus
+from speechmimic.distill import PairedClips
+from speechmimic.ledger import Ledger, query_clips
+from speechmimic.targets import load_target
+
+
+def folder_bytes(root: Path, pattern: str = "**/*") -> int:
+    return sum(p.stat().st_size for p in root.glob(pattern) if p.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="resemblyzer?layers=all")
+    ap.add_argument("--clips", type=int, default=None, help="the first N clips of the pool (default: all)")
+    args = ap.parse_args()
+    pool, _ = demo_corpus()
+    clips = pool[: args.clips] if args.clips else pool
+    seconds = sum(c.duration for c in clips)
+    target = load_target(args.target)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ledgers = {store: Ledger(Path(tmp) / store, store=store) for store in ("float32", "float16")}
+        for store, ledger in ledgers.items():
+            query_clips(target, clips, ledger, progress=False)
+            cache = PairedClips(clips, ledger)
+            answers = sum(v.nbytes for i in range(len(cache)) for v in cache[i][1].values())
+            rows[store] = {
+                "blobs": folder_bytes(ledger.root, "blobs/**/*.safetensors") / seconds,
+                "folder": folder_bytes(ledger.root) / seconds,
+                "cache": answers / seconds,
+            }
+        worst = 0.0
+        for clip in clips:
+            a = ledgers["float32"].get_clip(clip.id)
+            b = ledgers["float16"].get_clip(clip.id)
+            for name in a:
+                worst = max(worst, float(np.abs(a[name] - b[name]).max() / (np.abs(a[name]).max() + 1e-12)))
+    print(f"{len(clips)} clips, {seconds:.1f} s queried, target {target.spec}")
+    print("| store | answer bytes / queried s | ledger folder bytes / s | stage-2 cache bytes / s |")
+    print("|---|---|---|---|")
+    for store, r in rows.items():
+        print(f"| {store} | {r['blobs']:,.0f} | {r['folder']:,.0f} | {r['cache']:,.0f} |")
+    ratio = {k: rows["float16"][k] / rows["float32"][k] for k in rows["float16"]}
+    print(
+        f"\nratio float16 / float32: answers {ratio['blobs']:.3f}, folder {ratio['folder']:.3f}, "
+        f"stage-2 cache {ratio['cache']:.3f}; largest error of a float16 answer, relative to its "
+        f"largest value: {worst:.1e}"
+    )
+
+
+if __name__ == "__main__":
+    main()
