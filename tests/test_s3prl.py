@@ -15,6 +15,7 @@ import tarfile
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,3 +149,22 @@ def test_fine_tuning_reaches_the_students_weights(tiny_student):
     expert.train()
     expert(wav[None].unbind(0))["hidden_states"][-1].sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in expert.upstream.student.parameters())
+
+
+class MixedWidths:
+    """A target whose two layers differ in width: s3prl can take one of them, not their sum."""
+
+    spec, layers, frame_rate, padding, min_samples = "fake:mixed", ["a", "b"], 100.0, "per_clip", 400
+
+    def __call__(self, wavs, keys=None):
+        frames = [len(w) // 160 + 1 for w in wavs]
+        return [{"a": np.ones((n, 4), np.float32), "b": np.ones((n, 6), np.float32)} for n in frames]
+
+
+def test_states_of_several_widths_leave_the_choice_to_s3prl(s3prl, capsys, tmp_path, speech_clips):
+    wavs = [torch.from_numpy(c.load()) for c in speech_clips[0][:2]]
+    expert = UpstreamExpert(MixedWidths(), str(tmp_path / "ledger"))
+    featurizer, feats, printed = featurize(s3prl, capsys, expert, wavs, layer_selection=1)
+    check(featurizer, feats, printed.replace("states differ in width", ""), wavs, 160)
+    assert "a 4, b 6" in printed and "-l INDEX" in printed
+    assert [f.shape[-1] for f in feats] == [6, 6]

@@ -15,13 +15,17 @@ clip of N samples.
 Features: ``hidden_states`` is one group of equal width, as s3prl's weighted sum needs: every state
 if they share a width, else a student's predictions of the target's layers (the stolen
 representations); a student also returns ``student`` (its own states) and ``pred``; every upstream
-returns ``last_hidden_state``. Every clip has exactly ``round(N / rate)`` frames: frames past that
+returns ``last_hidden_state``. When no group has one width (a target returning layers of several
+widths) ``hidden_states`` is every state, for s3prl's ``-l INDEX`` to pick one, and a note says so.
+Every clip has exactly ``round(N / rate)`` frames: frames past that
 are dropped (a student's last frames cover the clip's end), and a target whose frames stop short of
 the clip's end (HuBERT's do, by one) has its last frame repeated; clips shorter than the batch's
 longest are zero-padded after their own frames.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +59,7 @@ class UpstreamExpert(nn.Module):
                 f"{ckpt} is a target: its answers are paid for and recorded in a ledger; give the "
                 "ledger's folder as model_config (run_downstream.py -g LEDGER_DIR)"
             ) from None
+        self._warned = False
         self.downsample_rate = int(self.upstream.downsample_rate)
         self.hidden_state_names = list(self.upstream.hidden_state_names)
         self.keys = ("hidden_states", "last_hidden_state") + tuple(
@@ -84,11 +89,15 @@ class UpstreamExpert(nn.Module):
             states = result.get(key)
             if states and len({s.shape[-1] for s in states}) == 1:
                 return states
-        widths = ", ".join(
-            f"{n} {s.shape[-1]}"
-            for n, s in zip(self.hidden_state_names, result["hidden_states"], strict=True)
-        )
-        raise ValueError(
-            f"this upstream's states differ in width ({widths}) and s3prl's weighted sum needs one "
-            "width: select one state (run_downstream.py -l INDEX)"
-        )
+        if not self._warned:  # s3prl can still take one state of them (-l), not their weighted sum
+            widths = ", ".join(
+                f"{n} {s.shape[-1]}"
+                for n, s in zip(self.hidden_state_names, result["hidden_states"], strict=True)
+            )
+            print(
+                f"{self.name} - this upstream's states differ in width ({widths}): s3prl's weighted sum "
+                "needs one width, so select one state (run_downstream.py -l INDEX)",
+                file=sys.stderr,
+            )
+            self._warned = True
+        return result["hidden_states"]
