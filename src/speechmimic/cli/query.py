@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from speechmimic.budget import Budget
 from speechmimic.cli import _options
 from speechmimic.corpus import read_manifest
 from speechmimic.ledger import Ledger, query_clips
 from speechmimic.targets import load_target
+from speechmimic.targets.pool import PooledTarget
 
 
 def register(sub) -> None:
@@ -39,6 +42,14 @@ def register(sub) -> None:
         help="first check the stored answers of the manifest's clips against their digests and buy "
         "the damaged or missing ones again",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="ask a local target from N processes at once, each with its own copy of the model "
+        "(one ledger and one writer still: a clip is paid once; default 1)",
+    )
     _options.add_store(p)
     _options.add_device(p)
     _options.add_progress(p)
@@ -50,7 +61,11 @@ def run(args) -> int:
     ledger = Ledger(args.ledger, budget, store=args.store)
     if ledger.in_doubt:
         print(f"{len(ledger.in_doubt)} clips were in flight when the last run stopped; sending them again")
-    target = load_target(args.target, device=args.device)
+    if args.workers > 1:
+        threads = max(1, torch.get_num_threads() // args.workers)
+        target = PooledTarget(args.target, args.workers, device=args.device, threads=threads)
+    else:
+        target = load_target(args.target, device=args.device)
     clips = read_manifest(args.manifest)
     if args.repair:
         keys = [k for k in (ledger.key_of(c.id) for c in clips) if k is not None]
@@ -63,5 +78,7 @@ def run(args) -> int:
         batch_size=args.batch_size,
         progress=not args.no_progress,
     )
+    if args.workers > 1:
+        target.close()
     print(json.dumps(stats, indent=2))
     return 0
