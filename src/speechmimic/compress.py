@@ -31,7 +31,7 @@ from torch import nn
 from speechmimic import distributed
 from speechmimic.audio import SAMPLE_RATE
 from speechmimic.config import option
-from speechmimic.corpus import Clip, fingerprint
+from speechmimic.corpus import Clip, fingerprint, warn_unusable
 from speechmimic.distill import DistillConfig, distill_loss
 from speechmimic.student import HeadSpec, Student, StudentConfig, build_student
 from speechmimic.targets import Target
@@ -144,6 +144,14 @@ def compress(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_all(cfg.seed)
+    least = int(getattr(teacher, "min_samples", 0) or 0)
+    short = {
+        c.id: f"shorter than the teacher takes ({least} samples)"
+        for c in clips
+        if c.duration * SAMPLE_RATE < least
+    }
+    warn_unusable("compress", short)
+    clips = [c for c in clips if c.id not in short]
     if not clips:
         raise ValueError("no clips to compress on")
     device = distributed.device_for(cfg.device)
