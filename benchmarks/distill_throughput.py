@@ -16,14 +16,10 @@ per second and their ratio. Then a profile of where our step spends its time.
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib
-import os
 import sys
-import tarfile
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +28,7 @@ import torch.nn.functional as F
 
 from speechmimic.distill import distill_loss
 from speechmimic.student import HeadSpec, build_student
+from speechmimic.testing import S3PRL_SDIST_ENV, s3prl_sdist, unpack_s3prl
 
 LAYERS = ["hidden_4", "hidden_8", "hidden_12"]
 # DistilHuBERT (s3prl's pretrain/distiller/config_model.yaml)
@@ -65,27 +62,14 @@ DISTILHUBERT = {
 
 def s3prl_distiller():
     """s3prl's ``upstream.distiller.model`` module, from its sdist."""
-    sdist = os.environ.get("SPEECHMIMIC_S3PRL_SDIST") or next(
-        iter(sorted(glob.glob(str(Path(sys.prefix) / "sdists" / "s3prl-*.tar.gz")))), ""
-    )
-    if not sdist or not Path(sdist).exists():
-        sys.exit("s3prl's sdist is missing: `make setup` downloads it, or set SPEECHMIMIC_S3PRL_SDIST")
-    root = Path(tempfile.mkdtemp(prefix="s3prl-"))
-    wanted = (
-        "upstream/distiller/model.py",
-        "upstream/distiller/module.py",
-        "upstream/wav2vec2/wav2vec2_model.py",
-    )
-    with tarfile.open(sdist) as tar:
-        for member in tar.getmembers():
-            name = member.name.split("/", 1)[-1]
-            if name.removeprefix("s3prl/") in wanted:
-                member.name = name
-                tar.extract(member, root, filter="data")
-    for name in ("s3prl", "s3prl.upstream", "s3prl.upstream.distiller", "s3prl.upstream.wav2vec2"):
-        package = types.ModuleType(name)
-        package.__path__ = [str(root / name.replace(".", "/"))]
-        sys.modules[name] = package
+    sdist = s3prl_sdist()
+    if sdist is None:
+        sys.exit(f"s3prl's sdist is missing: `make setup` downloads it, or set {S3PRL_SDIST_ENV}")
+    files = [
+        f"s3prl/upstream/{f}"
+        for f in ("distiller/model.py", "distiller/module.py", "wav2vec2/wav2vec2_model.py")
+    ]
+    unpack_s3prl(sdist, Path(tempfile.mkdtemp(prefix="s3prl-")), files)
     return importlib.import_module("s3prl.upstream.distiller.model")
 
 

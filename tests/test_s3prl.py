@@ -7,12 +7,8 @@ needs as modules of empty packages, leaving ``s3prl/__init__.py`` unrun.
 
 from __future__ import annotations
 
-import glob
 import importlib
-import os
 import sys
-import tarfile
-import types
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +17,10 @@ import torch
 
 from speechmimic import Ledger, load_upstream
 from speechmimic.s3prl_expert import UpstreamExpert
+from speechmimic.testing import S3PRL_SDIST_ENV, s3prl_sdist, unpack_s3prl
 from speechmimic.upstream import LedgerRequired
 
-SDIST = os.environ.get("SPEECHMIMIC_S3PRL_SDIST") or next(
-    iter(sorted(glob.glob(str(Path(sys.prefix) / "sdists" / "s3prl-*.tar.gz")))), ""
-)
-NEEDED = ("s3prl/upstream/interfaces.py", "s3prl/utility/helper.py", "s3prl/upstream/example/hubconf.py")
+NEEDED = ["s3prl/upstream/interfaces.py", "s3prl/utility/helper.py", "s3prl/upstream/example/hubconf.py"]
 # What the README tells a user to write into s3prl's customized upstream (upstream/example/expert.py).
 EXPERT_PY = "from speechmimic.s3prl_expert import UpstreamExpert  # noqa: F401\n"
 
@@ -35,23 +29,18 @@ EXPERT_PY = "from speechmimic.s3prl_expert import UpstreamExpert  # noqa: F401\n
 def s3prl(tmp_path_factory):
     """s3prl's ``upstream.interfaces`` module, imported from its sdist, beside its customized upstream
     (``upstream.example.hubconf``) with ``expert.py`` as the README says to write it."""
-    if not SDIST or not Path(SDIST).exists():
+    sdist = s3prl_sdist()
+    if sdist is None:
         pytest.skip(
             f"s3prl's sdist is not in {Path(sys.prefix) / 'sdists'}: `make setup` downloads it, or "
-            "pip download --no-deps --no-binary :all: s3prl==0.4.18, and set SPEECHMIMIC_S3PRL_SDIST"
+            f"pip download --no-deps --no-binary :all: s3prl==0.4.18, and set {S3PRL_SDIST_ENV}"
         )
     root = tmp_path_factory.mktemp("s3prl")
-    with tarfile.open(SDIST) as tar:
-        for member in tar.getmembers():
-            if member.name.split("/", 1)[-1] in NEEDED:
-                member.name = member.name.split("/", 1)[-1]
-                tar.extract(member, root, filter="data")
-    (root / "s3prl/upstream/example/expert.py").write_text(EXPERT_PY)
     saved = {k: v for k, v in sys.modules.items() if k == "s3prl" or k.startswith("s3prl.")}
-    for name in ("s3prl", "s3prl.upstream", "s3prl.utility", "s3prl.upstream.example"):
-        package = types.ModuleType(name)
-        package.__path__ = [str(root / name.replace(".", "/"))]
-        sys.modules[name] = package
+    for k in saved:
+        del sys.modules[k]
+    unpack_s3prl(sdist, root, NEEDED)
+    (root / "s3prl/upstream/example/expert.py").write_text(EXPERT_PY)
     had_torchaudio = "torchaudio" in sys.modules
     try:
         yield importlib.import_module("s3prl.upstream.interfaces")

@@ -35,7 +35,7 @@ from speechmimic.corpus import Clip, fingerprint, warn_unusable
 from speechmimic.distill import DistillConfig, distill_loss
 from speechmimic.student import HeadSpec, Student, StudentConfig, build_student
 from speechmimic.targets import Target
-from speechmimic.trainer import STATE_NAME, seed_all, train_loop
+from speechmimic.trainer import STATE_NAME, crop_start, record_of, seed_all, train_loop
 
 SHAPES = ("distilhubert", "fithubert", "preset")
 
@@ -126,7 +126,7 @@ def copy_teacher_weights(student: Student, teacher_model: nn.Module) -> list[str
 def _crop(wav: np.ndarray, crop: int, hop: int, rng: random.Random) -> np.ndarray:
     if len(wav) <= crop:
         return wav
-    start = rng.randrange(0, (len(wav) - crop) // hop + 1) * hop
+    start = crop_start(len(wav), crop, hop, rng) * hop
     return wav[start : start + crop]
 
 
@@ -166,18 +166,14 @@ def compress(
     )
     for head in student.heads.values():
         frames = np.concatenate([a[head.spec.name] for a in answers]).astype(np.float64)
-        head.mean.copy_(torch.from_numpy(frames.mean(0)).float())
-        std = frames.std(0)
-        head.std.copy_(torch.from_numpy(np.maximum(std, 1e-3 * std.mean() + 1e-8)).float())
+        head.set_stats(frames.mean(0), frames.std(0))
     student.to(device).train()
     hop = student.cfg.hop
     crop = int(cfg.crop_seconds * SAMPLE_RATE) // hop * hop
 
     def step(model: nn.Module, batch_idx: list[int], rng: random.Random):
         wavs = [_crop(clips[i].load(), crop, hop, rng) for i in batch_idx]  # the same crops on every rank
-        rows, weight = distributed.my_rows(len(wavs)), 1.0
-        if not rows:
-            rows, weight = [0], 0.0
+        rows, weight = distributed.my_share(len(wavs))
         with torch.no_grad():
             targets = teacher([wavs[i] for i in rows])
         frames = {
@@ -193,7 +189,7 @@ def compress(
         loss, _ = distill_loss(student, preds, lengths, targets, cfg.cos_weight, frames)
         return loss * weight, {}
 
-    record = {k: v for k, v in asdict(cfg).items() if k not in ("device", "checkpoint_every", "compile")}
+    record = record_of(cfg)
     record.update(teacher=teacher.spec, clips=fingerprint([c.id for c in clips]), preset=preset)
     t0 = time.time()
     log = train_loop(

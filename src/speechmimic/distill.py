@@ -35,7 +35,7 @@ from speechmimic.student import (
     align,
     build_student,
 )
-from speechmimic.trainer import STATE_NAME, TrainConfig, seed_all, train_loop
+from speechmimic.trainer import STATE_NAME, TrainConfig, crop_start, record_of, seed_all, train_loop
 
 
 @dataclass
@@ -110,7 +110,7 @@ def _collate(items, student: Student, crop_seconds: float, rng: random.Random):
     wavs, targets, lengths = [], [], []
     for wav, resp in items:
         if len(wav) > crop:
-            s = rng.randrange(0, (len(wav) - crop) // hop + 1) * hop
+            s = crop_start(len(wav), crop, hop, rng) * hop
             per_sample = {name: len(frames) / len(wav) for name, frames in resp.items()}
             wav = wav[s : s + crop]
             resp = {
@@ -201,9 +201,7 @@ def distill(
         student = build_student(preset, infer_heads(ledger, keys))
     stats = ledger.layer_stats(keys)
     for name, head in student.heads.items():
-        mean, std = stats[name]
-        head.mean.copy_(torch.from_numpy(mean))
-        head.std.copy_(torch.from_numpy(np.maximum(std, 1e-3 * float(std.mean()) + 1e-8)))
+        head.set_stats(*stats[name])
     device = distributed.device_for(cfg.device)
     student.to(device).train()
 
@@ -211,9 +209,7 @@ def distill(
         # The whole batch is collated on every rank (same crops); each runs the model on its rows.
         wav, lengths, targets = _collate([data[i] for i in batch_idx], student, cfg.crop_seconds, rng)
         frames = {name: sum(len(t[name]) for t in targets) for name in student.heads}
-        rows, weight = distributed.my_rows(len(batch_idx)), 1.0
-        if not rows:
-            rows, weight = [0], 0.0
+        rows, weight = distributed.my_share(len(batch_idx))
         lengths = lengths[rows].to(device)
         _, _, preds = model(wav[rows].to(device), lengths)
         targets = [{k: v.to(device) for k, v in targets[i].items()} for i in rows]
@@ -222,7 +218,7 @@ def distill(
 
     # What the training state belongs to: a state left by other settings, answers or architecture is
     # not resumed (device and checkpointing do not change the result).
-    record = {k: v for k, v in asdict(cfg).items() if k not in ("device", "checkpoint_every", "compile")}
+    record = record_of(cfg)
     record.update(answers=fingerprint(keys), student=student.cfg.to_dict(), init=str(init) if init else None)
     t0 = time.time()
     log = train_loop(

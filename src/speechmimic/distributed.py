@@ -103,6 +103,13 @@ def my_rows(n: int) -> list[int]:
     return list(range(n * r // w, n * (r + 1) // w))
 
 
+def my_share(n: int) -> tuple[list[int], float]:
+    """The rows this rank runs of an n-item batch and the weight of their loss: a rank with no rows
+    runs row 0 at weight 0, because DDP's gradient reduction needs every rank to run the model."""
+    rows = my_rows(n)
+    return (rows, 1.0) if rows else ([0], 0.0)
+
+
 def check_same(what: str, value: Sequence | str | int) -> None:
     """Refuse to go on when ranks disagree on something that must be shared (their data, say)."""
     if not dist.is_initialized():

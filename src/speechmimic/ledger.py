@@ -80,6 +80,7 @@ from speechmimic.targets.base import ClipRefused, PartialAnswers, Target
 
 LOCK_NAME = "writer.lock"
 STORES = {"float16": np.float16, "float32": np.float32}
+DEFAULT_STORE = "float16"
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -311,7 +312,7 @@ class Ledger:
     def store(self) -> str:
         """How answers are stored: ``float16`` or ``float32`` (ledgers older than the choice)."""
         if self.header is None:
-            return self._store_request or "float16"
+            return self._store_request or DEFAULT_STORE
         return self.header.get("store", "float32")
 
     def get(self, key: str, dtype: type | None = np.float32) -> dict[str, np.ndarray]:
@@ -500,7 +501,7 @@ class Ledger:
             "layers": None if target.layers is None else list(target.layers),
             "padding": target.padding,
             "sample_rate": SAMPLE_RATE,
-            "store": self._store_request or "float16",
+            "store": self.store,
         }
         with self._writing():
             if self.header is None:

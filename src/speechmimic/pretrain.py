@@ -15,7 +15,7 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from speechmimic.audio import SAMPLE_RATE
 from speechmimic.config import option
 from speechmimic.corpus import Clip, warn_unusable
 from speechmimic.student import Student, StudentConfig, build_student
-from speechmimic.trainer import STATE_NAME, TrainConfig, seed_all, train_loop
+from speechmimic.trainer import STATE_NAME, TrainConfig, crop_start, record_of, seed_all, train_loop
 from speechmimic.units import MIN_SAMPLES, MFCCSource, StudentSource, Units, fit_units, source_from_dict
 
 UNITS_NAME = "units.safetensors"
@@ -126,7 +126,7 @@ def _collate(waves, labels, student_cfg: StudentConfig, crop_seconds: float, rng
     for wav, lab in zip(waves, labels, strict=True):
         m = 0
         if len(wav) > crop:
-            m = rng.randrange(0, (len(wav) - crop) // hop + 1)
+            m = crop_start(len(wav), crop, hop, rng)
             wav = wav[m * hop : m * hop + crop]
         n = int(student_cfg.num_frames(len(wav)))
         if m + n > len(lab):
@@ -194,8 +194,7 @@ def _train_iteration(
 ) -> Student:
     # What determines the result; device, checkpointing, the number of iterations and the iteration-2
     # layer (already in the units' fingerprint) do not, and changing them must not retrain this one.
-    ignored = {"device", "checkpoint_every", "iterations", "layer", "compile"}
-    record = {k: v for k, v in asdict(cfg).items() if k not in ignored}
+    record = record_of(cfg, "iterations", "layer")
     record.update(preset=preset, iteration=iteration, units=units.fingerprint())
     device = distributed.device_for(cfg.device)
     done = out_dir / "config.json"
@@ -230,9 +229,7 @@ def _train_iteration(
         # Every rank draws the whole batch's crops and masks; each runs the model on its rows.
         valid = torch.arange(target.shape[1])[None, :] < torch.tensor(frames)[:, None]
         count = int((mask & valid & (target >= 0)).sum())
-        rows, weight = distributed.my_rows(len(batch_idx)), 1.0
-        if not rows:
-            rows, weight = [0], 0.0
+        rows, weight = distributed.my_share(len(batch_idx))
         loss, correct, n_masked = _masked_loss(
             model,
             wav[rows].to(device),

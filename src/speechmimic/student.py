@@ -15,6 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -174,6 +175,13 @@ class Head(nn.Module):
         y = self.proj(x)
         b, t, _ = y.shape
         return y.reshape(b, t * self.ratio, self.spec.dim)
+
+    def set_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
+        """Standardise with the per-dimension mean/std of the answers; a dimension that barely varies
+        gets a floor (a thousandth of the mean std), so it is not blown up."""
+        std = np.maximum(std, 1e-3 * float(std.mean()) + 1e-8)
+        self.mean.copy_(torch.from_numpy(np.asarray(mean)).float())
+        self.std.copy_(torch.from_numpy(np.asarray(std)).float())
 
     def denormalise(self, y: torch.Tensor) -> torch.Tensor:
         return y * self.std + self.mean

@@ -1,4 +1,5 @@
-"""Helpers for tests and benchmarks: a seeded tiny transformers encoder and a target that counts.
+"""Helpers for tests and benchmarks: a seeded tiny transformers encoder, a target that counts, and
+modules of s3prl's source imported without its package.
 
 A tiny HuBERT or WavLM built from a config with seeded random weights runs the real transformers
 code path offline, in milliseconds; its representations mean nothing, which suits plumbing tests and
@@ -7,12 +8,49 @@ benchmarks of what cannot be learned, not demos.
 
 from __future__ import annotations
 
+import glob
+import os
+import sys
+import tarfile
+import types
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from speechmimic.targets import Target
+
+S3PRL_SDIST_ENV = "SPEECHMIMIC_S3PRL_SDIST"
+
+
+def s3prl_sdist() -> Path | None:
+    """s3prl's sdist: ``$SPEECHMIMIC_S3PRL_SDIST``, or the one ``make setup`` downloads into the
+    environment's ``sdists/``; None if neither exists."""
+    given = os.environ.get(S3PRL_SDIST_ENV)
+    found = sorted(glob.glob(str(Path(sys.prefix) / "sdists" / "s3prl-*.tar.gz")))
+    path = Path(given) if given else (Path(found[-1]) if found else None)
+    return path if path is not None and path.exists() else None
+
+
+def unpack_s3prl(sdist: Path, into: Path, files: list[str]) -> None:
+    """Extract ``files`` (paths under ``s3prl/``) of the sdist into ``into`` and register each of
+    their folders in ``sys.modules`` as an empty package, so ``s3prl.x.y`` modules import without
+    ``s3prl/__init__.py`` (which imports torchaudio) ever running. The caller restores sys.modules."""
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            name = member.name.split("/", 1)[-1]  # drop the sdist's top folder
+            if name in files:
+                member.name = name
+                tar.extract(member, into, filter="data")
+    for file in files:
+        parts = Path(file).parent.parts
+        for i in range(1, len(parts) + 1):
+            name = ".".join(parts[:i])
+            if name not in sys.modules:
+                package = types.ModuleType(name)
+                package.__path__ = [str(into.joinpath(*parts[:i]))]
+                sys.modules[name] = package
+
 
 # (kernel, stride) of the wav2vec 2.0 / HuBERT feature encoder: 320x, 50 Hz frames.
 STANDARD_CONV = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))

@@ -19,7 +19,7 @@ import contextlib
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,23 @@ def make_batches(
         batches.append(cur)
     rng.shuffle(batches)
     return batches
+
+
+def crop_start(length: int, crop: int, hop: int, rng: random.Random) -> int:
+    """Where a random crop of ``crop`` samples of a ``length``-sample clip starts, in hops (frames of
+    the student), so that targets and labels stay aligned with it."""
+    return rng.randrange(0, (length - crop) // hop + 1)
+
+
+# Settings that change how a run goes, not what it computes: a state saved under other values of
+# these is resumed all the same.
+HOW_IT_RUNS = ("device", "checkpoint_every", "compile")
+
+
+def record_of(cfg: TrainConfig, *also_ignored: str) -> dict:
+    """What a training state belongs to: ``cfg``'s settings but those of :data:`HOW_IT_RUNS`."""
+    ignored = set(HOW_IT_RUNS) | set(also_ignored)
+    return {k: v for k, v in asdict(cfg).items() if k not in ignored}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
