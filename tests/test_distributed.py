@@ -1,5 +1,7 @@
-"""torchrun with 2 CPU processes (gloo, loopback only) takes the steps one process takes, and a run
-killed mid-way resumes to the same end, under the same or another number of processes."""
+"""2 CPU processes (gloo, loopback only) take the steps one process takes, and a run killed mid-way
+resumes to the same end, under the same or another number of processes. The ranks are started as
+torchrun starts them (RANK, WORLD_SIZE, LOCAL_RANK), the same commands, with a file store for the
+rendezvous instead of torchrun's TCP store, which listens on every interface."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -26,18 +30,35 @@ LOSS_TOLERANCE = 2e-5
 WEIGHT_TOLERANCE = 1e-4
 
 
-def _env() -> dict:
-    # Gloo between local processes over the loopback interface only; one thread per process.
-    return {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-
-
 def torchrun(nproc: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable]
-    if nproc > 1:
-        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    proc = subprocess.run(cmd + list(args), env=_env(), capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    """``python ARGS`` in ``nproc`` ranks, as torchrun starts them, but with a file store for the
+    rendezvous (torchrun's TCP store listens on every interface; this test opens sockets on loopback
+    only: gloo on ``lo``). As torchrun does, the others are stopped when a rank fails."""
+    store = Path(tempfile.mkdtemp(prefix="ddp-store-")) / "store"
+    # one thread per process in every run compared, so reductions are computed alike
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "WORLD_SIZE": str(nproc)}
+    env["SPEECHMIMIC_DIST_INIT"] = f"file://{store}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *args],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(nproc)
+    ]
+    deadline = time.monotonic() + 300
+    while any(p.poll() is None for p in procs):
+        if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+        time.sleep(0.05)
+    outs = [p.communicate() for p in procs]
+    rc = next((p.returncode for p in procs if p.returncode != 0), 0)
+    proc = subprocess.CompletedProcess(args, rc, "".join(o for o, _ in outs), "".join(e for _, e in outs))
+    if check and rc != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({rc}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 

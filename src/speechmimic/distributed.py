@@ -4,7 +4,10 @@ writes.
 Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) :func:`init` joins the process group: nccl
 when every process has a CUDA device, gloo otherwise (CPUs, or mixed). Without torchrun nothing is
 started and every helper here answers as a world of one, so the same code runs on a laptop and on a
-cluster. Rank 0 alone writes files and shows progress; every rank computes the same batch order,
+cluster. Processes started otherwise (a scheduler, a test) set RANK, WORLD_SIZE and LOCAL_RANK and
+``SPEECHMIMIC_DIST_INIT``, an init method such as ``file:///shared/dir/store`` (a file on a disk
+they share instead of torchrun's TCP store, which listens on every interface). Rank 0 alone writes
+files and shows progress; every rank computes the same batch order,
 crops and masks (they are seeded), so a training step is a split of one batch, not N batches.
 """
 
@@ -18,18 +21,25 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+# An init method to use instead of torchrun's (RANK and WORLD_SIZE still come from the environment).
+INIT_ENV = "SPEECHMIMIC_DIST_INIT"
+
 
 def init(device: str = "cpu") -> bool:
     """Join the process group if torchrun started this process; True when distributed."""
     if dist.is_initialized():
         return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
         return False
     cuda = device.startswith("cuda") and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # A rank that dies leaves the others waiting in a collective: fail after a while instead of forever.
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+    kwargs = {}
+    if os.environ.get(INIT_ENV):  # e.g. file:///shared/dir/store: no TCP store, no open port
+        kwargs = dict(init_method=os.environ[INIT_ENV], rank=int(os.environ["RANK"]), world_size=world_size)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30), **kwargs)
     return True
 
 
