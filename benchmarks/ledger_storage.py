@@ -1,4 +1,4 @@
-"""What float16 ledgers save: bytes on disk per queried second, and stage 2's cache, float16 vs float32.
+"""What float16 ledgers save: bytes on disk per queried second, and what stage 2 reads, float16 vs float32.
 
 The same clips (the demo corpus's pool: real synthetic speech, 288 clips, 283 s) are paid once into a
 float32 ledger and once into a float16 one, side by side, from the same target (resemblyzer, its
@@ -41,12 +41,12 @@ def main() -> None:
         ledgers = {store: Ledger(Path(tmp) / store, store=store) for store in ("float32", "float16")}
         for store, ledger in ledgers.items():
             query_clips(target, clips, ledger, progress=False)
-            cache = PairedClips(clips, ledger)
-            answers = sum(v.nbytes for i in range(len(cache)) for v in cache[i][1].values())
+            paired = PairedClips(clips, ledger)
+            answers = sum(v.nbytes for i in range(len(paired)) for v in paired[i][1].values())
             rows[store] = {
                 "blobs": folder_bytes(ledger.root, "blobs/**/*.safetensors") / seconds,
                 "folder": folder_bytes(ledger.root) / seconds,
-                "cache": answers / seconds,
+                "read": answers / seconds,
             }
         worst = 0.0
         for clip in clips:
@@ -55,14 +55,14 @@ def main() -> None:
             for name in a:
                 worst = max(worst, float(np.abs(a[name] - b[name]).max() / (np.abs(a[name]).max() + 1e-12)))
     print(f"{len(clips)} clips, {seconds:.1f} s queried, target {target.spec}")
-    print("| store | answer bytes / queried s | ledger folder bytes / s | stage-2 cache bytes / s |")
+    print("| store | answer bytes / queried s | ledger folder bytes / s | stage-2 answer bytes read / s |")
     print("|---|---|---|---|")
     for store, r in rows.items():
-        print(f"| {store} | {r['blobs']:,.0f} | {r['folder']:,.0f} | {r['cache']:,.0f} |")
+        print(f"| {store} | {r['blobs']:,.0f} | {r['folder']:,.0f} | {r['read']:,.0f} |")
     ratio = {k: rows["float16"][k] / rows["float32"][k] for k in rows["float16"]}
     print(
         f"\nratio float16 / float32: answers {ratio['blobs']:.3f}, folder {ratio['folder']:.3f}, "
-        f"stage-2 cache {ratio['cache']:.3f}; largest error of a float16 answer, relative to its "
+        f"stage-2 reads {ratio['read']:.3f}; largest error of a float16 answer, relative to its "
         f"largest value: {worst:.1e}"
     )
 

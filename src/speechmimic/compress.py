@@ -33,6 +33,7 @@ from speechmimic.audio import SAMPLE_RATE
 from speechmimic.config import option
 from speechmimic.corpus import Clip, fingerprint, warn_unusable
 from speechmimic.distill import DistillConfig, distill_loss
+from speechmimic.readahead import ReadAhead
 from speechmimic.student import HeadSpec, Student, StudentConfig, build_student
 from speechmimic.targets import Target
 from speechmimic.trainer import STATE_NAME, crop_start, record_of, seed_all, train_loop
@@ -170,9 +171,10 @@ def compress(
     student.to(device).train()
     hop = student.cfg.hop
     crop = int(cfg.crop_seconds * SAMPLE_RATE) // hop * hop
+    waves = ReadAhead(lambda i: clips[i].load())
 
     def step(model: nn.Module, batch_idx: list[int], rng: random.Random):
-        wavs = [_crop(clips[i].load(), crop, hop, rng) for i in batch_idx]  # the same crops on every rank
+        wavs = [_crop(waves[i], crop, hop, rng) for i in batch_idx]  # the same crops on every rank
         rows, weight = distributed.my_share(len(wavs))
         with torch.no_grad():
             targets = teacher([wavs[i] for i in rows])
@@ -192,17 +194,19 @@ def compress(
     record = record_of(cfg)
     record.update(teacher=teacher.spec, clips=fingerprint([c.id for c in clips]), preset=preset)
     t0 = time.time()
-    log = train_loop(
-        student,
-        cfg,
-        [c.duration for c in clips],
-        step,
-        out_dir / STATE_NAME,
-        record=record,
-        resume=resume,
-        desc="compress",
-        progress=progress,
-    )
+    with waves:
+        log = train_loop(
+            student,
+            cfg,
+            [c.duration for c in clips],
+            step,
+            out_dir / STATE_NAME,
+            record=record,
+            resume=resume,
+            desc="compress",
+            progress=progress,
+            read_ahead=waves.ahead,
+        )
     student.eval()
     if distributed.is_main():
         student.save(

@@ -26,6 +26,7 @@ from speechmimic.audio import SAMPLE_RATE, AudioError
 from speechmimic.config import option
 from speechmimic.corpus import Clip, fingerprint, warn_unusable
 from speechmimic.ledger import Ledger
+from speechmimic.readahead import ReadAhead
 from speechmimic.student import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -55,16 +56,16 @@ def infer_heads(ledger: Ledger, keys: list[str]) -> list[HeadSpec]:
     ]
 
 
-class PairedClips:
-    """Waveforms and paid responses of the queried clips, cached in memory up to ``cache_bytes``.
+class PairedClips(ReadAhead):
+    """Waveforms and paid responses of the queried clips, read ahead of the step (see
+    :mod:`speechmimic.readahead`), never all held in memory.
 
     Every pair is read once here: a clip whose audio no longer decodes is left out and named in
     ``unusable`` (a damaged answer, in contrast, raises: it must be repaired, not trained around)."""
 
-    def __init__(self, clips: list[Clip], ledger: Ledger, cache_bytes: int = 4 << 30):
+    def __init__(self, clips: list[Clip], ledger: Ledger):
+        super().__init__(self._pair)
         self.ledger = ledger
-        self.cache: dict[int, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
-        self.cache_left = cache_bytes
         self.clips: list[Clip] = []
         self.unusable: dict[str, str] = {}
         for clip in clips:
@@ -72,35 +73,25 @@ class PairedClips:
             if key not in ledger.entries:
                 continue
             try:
-                item = (clip.load(), ledger.get(key, dtype=None))  # as stored: float16 halves the cache
+                clip.load()
+                ledger.get(key, dtype=None)
             except AudioError as e:
                 self.unusable[clip.id] = e.reason
                 continue
             self.clips.append(clip)
-            self._keep(len(self.clips) - 1, item)
         if not self.clips:
             raise ValueError(f"none of the {len(clips)} clips has a usable paid response in {ledger.root}")
         warn_unusable("distill", self.unusable)
 
-    def _keep(self, i: int, item: tuple[np.ndarray, dict[str, np.ndarray]]) -> None:
-        size = item[0].nbytes + sum(v.nbytes for v in item[1].values())
-        if size <= self.cache_left:
-            self.cache[i] = item
-            self.cache_left -= size
+    def _pair(self, i: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        clip = self.clips[i]
+        return clip.load(), self.ledger.get(self.ledger.key_of(clip.id), dtype=None)  # as stored
 
     def __len__(self) -> int:
         return len(self.clips)
 
     def keys(self) -> list[str]:
         return [self.ledger.key_of(c.id) for c in self.clips]
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        if i in self.cache:
-            return self.cache[i]
-        clip = self.clips[i]
-        item = (clip.load(), self.ledger.get(self.ledger.key_of(clip.id), dtype=None))
-        self._keep(i, item)
-        return item
 
 
 def _collate(items, student: Student, crop_seconds: float, rng: random.Random):
@@ -221,18 +212,20 @@ def distill(
     record = record_of(cfg)
     record.update(answers=fingerprint(keys), student=student.cfg.to_dict(), init=str(init) if init else None)
     t0 = time.time()
-    log = train_loop(
-        student,
-        cfg,
-        [c.duration for c in data.clips],
-        step,
-        out_dir / STATE_NAME,
-        record=record,
-        resume=resume,
-        desc="distill",
-        progress=progress,
-        on_step=on_step,
-    )
+    with data:
+        log = train_loop(
+            student,
+            cfg,
+            [c.duration for c in data.clips],
+            step,
+            out_dir / STATE_NAME,
+            record=record,
+            resume=resume,
+            desc="distill",
+            progress=progress,
+            on_step=on_step,
+            read_ahead=data.ahead,
+        )
     student.eval()
     if distributed.is_main():  # one writer; the others wait until the student is on disk
         student.save(

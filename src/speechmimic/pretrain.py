@@ -28,6 +28,7 @@ from speechmimic import distributed
 from speechmimic.audio import SAMPLE_RATE
 from speechmimic.config import option
 from speechmimic.corpus import Clip, warn_unusable
+from speechmimic.readahead import ReadAhead
 from speechmimic.student import Student, StudentConfig, build_student
 from speechmimic.trainer import STATE_NAME, TrainConfig, crop_start, record_of, seed_all, train_loop
 from speechmimic.units import MIN_SAMPLES, MFCCSource, StudentSource, Units, fit_units, source_from_dict
@@ -97,24 +98,6 @@ def span_mask(frames: list[int], t: int, prob: float, span: int, rng: np.random.
         for s in starts:
             mask[b, s : min(s + span, n)] = True
     return torch.from_numpy(mask)
-
-
-class _Waves:
-    """Waveforms of the clips, kept in memory up to ``cache_bytes``."""
-
-    def __init__(self, clips: list[Clip], cache_bytes: int = 4 << 30):
-        self.clips = clips
-        self.cache: dict[int, np.ndarray] = {}
-        self.cache_left = cache_bytes
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        if i not in self.cache:
-            wav = self.clips[i].load(min_samples=MIN_SAMPLES)
-            if wav.nbytes > self.cache_left:
-                return wav
-            self.cache[i] = wav
-            self.cache_left -= wav.nbytes
-        return self.cache[i]
 
 
 def _collate(waves, labels, student_cfg: StudentConfig, crop_seconds: float, rng: random.Random):
@@ -211,7 +194,7 @@ def _train_iteration(
     clips = [c for c in clips if c.id in labels]  # a clip that does not decode is skipped, not fatal
     warn_unusable(f"pretrain iter{iteration}", units.unusable)
     model.to(device).train()
-    waves = _Waves(clips)
+    waves = ReadAhead(lambda i: clips[i].load(min_samples=MIN_SAMPLES))
     span = span_frames(cfg.mask_length, student.cfg)
 
     def step(model: nn.Module, batch_idx: list[int], rng: random.Random):
@@ -241,18 +224,20 @@ def _train_iteration(
         return loss * weight, {"masked_acc": round(correct / max(1, n_masked), 4)}
 
     t0 = time.time()
-    log = train_loop(
-        model,
-        cfg,
-        [c.duration for c in clips],
-        step,
-        out_dir / STATE_NAME,
-        record=record,
-        resume=resume,
-        desc=f"pretrain iter{iteration}",
-        progress=progress,
-        on_step=on_step,
-    )
+    with waves:
+        log = train_loop(
+            model,
+            cfg,
+            [c.duration for c in clips],
+            step,
+            out_dir / STATE_NAME,
+            record=record,
+            resume=resume,
+            desc=f"pretrain iter{iteration}",
+            progress=progress,
+            on_step=on_step,
+            read_ahead=waves.ahead,
+        )
     model.eval()
     if distributed.is_main():  # one writer; the others wait until the checkpoint is on disk
         _save_units(out_dir, model.head, units)

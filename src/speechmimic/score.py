@@ -96,7 +96,7 @@ def _per_clip(
     model = MaskedPredictor(student, head).to(device).eval()
     for clip in tqdm(clips, desc=desc, unit="clip", disable=not progress):
         wav = torch.from_numpy(clip.load(min_samples=MIN_SAMPLES))[None].to(device)
-        target = torch.from_numpy(labels[clip.id])[None].to(device)
+        target = torch.from_numpy(labels[clip.id]).long()[None].to(device)
         n = target.shape[1]
         _, _, states = model(wav, None, None)
         embedding = states[-1][0, :n].mean(0).cpu().numpy()

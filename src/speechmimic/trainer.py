@@ -126,9 +126,11 @@ def train_loop(
     desc: str = "train",
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    read_ahead: Callable[[list[int]], None] | None = None,
 ) -> list[dict]:
     """Run ``cfg.steps`` steps of ``step_fn(model, ...)`` over clips of ``durations``; returns the log
-    (one dict per step).
+    (one dict per step). ``read_ahead`` (e.g. :meth:`speechmimic.readahead.ReadAhead.ahead`) is told
+    the clips of the next step before each step runs.
 
     ``record`` identifies what is being trained: a state saved under another record (other settings,
     other units) is ignored rather than resumed. The final state is saved too, so rerunning a finished
@@ -185,9 +187,12 @@ def train_loop(
         groups = [batches[i : i + cfg.accumulate] for i in range(0, len(batches), cfg.accumulate)]
         # The order is seeded per epoch: after a resume, skip the steps of this epoch already done.
         done_in_epoch = sum(1 for e in log if e.get("epoch") == epoch)
-        for group in groups[done_in_epoch:]:
+        for j in range(done_in_epoch, len(groups)):
             if step >= cfg.steps:
                 break
+            group = groups[j]
+            if read_ahead is not None and j + 1 < len(groups) and step + 1 < cfg.steps:
+                read_ahead([i for batch in groups[j + 1] for i in batch])
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             opt.zero_grad(set_to_none=True)

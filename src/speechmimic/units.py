@@ -237,10 +237,11 @@ class Units:
         cache_dir: str | Path | None = None,
         progress: bool = True,
     ) -> dict[str, np.ndarray]:
-        """Units of each clip, one per student frame (see :func:`labels_for_student`)."""
+        """Units of each clip, one per student frame (see :func:`labels_for_student`); int16, as
+        :meth:`assign` gives them, so a large corpus's labels take a quarter of int64's memory."""
         raw = self.clip_labels(clips, cache_dir, progress)
         return {
-            clip_id: labels_for_student(labels, n, cfg, self.source.hop, self.source.offset).astype(np.int64)
+            clip_id: labels_for_student(labels, n, cfg, self.source.hop, self.source.offset)
             for clip_id, (labels, n) in raw.items()
         }
 
