@@ -656,3 +656,121 @@ def test_a_ledger_from_before_the_choice_reads_as_float32(tmp_path):
     more = _wavs(2, seed=7)
     old.query(FakeTarget(), _clips(more), progress=False)  # it goes on storing float32
     _assert_response_equal(old.get(content_key(more[1])), _features(more[1]), "float32")
+
+
+# -- shards: several workers, one ledger each, merged -----------------------------------------------
+def _sharded(tmp_path, wavs, n):
+    """Query ``wavs`` (ids c0.., and d0.. naming the first three again) in ``n`` shards, one shared
+    target counting what reaches it."""
+    target = FakeTarget()
+    clips = _clips(wavs) + _clips(wavs[:3], prefix="d")
+    shards = []
+    for i in range(n):
+        shard = Ledger(tmp_path / f"shard{i}")
+        stats = shard.query(target, clips, batch_size=4, progress=False, shard=(i, n))
+        assert stats["paid"] + stats["reused"] + stats["other_shards"] == len(clips)
+        shards.append(shard)
+    return target, shards
+
+
+def test_shards_split_by_content_and_merge_without_loss_or_double_payment(tmp_path):
+    wavs = _wavs(30, seed=11)
+    target, shards = _sharded(tmp_path, wavs, 3)
+    assert all(v == 1 for v in target.requests.values()) and len(target.requests) == 30
+    keys = [set(s.keys()) for s in shards]
+    assert all(keys) and sum(len(k) for k in keys) == 30 and set.union(*keys) == set(target.requests)
+
+    merged = Ledger(tmp_path / "merged")
+    results = [merged.merge(s, progress=False) for s in shards]
+    assert sum(r["merged"] for r in results) == 30 and not any(
+        r["paid_twice"] or r["damaged"] for r in results
+    )
+    assert merged.spent_clips == len(merged) == 30 and merged.header["target"] == "fake:test"
+    for prefix, ws in (("c", wavs), ("d", wavs[:3])):  # every name of every clip, answered once
+        for i, w in enumerate(ws):
+            _assert_response_equal(merged.get_clip(f"{prefix}{i}"), _features(w))
+    assert merged.verify().ok and _paid_lines(tmp_path / "merged") == Counter(
+        dict.fromkeys(target.requests, 1)
+    )
+
+    again = [merged.merge(s, progress=False) for s in shards]  # a rerun copies nothing, pays nothing
+    assert sum(r["already_here"] for r in again) == 30 and not any(r["merged"] for r in again)
+    reopened = Ledger(tmp_path / "merged")
+    assert reopened.spent_clips == 30 and reopened.spent_seconds == pytest.approx(
+        sum(len(w) for w in wavs) / SR
+    )
+
+
+def test_a_killed_merge_resumes_and_loses_nothing(tmp_path, monkeypatch):
+    wavs = _wavs(12, seed=12)
+    _, shards = _sharded(tmp_path, wavs, 2)
+    real_append, paid = Ledger._append, []
+
+    def dies_at_the_seventh_paid_line(self, event):
+        if event["event"] == "paid":
+            paid.append(event["key"])
+            if len(paid) == 7:
+                raise KeyboardInterrupt  # after the blob's rename, before its paid line
+        real_append(self, event)
+
+    monkeypatch.setattr(Ledger, "_append", dies_at_the_seventh_paid_line)
+    merged = Ledger(tmp_path / "merged")
+    with pytest.raises(KeyboardInterrupt):
+        for shard in shards:
+            merged.merge(shard, progress=False)
+    monkeypatch.setattr(Ledger, "_append", real_append)
+    resumed = Ledger(tmp_path / "merged")  # the seventh answer's blob is found and indexed
+    assert len(resumed) == 7
+    for shard in shards:
+        resumed.merge(shard, progress=False)
+    assert len(resumed) == resumed.spent_clips == 12 and resumed.verify().ok
+    assert _paid_lines(tmp_path / "merged") == Counter(dict.fromkeys(resumed.keys(), 1))
+
+
+def test_merging_answers_paid_twice_keeps_one_and_counts_both(tmp_path):
+    wavs = _wavs(8, seed=13)
+    a, b = Ledger(tmp_path / "a"), Ledger(tmp_path / "b")
+    a.query(FakeTarget(), _clips(wavs[:5]), progress=False)
+    b.query(FakeTarget(), _clips(wavs[3:], prefix="b"), progress=False)  # wavs 3 and 4 paid by both
+    merged = Ledger(tmp_path / "merged")
+    merged.merge(a, progress=False)
+    result = merged.merge(b, progress=False)
+    assert result["merged"] == 3 and result["paid_twice"] == 2
+    assert len(merged) == 8 and merged.spent_clips == 10
+    assert merged.merge(b, progress=False)["paid_twice"] == 0  # a rerun does not charge again
+    reopened = Ledger(tmp_path / "merged")
+    assert reopened.spent_clips == 10
+    want = sum(len(w) for w in wavs) + len(wavs[3]) + len(wavs[4])
+    assert reopened.spent_samples == want
+
+
+def test_merge_refuses_another_targets_answers(tmp_path):
+    wavs = _wavs(2, seed=14)
+    Ledger(tmp_path / "a").query(FakeTarget(), _clips(wavs), progress=False)
+    Ledger(tmp_path / "b").query(FakeTarget(spec="fake:other"), _clips(wavs), progress=False)
+    merged = Ledger(tmp_path / "merged")
+    merged.merge(Ledger(tmp_path / "a"), progress=False)
+    with pytest.raises(LedgerError, match="its target is 'fake:other', not 'fake:test'"):
+        merged.merge(Ledger(tmp_path / "b"), progress=False)
+    assert len(Ledger(tmp_path / "merged")) == 2
+
+
+def test_query_shard_and_ledger_merge_commands(tmp_path, speech_clips, capsys):
+    from speechmimic.cli import main
+    from speechmimic.corpus import write_manifest
+
+    pool, _ = speech_clips
+    manifest = tmp_path / "m.jsonl"
+    write_manifest(pool[:6], manifest)
+    query = ["query", "--target", "resemblyzer?layers=2", "--manifest", str(manifest), "--no-progress"]
+    for i in range(2):
+        assert main([*query, "--ledger", str(tmp_path / f"s{i}"), "--shard", f"{i}/2"]) == 0
+    capsys.readouterr()
+    shards = [str(tmp_path / f"s{i}") for i in range(2)]
+    assert main(["ledger", "merge", *shards, "--into", str(tmp_path / "all"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'all'}: 6 answers, 6 payments" in out
+    assert all(Ledger(tmp_path / "all").key_of(c.id) for c in pool[:6])
+    with pytest.raises(SystemExit):
+        main([*query, "--ledger", str(tmp_path / "x"), "--shard", "2/2"])
+    assert "expected I/N with 0 <= I < N" in capsys.readouterr().err

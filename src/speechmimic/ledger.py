@@ -65,7 +65,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +103,12 @@ class DamagedAnswerError(LedgerError):
             f"Buy it again with `speechmimic query --repair` on a manifest holding the clip, or drop "
             f"it with `speechmimic ledger verify {root} --drop`"
         )
+
+
+def in_shard(key: str, i: int, n: int) -> bool:
+    """Whether content ``key`` belongs to shard ``i`` of ``n``: by the key, so identical audio under
+    two names lands in one shard, and shards never overlap."""
+    return int(key[:15], 16) % n == i
 
 
 def content_key(wav: np.ndarray) -> str:
@@ -197,6 +203,7 @@ class Ledger:
         self._sent: set[str] = set()
         self._ever_paid: set[str] = set()
         self._unindexed: set[str] = set()  # answers known from their blob only (no paid line yet)
+        self._charged: set[tuple[str, float | None]] = set()  # payments merged in beside their answer
         self._offset = 0  # bytes of the index read so far (complete lines only)
         self._torn = False
         self._holding = False
@@ -260,6 +267,11 @@ class Ledger:
         elif kind == "drop":
             self.entries.pop(event["key"], None)
             self.dropped += 1
+        elif kind == "charge":
+            self._charge(
+                event["key"],
+                Entry(event["key"], event["clip_id"], event["num_samples"], {}, None, event.get("time")),
+            )
 
     def _find_unindexed(self) -> None:
         """Blobs renamed into place whose ``paid`` line never made it: safe, paid answers."""
@@ -271,7 +283,7 @@ class Ledger:
                 meta = _read_metadata(blob)
                 entry = Entry(
                     key, meta["clip_id"], int(meta["num_samples"]), json.loads(meta["frames"]),
-                    meta.get("digest"), blob.stat().st_mtime,
+                    meta.get("digest"), json.loads(meta.get("time", "null")) or blob.stat().st_mtime,
                 )  # fmt: skip
                 if entry.digest is not None and answer_digest(load_file(blob)) != entry.digest:
                     continue  # damaged before it was ever indexed: not an answer, buy it again
@@ -280,6 +292,11 @@ class Ledger:
             self._unindexed.add(key)
             self._count_payment(entry)
             self._add(entry)
+
+    def _charge(self, key: str, entry: Entry) -> None:
+        """A second payment for an answer already held (merged from another ledger)."""
+        self._charged.add((key, entry.time))
+        self._count_payment(entry)
 
     def _count_payment(self, entry: Entry) -> None:
         self.spent_clips += 1
@@ -550,14 +567,21 @@ class Ledger:
             key, clip_id, int(len(wav)), {k: int(v.shape[0]) for k, v in arrays.items()},
             answer_digest(arrays), round(time.time(), 3),
         )  # fmt: skip
+        self._write_answer(entry, arrays)
+        return entry
+
+    def _write_answer(self, entry: Entry, arrays: dict[str, np.ndarray]) -> None:
+        """Crash-safety rule 2 (module docstring): the blob is in place before its ``paid`` event."""
+        key = entry.key
         path = self._blob_path(key)
         path.parent.mkdir(exist_ok=True)
         tmp = _unique_tmp(path)
         meta = {
-            "clip_id": clip_id,
+            "clip_id": entry.clip_id,
             "num_samples": str(entry.num_samples),
             "frames": json.dumps(entry.frames),
             "digest": entry.digest,
+            "time": json.dumps(entry.time),  # a merge tells a rerun from a second payment by it
         }
         save_file(arrays, tmp, meta)
         with open(tmp, "rb") as f:
@@ -567,7 +591,6 @@ class Ledger:
         self._append({"event": "paid", **_entry_json(entry)})
         self._count_payment(entry)
         self._add(entry)
-        return entry
 
     def drop(self, keys: Iterable[str], reason: str = "damaged") -> list[str]:
         """Move the answers of ``keys`` to ``damaged/`` and forget them, so the next query buys them
@@ -592,6 +615,66 @@ class Ledger:
         report = self.verify(keys)
         return self.drop([key for _, key, _ in report.damaged + report.missing])
 
+    def merge(self, other: Ledger, progress: bool = True) -> dict:
+        """Copy into this ledger the answers of ``other``, a ledger of the same target (a shard
+        another worker or machine filled); returns what was merged, already here and left out.
+
+        Each answer is verified against its digest, then written as :meth:`query` writes one (blob
+        renamed into place, then its ``paid`` event), so a killed merge loses nothing and a rerun
+        copies only what is missing. Clip names travel with their answers. An answer both ledgers
+        paid for separately (overlapping shards) is kept once and its second payment is recorded as
+        a ``charge``, so what this ledger has spent stays the sum of what was paid.
+        """
+        if other.header is None:
+            return {"merged": 0, "already_here": 0, "paid_twice": 0, "damaged": [], "in_doubt": 0}
+        with self._writing():
+            if self.header is None:
+                self._write_header(dict(other.header))
+            for field_ in ("target", "layers", "store"):
+                mine, theirs = self.header.get(field_), other.header.get(field_)
+                if mine != theirs and None not in (mine, theirs):
+                    raise LedgerError(
+                        f"cannot merge {other.root} into {self.root}: its {field_} is {theirs!r}, "
+                        f"not {mine!r}"
+                    )
+            merged, here, twice, damaged = 0, 0, 0, []
+            for key, entry in tqdm(
+                list(other.entries.items()),
+                desc=f"merge {other.root.name}",
+                unit="answer",
+                disable=not progress,
+            ):
+                mine = self.entries.get(key)
+                if mine is not None:
+                    same = (mine.time, mine.digest) == (entry.time, entry.digest)
+                    if same or (key, entry.time) in self._charged:
+                        here += 1  # this very payment is already here (a rerun)
+                    else:
+                        self._append({"event": "charge", **_entry_json(entry), "source": str(other.root)})
+                        self._charge(key, entry)
+                        twice += 1
+                    continue
+                try:
+                    arrays = other.get(key, dtype=None)
+                except DamagedAnswerError as e:
+                    damaged.append((entry.clip_id, key, e.reason))
+                    continue
+                if entry.digest is None:  # paid before digests: give it one now that it is read
+                    entry = replace(entry, digest=answer_digest(arrays))
+                self._write_answer(entry, arrays)
+                merged += 1
+            for clip_id, key in other.aliases.items():
+                if key in self.entries and clip_id not in self.aliases:
+                    self._append({"event": "alias", "clip_id": clip_id, "key": key})
+                    self.aliases[clip_id] = key
+        return {
+            "merged": merged,
+            "already_here": here,
+            "paid_twice": twice,
+            "damaged": damaged,
+            "in_doubt": len(other.in_doubt),
+        }
+
     def _would_exceed(self, extra_clips: int, extra_seconds: float) -> bool:
         return not self.budget.allows(self.spent_clips + extra_clips, self.spent_seconds + extra_seconds)
 
@@ -602,21 +685,28 @@ class Ledger:
         batch_size: int = 8,
         progress: bool = True,
         total: int | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> dict:
         """Pay for the responses of ``clips`` (pairs of clip id and a loader of its waveform).
+
+        ``shard=(i, n)``: pay only the clips whose content key falls in shard ``i`` of ``n``
+        (:func:`in_shard`; the others count as ``other_shards``), so ``n`` workers, each with its
+        own ledger, split one manifest without paying any audio twice; :meth:`merge` joins them.
 
         Clips already paid (by id or by content, by this process or another) cost nothing; a clip
         that would exceed the budget is skipped and counted as ``over_budget``; a clip whose loader
         raises :class:`AudioError` is listed in ``unusable`` with the reason. Holds the writer lock
         throughout (waiting for another writer to finish). Returns what was paid, reused and skipped.
         """
+        if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+            raise ValueError(f"shard {shard[0]}/{shard[1]}: need 0 <= i < n")
         with self._writing():
-            return self._query(target, clips, batch_size, progress, total)
+            return self._query(target, clips, batch_size, progress, total, shard)
 
-    def _query(self, target, clips, batch_size, progress, total) -> dict:
+    def _query(self, target, clips, batch_size, progress, total, shard) -> dict:
         self.bind(target)
         takes_keys = "keys" in inspect.signature(target.__call__).parameters
-        paid = reused = over_budget = 0
+        paid = reused = over_budget = other_shards = 0
         unusable: list[tuple[str, str]] = []
         batch: list[tuple[str, str, np.ndarray]] = []
         pending: set[str] = set()
@@ -661,6 +751,9 @@ class Ledger:
                 unusable.append((clip_id, e.reason))
                 continue
             key = content_key(wav)
+            if shard is not None and not in_shard(key, *shard):
+                other_shards += 1
+                continue
             if key in self.entries or key in pending:
                 self._append({"event": "alias", "clip_id": clip_id, "key": key})
                 self.aliases[clip_id] = key
@@ -681,6 +774,7 @@ class Ledger:
             "reused": reused,
             "over_budget": over_budget,
             "unusable": unusable,
+            **({"other_shards": other_shards} if shard is not None else {}),
             **self.summary(),
         }
 
@@ -695,8 +789,10 @@ def query_clips(
     batch_size: int = 8,
     progress: bool = True,
     budget: Budget | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict:
-    """Pay for the target's answers to ``clips`` (already paid ones are reused).
+    """Pay for the target's answers to ``clips`` (already paid ones are reused); ``shard``: see
+    :meth:`Ledger.query`.
 
     ``budget`` caps this request, reused answers included: walking ``clips`` in order, a clip that
     no longer fits (:func:`~speechmimic.budget.take_within`, the rule selection applies) is refused,
@@ -708,7 +804,9 @@ def query_clips(
         refused = len(clips) - len(fits)
         clips = [clips[i] for i in fits]
     loader = ((c.id, lambda c=c: c.load(min_samples=target.min_samples)) for c in clips)
-    stats = ledger.query(target, loader, batch_size=batch_size, progress=progress, total=len(clips))
+    stats = ledger.query(
+        target, loader, batch_size=batch_size, progress=progress, total=len(clips), shard=shard
+    )
     return {**stats, "over_budget": stats["over_budget"] + refused}
 
 

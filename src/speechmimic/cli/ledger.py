@@ -13,8 +13,8 @@ MAX_LISTED = 20
 def register(subparsers) -> None:
     ledger = subparsers.add_parser(
         "ledger",
-        help="check a ledger of paid answers (verify) or say what it holds (stats)",
-        description="Inspect a ledger of paid answers without paying anything.",
+        help="check a ledger of paid answers (verify), say what it holds (stats), join shards (merge)",
+        description="Inspect, check or join ledgers of paid answers without paying anything.",
     )
     sub = ledger.add_subparsers(
         dest="ledger_command", metavar="COMMAND", required=True, help="what to do with the ledger"
@@ -44,6 +44,19 @@ def register(subparsers) -> None:
     )
     s.add_argument("dir", metavar="DIR", help="the ledger folder")
     s.set_defaults(func=run_stats)
+    m = sub.add_parser(
+        "merge",
+        help="join ledgers of one target (e.g. the shards of 'query --shard') into one",
+        description="Copy the answers of each SHARD ledger into the ledger INTO (created if absent), each "
+        "verified against its digest and written crash-safely: a killed merge loses nothing and a "
+        "rerun copies only what is missing. Every shard must hold answers of the same target, layers "
+        "and storage. An answer two shards both paid for is kept once and both payments stay counted. "
+        "Exits 1 if an answer is damaged (it is left out: buy it again with 'query --repair').",
+    )
+    m.add_argument("shards", nargs="+", metavar="SHARD", help="ledger folders to merge")
+    m.add_argument("--into", required=True, metavar="INTO", help="the ledger folder to merge into")
+    _options.add_progress(m)
+    m.set_defaults(func=run_merge)
 
 
 def _existing(path: str) -> Ledger:
@@ -75,6 +88,29 @@ def run_verify(args) -> int:
         dropped = ledger.drop([key for _, key, _ in bad])
         print(f"dropped {len(dropped)} answers to {ledger.root / 'damaged'}: the next query buys them again")
         return 0
+    return 1 if bad else 0
+
+
+def run_merge(args) -> int:
+    into = Ledger(args.into)
+    bad = 0
+    for path in args.shards:
+        result = into.merge(_existing(path), progress=not args.no_progress)
+        print(
+            f"{path}: {result['merged']} answers merged, {result['already_here']} already here, "
+            f"{result['paid_twice']} paid twice (kept once, both payments counted), "
+            f"{len(result['damaged'])} damaged (left out)"
+        )
+        for clip_id, key, reason in result["damaged"][:MAX_LISTED]:
+            print(f"  damaged: clip {clip_id} (key {key}): {reason}")
+        if result["in_doubt"]:
+            print(
+                f"  {result['in_doubt']} clips of {path} were sent and never answered: rerun that shard's "
+                "query to finish it, then merge again"
+            )
+        bad += len(result["damaged"])
+    s = into.summary()
+    print(f"{args.into}: {len(into)} answers, {s['paid_clips']} payments, {s['paid_seconds']} s paid")
     return 1 if bad else 0
 
 

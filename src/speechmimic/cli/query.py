@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import torch
@@ -50,10 +51,30 @@ def register(sub) -> None:
         help="ask a local target from N processes at once, each with its own copy of the model "
         "(one ledger and one writer still: a clip is paid once; default 1)",
     )
+    p.add_argument(
+        "--shard",
+        type=_shard,
+        default=None,
+        metavar="I/N",
+        help="pay only shard I of N of the manifest (by content, so shards never overlap), e.g. 0/4 "
+        "on one machine and 1/4 on another, each into its own ledger; join them with 'speechmimic "
+        "ledger merge'. --budget then caps this shard's ledger: bound the total by selecting within it",
+    )
     _options.add_store(p)
     _options.add_device(p)
     _options.add_progress(p)
     p.set_defaults(func=run)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    i, sep, n = text.partition("/")
+    try:
+        shard = (int(i), int(n))
+    except ValueError:
+        shard = None
+    if not sep or shard is None or not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+    return shard
 
 
 def run(args) -> int:
@@ -77,6 +98,7 @@ def run(args) -> int:
         ledger,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        shard=args.shard,
     )
     if args.workers > 1:
         target.close()
