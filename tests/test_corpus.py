@@ -213,6 +213,27 @@ def test_segments_are_validated_on_their_own(tmp_path):
     assert result.skipped[0][0].endswith("half.wav@1") and result.skipped[0][1].startswith("silent")
 
 
+def test_a_long_file_is_scanned_a_segment_at_a_time(tmp_path):
+    import tracemalloc
+
+    noise(tmp_path / "hour.flac", seconds=180, sr=16000)  # 11.5 MB as float32 at once
+    tracemalloc.start()
+    result = scan(tmp_path, max_segment_seconds=2.0, progress=False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(result.clips) == 90 and not result.skipped
+    assert peak < 2_000_000, f"peak {peak / 1e6:.1f} MB: the file was decoded whole"
+    whole = sf.read(tmp_path / "hour.flac", dtype="float32")[0]
+    np.testing.assert_array_equal(result.clips[45].load(), whole[45 * 32000 : 46 * 32000])
+
+
+def test_a_file_silent_throughout_is_skipped_once(tmp_path):
+    sf.write(tmp_path / "quiet.wav", np.zeros(48000, np.float32), 16000)
+    result = scan(tmp_path, max_segment_seconds=1.0, progress=False)
+    assert not result.clips
+    assert [(Path(p).name, r.split(":")[0]) for p, r in result.skipped] == [("quiet.wav", "silent")]
+
+
 @pytest.fixture
 def shared_tmp():
     """A folder every user may read: the scan below may run as another user (see _scan_as_a_user)."""

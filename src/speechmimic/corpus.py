@@ -49,6 +49,9 @@ from speechmimic.audio import (
     DEFAULT_SILENCE_THRESHOLD,
     SAMPLE_RATE,
     AudioError,
+    SilentAudioError,
+    TooShortAudioError,
+    audio_info,
     decode_audio,
     load_audio,
     resample,
@@ -335,7 +338,8 @@ def scan(
     ``workers`` > 1 decodes files in that many processes; the result is the same, in the same order.
 
     ``min_samples`` counts samples at 16 kHz. With ``max_segment_seconds``, longer files become
-    segments ``<id>@<k>`` (label ``segment: k``), each validated on its own. Files longer than
+    segments ``<id>@<k>`` (label ``segment: k``), each decoded and validated on its own (a long file
+    is never decoded whole). Files longer than
     ``max_file_seconds`` are skipped before they are decoded.
     """
     root = Path(root)
@@ -407,32 +411,42 @@ def _check_file(
     max_file_seconds: float | None,
 ) -> tuple[int | None, list[tuple[int, int, int, bool]], list[tuple[str, str]]]:
     """Decode and validate one file (in a worker process, perhaps): its sample rate (None when the
-    file is unusable), its usable segments ``(k, start, frames, whole file)`` and what was skipped."""
+    file is unusable), its usable segments ``(k, start, frames, whole file)`` and what was skipped.
+
+    A file to be cut into segments is decoded one segment at a time, so a scan's memory follows the
+    segment length, not the file's. A file that does not decode (corrupt, truncated, NaN) is unusable
+    whole, however it was read; a segment that is silent or too short is skipped alone."""
     try:
-        wav, sr = decode_audio(path, max_seconds=max_file_seconds)
-        validate_waveform(wav, path, silence_threshold=silence_threshold)
+        if max_segment_seconds is None:
+            wav, sr = decode_audio(path, max_seconds=max_file_seconds)
+            validate_waveform(wav, path, silence_threshold=silence_threshold)
+            bounds = [(0, len(wav))]
+        else:
+            sr, frames, _ = audio_info(path, max_seconds=max_file_seconds)
+            bounds = _segment_bounds(frames, sr, max_segment_seconds)
+        segments, skipped, kinds = [], [], set()
+        for k, (start, n) in enumerate(bounds):
+            seg_path = f"{path}@{k}" if len(bounds) > 1 else path
+            try:
+                if max_segment_seconds is not None:
+                    wav, _ = decode_audio(path, offset=start / sr, duration=n / sr)
+                    n = len(wav)
+                seg = wav if max_segment_seconds is not None else wav[start : start + n]
+                validate_waveform(
+                    resample(seg, sr, SAMPLE_RATE), seg_path, min_samples=min_samples,
+                    silence_threshold=silence_threshold,
+                )  # fmt: skip
+            except (SilentAudioError, TooShortAudioError) as e:  # that segment's, not the file's
+                skipped.append((seg_path, e.reason))
+                kinds.add(type(e))
+                continue
+            segments.append((k, start, n, len(bounds) == 1))
     except AudioError as e:
         return None, [], [(path, e.reason)]
     except Exception as e:  # never the scan's failure: the decoder types its errors, this is the net
         return None, [], [(path, f"unexpected error while decoding ({type(e).__name__}: {e})")]
-    bounds = _segment_bounds(len(wav), sr, max_segment_seconds)
-    segments, skipped = [], []
-    for k, (start, n) in enumerate(bounds):
-        seg_path = f"{path}@{k}" if len(bounds) > 1 else path
-        try:
-            validate_waveform(
-                resample(wav[start : start + n], sr, SAMPLE_RATE),
-                seg_path,
-                min_samples=min_samples,
-                silence_threshold=silence_threshold,
-            )
-        except AudioError as e:
-            skipped.append((seg_path, e.reason))
-            continue
-        except Exception as e:
-            skipped.append((seg_path, f"unexpected error while resampling ({type(e).__name__}: {e})"))
-            continue
-        segments.append((k, start, n, len(bounds) == 1))
+    if len(bounds) > 1 and not segments and len(kinds) == 1:
+        return None, [], [(path, skipped[0][1])]  # e.g. silent throughout: say it once, of the file
     return sr, segments, skipped
 
 
