@@ -25,7 +25,7 @@ FLOW = [
     ("targets", {"targets"}),
     ("defences", {"defences"}),
     ("serve", {"serve"}),
-    ("models", {"student", "baselines", "trainer"}),
+    ("models", {"student", "baselines", "trainer", "readahead"}),
     ("stage 1", {"units", "pretrain"}),
     ("score", {"score"}),
     ("budget", {"budget"}),
