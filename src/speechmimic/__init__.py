@@ -14,8 +14,14 @@ function.
 from __future__ import annotations
 
 import importlib
+import os
 
 __version__ = "0.1.0"
+
+# oneDNN (PyTorch's CPU kernels) keeps a compiled kernel for every input shape it meets, up to 1024 of
+# them: with clips of every length that is memory growing with the corpus (tens to hundreds of MB;
+# benchmarks/memory.py). 64 keeps the shapes a training run repeats; set the variable to choose.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
 # name -> the module that defines it
 _EXPORTS = {

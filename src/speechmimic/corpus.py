@@ -66,7 +66,7 @@ _FSDD_RE = re.compile(r"^(\d)_(.+)_(\d+)$")
 _SC_NOISE_DIR = "_background_noise_"
 
 
-@dataclass
+@dataclass(slots=True)
 class Clip:
     """One utterance, or one segment of a file.
 
@@ -353,16 +353,20 @@ def scan(
 
     files, skipped = _audio_files(root)
     rel_paths = sorted((p.relative_to(root) for p in files), key=lambda p: p.as_posix())
+    del files  # per-file lists are most of a large scan's memory: keep one at a time
     if layout == "auto":
         layout = detect_layout(rel_paths)
     labeller = _Labeller(root, layout)
 
-    named: list[tuple[Path, str, dict] | tuple[Path, str]] = []  # (rel, id, labels) or (rel, why not)
+    # (path, id, labels) or (path, why not), in file order; paths as the strings the clips keep
+    named: list[tuple[str, str, dict] | tuple[str, str]] = []
     for rel in rel_paths:
+        path = str(root / rel)
         try:
-            named.append((rel, *labeller(rel)))
+            named.append((path, *labeller(rel)))
         except ValueError as e:
-            named.append((rel, str(e)))
+            named.append((path, str(e)))
+    del rel_paths
     check = functools.partial(
         _check_file,
         max_segment_seconds=max_segment_seconds,
@@ -370,7 +374,7 @@ def scan(
         silence_threshold=silence_threshold,
         max_file_seconds=max_file_seconds,
     )
-    paths = [str(root / entry[0]) for entry in named if len(entry) == 3]
+    paths = [entry[0] for entry in named if len(entry) == 3]
     clips: list[Clip] = []
     seen_ids: set[str] = set()
     with contextlib.ExitStack() as stack:
@@ -383,16 +387,15 @@ def scan(
             tqdm(results, total=len(paths), desc=f"scanning {root.name}", unit="file", disable=not progress)
         )
         for entry in named:  # in file order, whatever order the workers finish in
-            path = str(root / entry[0])
             if len(entry) == 2:
-                skipped.append((path, entry[1]))
+                skipped.append(entry)
                 continue
-            rel, clip_id, labels = entry
+            path, clip_id, labels = entry
             sr, segments, problems = next(results)
             skipped.extend(problems)
             if sr is None:
                 continue
-            clip_id = _unique(clip_id, rel, seen_ids)
+            clip_id = _unique(clip_id, path, seen_ids)
             for k, start, n, whole in segments:
                 if whole:
                     clips.append(Clip(clip_id, path, sr, n, n / sr, 0.0, labels))
@@ -481,11 +484,11 @@ def _audio_files(root: Path) -> tuple[list[Path], list[tuple[str, str]]]:
     return files, sorted(skipped)
 
 
-def _unique(clip_id: str, rel: Path, seen: set[str]) -> str:
+def _unique(clip_id: str, path: str, seen: set[str]) -> str:
     # Same stem with two extensions, or "a-b/c" vs "a/b-c" in plain trees, would collide.
     candidate = clip_id
     if candidate in seen:
-        candidate = f"{clip_id}{rel.suffix.lower()}"
+        candidate = f"{clip_id}{os.path.splitext(path)[1].lower()}"
     n = 1
     while candidate in seen:
         n += 1
