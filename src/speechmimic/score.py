@@ -60,6 +60,8 @@ class Scores:
 
     def aligned(self, clips: Sequence[Clip]) -> Scores:
         """These scores reordered to ``clips``; KeyError naming a clip that has none."""
+        if len(clips) == len(self.ids) and all(c.id == i for c, i in zip(clips, self.ids, strict=True)):
+            return self  # the usual case (scored from the same manifest): no copy of the embeddings
         row = {clip_id: i for i, clip_id in enumerate(self.ids)}
         missing = [c.id for c in clips if c.id not in row]
         if missing:
