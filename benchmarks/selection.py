@@ -4,8 +4,9 @@ without stage-1 pre-training, at several query budgets, over several seeds, agai
 The thief's unlabelled corpus: the FSDD train split (take index >= 5) and the LibriSpeech subset of
 ``../shared/data``, cut into segments of at most 4 s (optionally enlarged with espeak-ng speech);
 10% of it, split by source file, is held out for fidelity and never queried. Speech Commands is never
-in the corpus: it is a probe, with the FSDD test split (digits) and half-second crops of the LibriSpeech
-speakers (speaker identity, where MFCC is not at its ceiling).
+in the corpus: it is a probe, with the FSDD test split (digits), half-second crops of the LibriSpeech
+speakers (speaker identity, where MFCC is not at its ceiling) and speaker verification on 3-s crops
+of them (cosine scoring of every cross-utterance pair, scored as 1 - EER).
 
 The grid runs on :mod:`speechmimic.experiment`: per seed, stage 1 runs once on the pool and scores
 its clips; per (target, seed, budget, strategy, stage 1 or not) one extraction runs with the same
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from functools import partial
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speechmimic.corpus import Clip, hold_out_by_source, read_manifest, scan, write_manifest
+from speechmimic.corpus import Clip, hold_out_by_source, random_crops, read_manifest, scan, write_manifest
 from speechmimic.distill import DistillConfig
 from speechmimic.evaluate import compare
 from speechmimic.experiment import Cell, Experiment, Grid
@@ -51,7 +51,8 @@ SEGMENT_SECONDS = 4.0
 HELDOUT_SHARE = 0.10
 CROPS_PER_UTTERANCE = 5
 CROP_SECONDS = 0.5
-PROBES = ("words", "digits", "speakers")
+VERIFY_SECONDS = 3.0  # speaker-verification trials: 2 crops per utterance, every cross-utterance pair
+PROBES = ("words", "digits", "speakers", "verification")  # verification scores 1 - EER
 TARGETS = ("resemblyzer", "tiny-hubert")
 
 
@@ -86,36 +87,37 @@ def thief_corpus(data: Path, work: Path, synthetic: int, seed: int) -> tuple[lis
 
 def probe_sets(data: Path, seed: int) -> dict[str, ProbeSet]:
     """Speech Commands (30 words; never in the thief's corpus), FSDD test split (digits) and
-    half-second crops of the 10 LibriSpeech speakers (speaker identity)."""
+    half-second crops of the 10 LibriSpeech speakers (speaker identity) and 3-s crops of them as
+    speaker-verification trials."""
     words = _scan(data / "speech_commands_subset", layout="speech_commands")
     digits = [c for c in _scan(data / "fsdd" / "recordings", layout="fsdd") if c.labels["index"] < 5]
-    rng = random.Random(seed)
-    crops = []
-    for utt in _scan(data / "librispeech_test_other_subset", layout="librispeech"):
-        n = int(CROP_SECONDS * utt.sampling_rate)
-        for k in range(CROPS_PER_UTTERANCE):
-            start = rng.randrange(0, utt.num_samples - n + 1)
-            offset = utt.offset + start / utt.sampling_rate
-            labels = {**utt.labels, "utterance": utt.id}
-            crops.append(Clip(f"{utt.id}#{k}", utt.path, utt.sampling_rate, n, CROP_SECONDS, offset, labels))
+    utterances = _scan(data / "librispeech_test_other_subset", layout="librispeech")
+    crops = random_crops(utterances, CROP_SECONDS, CROPS_PER_UTTERANCE, seed)
+    trials = random_crops(utterances, VERIFY_SECONDS, 2, seed)
     return {
         "words": labelled("words", words, "word", "speaker"),
         "digits": labelled("digits", digits, "digit"),
         "speakers": labelled("speakers", crops, "speaker", "utterance"),
+        "verification": labelled("verification", trials, "speaker", "utterance", task="verify"),
     }
 
 
-def labelled(name: str, clips: list[Clip], label: str, group: str | None = None) -> ProbeSet:
+def labelled(
+    name: str, clips: list[Clip], label: str, group: str | None = None, task: str = "classify"
+) -> ProbeSet:
     groups = [c.labels[group] for c in clips] if group else None
-    return ProbeSet(name, clips, [str(c.labels[label]) for c in clips], groups)
+    return ProbeSet(name, clips, [str(c.labels[label]) for c in clips], groups, task)
 
 
 def probe_scores(upstream, sets: dict[str, ProbeSet], cache: Path) -> dict:
     """:func:`state_scores` of a reference upstream, cached in ``cache``."""
-    if not cache.exists():
+    scores = json.loads(cache.read_text()) if cache.exists() else {}
+    missing = {k: v for k, v in sets.items() if k not in scores}  # sets added since the cache was made
+    if missing:
+        scores.update(state_scores(upstream, missing))
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(state_scores(upstream, sets), indent=2))
-    return json.loads(cache.read_text())
+        cache.write_text(json.dumps(scores, indent=2))
+    return scores
 
 
 def probe_student(cell: Cell, result: dict, sets: dict[str, ProbeSet], probed: dict) -> dict:
@@ -174,7 +176,7 @@ def add_shares(rows: list[dict], reference: dict) -> None:
 def reference_table(reference: dict, columns: list[str]) -> str:
     """Probe accuracy of each reference upstream (its best state)."""
     lines = [
-        "| probe (5-fold CV, best state) | " + " | ".join(columns) + " |",
+        "| probe (5-fold CV accuracy, verification 1 - EER; best state) | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),
     ]
     for probe in PROBES:

@@ -210,6 +210,28 @@ def hold_out_by_source(clips: list[Clip], share: float, seed: int = 0) -> tuple[
     return [c for c in clips if c.path not in held_files], [c for c in clips if c.path in held_files]
 
 
+def random_crops(clips: list[Clip], seconds: float, per_clip: int, seed: int = 0) -> list[Clip]:
+    """``per_clip`` crops of ``seconds`` at seeded random places in each clip at least that long, ids
+    ``<id>#<k>``, labelled as their clip plus ``utterance: <id>`` (so probes can keep crops of one
+    recording together)."""
+    rng = random.Random(seed)
+    crops = []
+    for clip in clips:
+        n = int(seconds * clip.sampling_rate)
+        if clip.num_samples < n:
+            continue
+        for k in range(per_clip):
+            start = rng.randrange(0, clip.num_samples - n + 1)
+            labels = {**clip.labels, "utterance": clip.id}
+            offset = clip.offset + start / clip.sampling_rate
+            crops.append(
+                Clip(
+                    f"{clip.id}#{k}", clip.path, clip.sampling_rate, n, n / clip.sampling_rate, offset, labels
+                )
+            )
+    return crops
+
+
 # ---------------------------------------------------------------- layouts
 
 

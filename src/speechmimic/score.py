@@ -186,17 +186,17 @@ def score_clips(
     that does not decode gets no row (and is named on stderr)."""
     student, head, clips, labels, rec = _checkpoint_and_labels(student_dir, clips, device, progress)
     span = span_frames(rec["mask_length"], student.cfg)
-    uncertainty, embeddings = [], []
-    for loss, _, _, emb in _per_clip(
-        student, head, clips, labels, seed, n_masks, rec["mask_prob"], span, device, progress, "scoring"
+    # filled in place: a list of per-clip rows, then stacked, would hold the embeddings twice
+    uncertainty = np.zeros(len(clips), dtype=np.float32)
+    embeddings = np.zeros((len(clips), student.cfg.dim), dtype=np.float32)
+    for i, (loss, _, _, emb) in enumerate(
+        _per_clip(
+            student, head, clips, labels, seed, n_masks, rec["mask_prob"], span, device, progress, "scoring"
+        )
     ):
-        uncertainty.append(loss.mean())
-        embeddings.append(emb)
-    return Scores(
-        [c.id for c in clips],
-        np.array(uncertainty, dtype=np.float32),
-        np.stack(embeddings).astype(np.float32) if embeddings else np.zeros((0, student.cfg.dim), np.float32),
-    )
+        uncertainty[i] = loss.mean()
+        embeddings[i] = emb
+    return Scores([c.id for c in clips], uncertainty, embeddings)
 
 
 def scores_path(

@@ -7,6 +7,11 @@ when clips share a source, so crops of one recording never sit on both sides) or
 No gradient training: cheap enough to probe every state of every run of a benchmark grid, where
 the SUPERB heads of :mod:`speechmimic.probe.train` would cost minutes each. A :class:`ProbeSet`
 names the labelled clips; :func:`state_scores` and :func:`split_scores` score an upstream on them.
+
+A set of ``task="verify"`` is a speaker-verification probe instead (SUPERB's ASV metric, without a
+trained back end): every pair of clips is a trial, scored by the cosine of their pooled features
+(standardised by the set's own statistics, no labels used), and its score is 1 - EER (the equal error
+rate), so that higher is better for every set.
 """
 
 from __future__ import annotations
@@ -27,12 +32,18 @@ ALPHAS = np.logspace(-1, 5, 13)
 @dataclass
 class ProbeSet:
     """Labelled clips to probe: ``labels[i]`` is clip i's class; clips of one ``groups`` entry (a
-    speaker, a recording) never straddle a fold."""
+    speaker, a recording) never straddle a fold. ``task="verify"``: ``labels`` are speakers, scored
+    by :func:`verification_eer` (two clips of one group, e.g. crops of one recording, are no trial)."""
 
     name: str
     clips: list[Clip]
     labels: list[str]
     groups: list[str] | None = None
+    task: str = "classify"
+
+    def __post_init__(self):
+        if self.task not in ("classify", "verify"):
+            raise ValueError(f"probe task {self.task!r}: choose classify or verify")
 
     def waves(self) -> list[np.ndarray]:
         """The clips' 16 kHz waveforms, decoded once per process (a grid probes the same sets often)."""
@@ -94,6 +105,48 @@ def cv_accuracy(
     return correct / len(y)
 
 
+def equal_error_rate(scores: np.ndarray, target: np.ndarray) -> float:
+    """The rate at which false accepts equal false rejects, as the threshold on ``scores`` (higher =
+    more alike) sweeps; ``target`` marks the same-speaker trials. Interpolated between the two
+    thresholds where the rates cross."""
+    scores, target = np.asarray(scores, dtype=np.float64), np.asarray(target, dtype=bool)
+    n_target, n_other = int(target.sum()), int((~target).sum())
+    if not n_target or not n_other:
+        raise ValueError("an equal error rate needs same-speaker and different-speaker trials")
+    order = np.argsort(-scores, kind="stable")
+    hits = np.cumsum(target[order])  # accepting the k highest-scored trials
+    false_accept = np.concatenate([[0.0], (np.arange(1, len(order) + 1) - hits) / n_other])
+    false_reject = np.concatenate([[1.0], 1 - hits / n_target])
+    k = int(np.argmax(false_accept >= false_reject))  # first threshold where the curves have crossed
+    a0, r0, a1, r1 = false_accept[k - 1], false_reject[k - 1], false_accept[k], false_reject[k]
+    t = (r0 - a0) / ((r0 - a0) - (r1 - a1))
+    return float(a0 + t * (a1 - a0))
+
+
+def verification_eer(
+    x: np.ndarray,
+    speakers: Sequence,
+    groups: Sequence | None = None,
+    max_trials: int = 500_000,
+    seed: int = 0,
+) -> float:
+    """EER of cosine scoring over every pair of clips (a seeded sample of ``max_trials`` when there
+    are more), pairs of one ``groups`` entry left out."""
+    x = np.asarray(x, dtype=np.float64)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-8)
+    x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-12
+    i, j = np.triu_indices(len(x), 1)
+    if groups is not None:
+        g = np.asarray(groups)
+        keep = g[i] != g[j]
+        i, j = i[keep], j[keep]
+    if len(i) > max_trials:
+        pick = np.random.default_rng(seed).choice(len(i), max_trials, replace=False)
+        i, j = i[pick], j[pick]
+    s = np.asarray(speakers)
+    return equal_error_rate(np.einsum("ij,ij->i", x[i], x[j]), s[i] == s[j])
+
+
 def cv_by_state(
     features: dict[str, np.ndarray],
     y: Sequence,
@@ -108,13 +161,16 @@ def cv_by_state(
 def state_scores(
     upstream: nn.Module, sets: dict[str, ProbeSet], keep: Callable[[str], bool] | None = None
 ) -> dict[str, dict[str, float]]:
-    """Per probe set, the cross-validated accuracy (:func:`cv_by_state`) of every hidden state of
-    ``upstream`` whose name ``keep`` accepts (default: all)."""
+    """Per probe set, the cross-validated accuracy (:func:`cv_by_state`), or 1 - EER for a
+    verification set, of every hidden state of ``upstream`` whose name ``keep`` accepts (default: all)."""
     out = {}
     for name, ps in sets.items():
         feats = pooled_features(upstream, ps.waves(), progress=False)
         feats = {k: v for k, v in feats.items() if keep is None or keep(k)}
-        out[name] = cv_by_state(feats, ps.labels, groups=ps.groups)
+        if ps.task == "verify":
+            out[name] = {k: round(1 - verification_eer(x, ps.labels, ps.groups), 4) for k, x in feats.items()}
+        else:
+            out[name] = cv_by_state(feats, ps.labels, groups=ps.groups)
     return out
 
 
