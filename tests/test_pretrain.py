@@ -115,6 +115,23 @@ def test_score_clips_aligned_finite_and_seeded(pretrained):
     assert np.allclose(reversed_.uncertainty, scores.uncertainty, atol=1e-5)  # masks follow the clip
 
 
+def test_scoring_a_lazily_read_manifest_is_scoring_the_list(pretrained, tmp_path, capsys):
+    from dataclasses import replace
+
+    from speechmimic.corpus import iter_manifest, write_manifest
+
+    directory, heldout = pretrained
+    (tmp_path / "bad.wav").write_bytes(b"RIFF" + bytes(60))
+    clips = [*heldout[:3], replace(heldout[0], id="bad", path=str(tmp_path / "bad.wav")), *heldout[3:5]]
+    write_manifest(clips, tmp_path / "m.jsonl")
+    listed = score_clips(directory, heldout[:5], seed=1, progress=False)
+    lazy = score_clips(directory, iter_manifest(tmp_path / "m.jsonl"), seed=1, progress=False, total=6)
+    assert lazy.ids == listed.ids and "bad" not in lazy.ids
+    np.testing.assert_array_equal(lazy.embeddings, listed.embeddings)
+    np.testing.assert_array_equal(lazy.uncertainty, listed.uncertainty)
+    assert "stage-1 scoring: skipped 1 unusable clip(s): bad" in capsys.readouterr().err
+
+
 def test_pretrain_resume_loses_nothing_and_skips_done_work(tmp_path):
     pool, _ = demo_corpus()
     clips = pool[:12]

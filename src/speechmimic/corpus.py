@@ -166,6 +166,12 @@ def iter_manifest(path: str | os.PathLike) -> Iterator[Clip]:
             yield clip
 
 
+def count_manifest(path: str | os.PathLike) -> int:
+    """How many clips a manifest holds (its non-blank lines), without parsing them."""
+    with open(path, encoding="utf-8") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
 def read_manifest(path: str | os.PathLike) -> list[Clip]:
     return list(iter_manifest(path))
 

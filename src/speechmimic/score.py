@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from speechmimic.audio import AudioError
 from speechmimic.corpus import Clip, clips_fingerprint, warn_unusable
 from speechmimic.pretrain import MaskedPredictor, UnitHead, load_pretrained, span_frames, span_mask
 from speechmimic.student import CONFIG_NAME, WEIGHTS_NAME, Student
-from speechmimic.units import MIN_SAMPLES
+from speechmimic.units import MIN_SAMPLES, Units
 
 
 @dataclass
@@ -79,12 +80,24 @@ def _clip_rng(seed: int, clip_id: str, draw: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(clip_id.encode()), draw])
 
 
+def _labelled(clips: Iterable[Clip], units: Units, cfg) -> Iterator[tuple[Clip, np.ndarray, np.ndarray]]:
+    """Each clip that decodes, its waveform and its units one per student frame, computed as it
+    comes (never all held); a clip that does not decode is named in ``units.unusable``."""
+    for clip in clips:
+        try:
+            wav = clip.load(min_samples=MIN_SAMPLES)
+        except AudioError as e:
+            units.unusable[clip.id] = e.reason
+            continue
+        yield clip, wav, units.labels_of(wav, cfg)
+
+
 @torch.no_grad()
 def _per_clip(
     student: Student,
     head: UnitHead,
-    clips: list[Clip],
-    labels: dict[str, np.ndarray],
+    items: Iterable[tuple[Clip, np.ndarray, np.ndarray]],
+    total: int | None,
     seed: int,
     n_masks: int,
     mask_prob: float,
@@ -93,12 +106,12 @@ def _per_clip(
     progress: bool,
     desc: str,
 ):
-    """Per clip: masked-prediction losses and hits over ``n_masks`` seeded masks, and the mean
-    last-layer features of the unmasked clip."""
+    """Per (clip, waveform, labels): masked-prediction losses and hits over ``n_masks`` seeded masks,
+    and the mean last-layer features of the unmasked clip."""
     model = MaskedPredictor(student, head).to(device).eval()
-    for clip in tqdm(clips, desc=desc, unit="clip", disable=not progress):
-        wav = torch.from_numpy(clip.load(min_samples=MIN_SAMPLES))[None].to(device)
-        target = torch.from_numpy(labels[clip.id]).long()[None].to(device)
+    for clip, wav, labels in tqdm(items, total=total, desc=desc, unit="clip", disable=not progress):
+        wav = torch.from_numpy(wav)[None].to(device)
+        target = torch.from_numpy(labels).long()[None].to(device)
         n = target.shape[1]
         _, _, states = model(wav, None, None)
         embedding = states[-1][0, :n].mean(0).cpu().numpy()
@@ -110,7 +123,25 @@ def _per_clip(
             losses.append(F.cross_entropy(logits, y, reduction="none").cpu().numpy())
             hits.append((logits.argmax(-1) == y).cpu().numpy())
             targets.append(y.cpu().numpy())
-        yield np.concatenate(losses), np.concatenate(hits), np.concatenate(targets), embedding
+        yield clip, np.concatenate(losses), np.concatenate(hits), np.concatenate(targets), embedding
+
+
+def _accuracy(student, head, items, total, seed, n_masks, mask_prob, mask_length, device, progress) -> dict:
+    span = span_frames(mask_length, student.cfg)
+    losses, hits, targets = [], [], []
+    for _, loss, hit, target, _ in _per_clip(
+        student, head, items, total, seed, n_masks, mask_prob, span, device, progress, "masked accuracy"
+    ):
+        losses.append(loss)
+        hits.append(hit)
+        targets.append(target)
+    targets = np.concatenate(targets)
+    return {
+        "accuracy": float(np.concatenate(hits).mean()),
+        "majority": float(np.bincount(targets).max() / len(targets)),
+        "loss": float(np.concatenate(losses).mean()),
+        "frames": int(len(targets)),
+    }
 
 
 def masked_accuracy(
@@ -127,76 +158,61 @@ def masked_accuracy(
 ) -> dict:
     """Masked-prediction accuracy over ``clips`` with seeded masks, and what always answering the most
     frequent unit of those same masked frames would score (``majority``)."""
-    span = span_frames(mask_length, student.cfg)
-    losses, hits, targets = [], [], []
-    for loss, hit, target, _ in _per_clip(
-        student, head, clips, labels, seed, n_masks, mask_prob, span, device, progress, "masked accuracy"
-    ):
-        losses.append(loss)
-        hits.append(hit)
-        targets.append(target)
-    targets = np.concatenate(targets)
-    return {
-        "accuracy": float(np.concatenate(hits).mean()),
-        "majority": float(np.bincount(targets).max() / len(targets)),
-        "loss": float(np.concatenate(losses).mean()),
-        "frames": int(len(targets)),
-    }
-
-
-def _checkpoint_and_labels(directory: str | Path, clips: list[Clip], device: str, progress: bool):
-    """A stage-1 checkpoint (student, unit head), its units of every clip that decodes, one per student
-    frame (the others are named on stderr and left out), and the settings it was trained with."""
-    student, head, units = load_pretrained(directory, device)
-    rec = json.loads((Path(directory) / CONFIG_NAME).read_text())["pretrain"]
-    labels = units.student_labels(clips, student.cfg, progress=progress)
-    warn_unusable("stage-1 scoring", units.unusable)
-    return student, head, [c for c in clips if c.id in labels], labels, rec
+    items = ((c, c.load(min_samples=MIN_SAMPLES), labels[c.id]) for c in clips)
+    return _accuracy(
+        student, head, items, len(clips), seed, n_masks, mask_prob, mask_length, device, progress
+    )
 
 
 def checkpoint_accuracy(
     directory: str | Path, clips: list[Clip], seed: int = 0, device: str = "cpu", progress: bool = True
 ) -> dict:
     """:func:`masked_accuracy` of a stage-1 checkpoint on ``clips`` (e.g. held out), masked as in
-    its training."""
-    student, head, clips, labels, rec = _checkpoint_and_labels(directory, clips, device, progress)
-    return masked_accuracy(
-        student,
-        head,
-        clips,
-        labels,
-        seed=seed,
-        mask_prob=rec["mask_prob"],
-        mask_length=rec["mask_length"],
-        device=device,
-        progress=progress,
+    its training; a clip that does not decode is named on stderr and left out."""
+    student, head, units = load_pretrained(directory, device)
+    rec = json.loads((Path(directory) / CONFIG_NAME).read_text())["pretrain"]
+    items = _labelled(clips, units, student.cfg)
+    result = _accuracy(
+        student, head, items, len(clips), seed, 1, rec["mask_prob"], rec["mask_length"], device, progress
     )
+    warn_unusable("stage-1 scoring", units.unusable)
+    return result
 
 
 def score_clips(
     student_dir: str | Path,
-    clips: list[Clip],
+    clips: Iterable[Clip],
     seed: int = 0,
     n_masks: int = 2,
     device: str = "cpu",
     progress: bool = True,
+    total: int | None = None,
 ) -> Scores:
     """What clip selection ranks by: per clip, the stage-1 student's mean masked-prediction loss over
     ``n_masks`` seeded masks (uncertainty) and its mean-pooled last-layer features (embedding). A clip
-    that does not decode gets no row (and is named on stderr)."""
-    student, head, clips, labels, rec = _checkpoint_and_labels(student_dir, clips, device, progress)
+    that does not decode gets no row (and is named on stderr).
+
+    ``clips`` may be a lazily read manifest (:func:`~speechmimic.corpus.iter_manifest`; then give its
+    ``total``): each clip is labelled, scored and dropped in turn, so memory holds one row per clip."""
+    student, head, units = load_pretrained(student_dir, device)
+    rec = json.loads((Path(student_dir) / CONFIG_NAME).read_text())["pretrain"]
     span = span_frames(rec["mask_length"], student.cfg)
+    n = len(clips) if total is None else total
     # filled in place: a list of per-clip rows, then stacked, would hold the embeddings twice
-    uncertainty = np.zeros(len(clips), dtype=np.float32)
-    embeddings = np.zeros((len(clips), student.cfg.dim), dtype=np.float32)
-    for i, (loss, _, _, emb) in enumerate(
-        _per_clip(
-            student, head, clips, labels, seed, n_masks, rec["mask_prob"], span, device, progress, "scoring"
-        )
+    ids: list[str] = []
+    uncertainty = np.zeros(n, dtype=np.float32)
+    embeddings = np.zeros((n, student.cfg.dim), dtype=np.float32)
+    items = _labelled(clips, units, student.cfg)
+    for clip, loss, _, _, emb in _per_clip(
+        student, head, items, n, seed, n_masks, rec["mask_prob"], span, device, progress, "scoring"
     ):
-        uncertainty[i] = loss.mean()
-        embeddings[i] = emb
-    return Scores([c.id for c in clips], uncertainty, embeddings)
+        uncertainty[len(ids)] = loss.mean()
+        embeddings[len(ids)] = emb
+        ids.append(clip.id)
+    warn_unusable("stage-1 scoring", units.unusable)
+    if len(ids) < n:  # clips that did not decode have no row
+        uncertainty, embeddings = uncertainty[: len(ids)].copy(), embeddings[: len(ids)].copy()
+    return Scores(ids, uncertainty, embeddings)
 
 
 def scores_path(

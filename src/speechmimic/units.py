@@ -230,6 +230,12 @@ class Units:
                 out[str(clip_id)] = (part["labels"][a:b], int(n))
         return out
 
+    def labels_of(self, wav: np.ndarray, cfg: StudentConfig) -> np.ndarray:
+        """The units of one 16 kHz waveform, one per student frame, int16 (as :meth:`student_labels`)."""
+        return labels_for_student(
+            self.assign(self.source(wav)), len(wav), cfg, self.source.hop, self.source.offset
+        )
+
     def student_labels(
         self,
         clips: list[Clip],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from speechmimic.cli import _options
-from speechmimic.corpus import read_manifest
+from speechmimic.corpus import count_manifest, iter_manifest
 from speechmimic.score import score_clips
 
 
@@ -26,15 +26,16 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    clips = read_manifest(args.manifest)
+    total = count_manifest(args.manifest)
     scores = score_clips(
         args.student,
-        clips,
+        iter_manifest(args.manifest),  # read as scored: memory holds a row per clip, not the manifest
         seed=args.seed,
         n_masks=args.n_masks,
         device=args.device,
         progress=not args.no_progress,
+        total=total,
     )
     scores.save(args.out)
-    print(f"scored {len(clips)} clips -> {args.out}")
+    print(f"scored {len(scores.ids)} of {total} clips -> {args.out}")
     return 0
