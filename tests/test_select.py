@@ -192,3 +192,16 @@ def test_cli_writes_the_manifest_with_scores(tmp_path, pool, capsys):
     # Without scores an informed strategy fails with the way to get them.
     assert main(argv + [str(tmp_path / "x.jsonl"), "--strategy", "diversity"]) == 2
     assert "speechmimic score" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_selecting_from_a_manifest_never_held_is_selecting_from_the_list(pool, strategy, tmp_path):
+    from speechmimic.select import select_from_manifest
+
+    clips, scores, _ = pool
+    write_manifest(clips, tmp_path / "m.jsonl")
+    listed = select(read_manifest(tmp_path / "m.jsonl"), Budget(seconds=40), strategy, seed=5, scores=scores)
+    chosen, n, seconds = select_from_manifest(tmp_path / "m.jsonl", "40s", strategy, seed=5, scores=scores)
+    assert chosen == listed and n == len(clips) and seconds == pytest.approx(sum(c.duration for c in clips))
+    pct, _, _ = select_from_manifest(tmp_path / "m.jsonl", "10%", strategy, seed=5, scores=scores)
+    assert sum(c.duration for c in pct) <= 0.1 * seconds + 1e-6

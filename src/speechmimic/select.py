@@ -20,14 +20,16 @@ one in ``STRATEGIES`` is offered everywhere (CLI, extract, the experiment runner
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
 from speechmimic.budget import Budget, take_within
-from speechmimic.corpus import Clip
+from speechmimic.corpus import Clip, iter_manifest
 from speechmimic.score import Scores
 
 
@@ -298,6 +300,28 @@ STRATEGIES: dict[str, Strategy] = {
 }
 
 
+def _ranked(clips, budget: Budget, strategy: str, seed: int, scores: Scores | None):
+    """The strategy's picks (indices into ``clips``, in query order) and their selection labels."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {sorted(STRATEGIES)}")
+    if scores is not None:
+        try:
+            scores = scores.aligned(clips)
+        except KeyError as e:
+            raise ValueError(f"the scores do not cover the clips: {e.args[0]}") from None
+    _check_needs(STRATEGIES[strategy], scores)
+    picks = STRATEGIES[strategy].rank(clips, scores, budget, random.Random(seed))
+    values = getattr(picks, "scores", None) or [None] * len(picks)
+    clusters = getattr(picks, "clusters", None)
+    infos = []
+    for rank in range(len(picks)):
+        info = {"strategy": strategy, "rank": rank, "score": values[rank]}
+        if clusters is not None:
+            info["cluster"] = clusters[rank]
+        infos.append(info)
+    return list(picks), infos
+
+
 def select(
     clips: Sequence[Clip],
     budget: Budget,
@@ -310,21 +334,39 @@ def select(
     The label is ``{"strategy", "rank", "score"}`` (plus ``"cluster"`` for the clustered strategies);
     see :attr:`Strategy.score`. ``scores`` may cover more clips than ``clips``, in any order.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose from {sorted(STRATEGIES)}")
-    if scores is not None:
-        try:
-            scores = scores.aligned(clips)
-        except KeyError as e:
-            raise ValueError(f"the scores do not cover the clips: {e.args[0]}") from None
-    _check_needs(STRATEGIES[strategy], scores)
-    picks = STRATEGIES[strategy].rank(clips, scores, budget, random.Random(seed))
-    values = getattr(picks, "scores", None) or [None] * len(picks)
-    clusters = getattr(picks, "clusters", None)
-    chosen = []
-    for rank, i in enumerate(picks):
-        info = {"strategy": strategy, "rank": rank, "score": values[rank]}
-        if clusters is not None:
-            info["cluster"] = clusters[rank]
-        chosen.append(replace(clips[i], labels={**clips[i].labels, "selection": info}))
-    return chosen
+    picks, infos = _ranked(clips, budget, strategy, seed, scores)
+    return [
+        replace(clips[i], labels={**clips[i].labels, "selection": info})
+        for i, info in zip(picks, infos, strict=True)
+    ]
+
+
+class _Brief(NamedTuple):
+    """What ranking reads of a clip: a tenth of a :class:`Clip`'s memory."""
+
+    id: str
+    duration: float
+
+
+def select_from_manifest(
+    path: str | os.PathLike,
+    budget: str | Budget,
+    strategy: str = "random",
+    seed: int = 0,
+    scores: Scores | None = None,
+) -> tuple[list[Clip], int, float]:
+    """:func:`select` over a manifest read twice and never held: once for what the strategy ranks
+    by, once for the chosen clips. ``budget`` may be text (a percentage is of this pool). Returns the
+    chosen clips and the pool's clips and seconds."""
+    pool = [_Brief(c.id, c.duration) for c in iter_manifest(path)]
+    seconds = sum(c.duration for c in pool)
+    if isinstance(budget, str):
+        budget = Budget.parse(budget, pool_seconds=seconds)
+    picks, infos = _ranked(pool, budget, strategy, seed, scores)
+    rank_of = {i: r for r, i in enumerate(picks)}
+    chosen: list[Clip | None] = [None] * len(picks)
+    for i, clip in enumerate(iter_manifest(path)):
+        if i in rank_of:
+            r = rank_of[i]
+            chosen[r] = replace(clip, labels={**clip.labels, "selection": infos[r]})
+    return chosen, len(pool), seconds

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from speechmimic.budget import Budget
 from speechmimic.cli import _options
-from speechmimic.corpus import read_manifest, write_manifest
+from speechmimic.corpus import write_manifest
 from speechmimic.score import Scores
-from speechmimic.select import STRATEGIES, select
+from speechmimic.select import STRATEGIES, select_from_manifest
 
 
 def register(sub) -> None:
@@ -42,18 +41,18 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    clips = read_manifest(args.manifest)
-    budget = Budget.parse(args.budget, pool_seconds=sum(c.duration for c in clips))
     scores = Scores.load(args.scores) if args.scores else None
-    chosen = select(clips, budget, strategy=args.strategy, seed=args.seed, scores=scores)
+    chosen, pool_clips, pool_seconds = select_from_manifest(
+        args.manifest, args.budget, strategy=args.strategy, seed=args.seed, scores=scores
+    )
     write_manifest(chosen, args.out)
-    seconds, pool_seconds = sum(c.duration for c in chosen), sum(c.duration for c in clips)
+    seconds = sum(c.duration for c in chosen)
     values = [c.labels["selection"]["score"] for c in chosen]
     values = [v for v in values if v is not None]
     meaning = STRATEGIES[args.strategy].score
     score = f"; {meaning} {min(values):.4g} .. {max(values):.4g}" if meaning and values else ""
     print(
-        f"selected {len(chosen)} of {len(clips)} clips, {seconds:.1f} of {pool_seconds:.1f} s "
+        f"selected {len(chosen)} of {pool_clips} clips, {seconds:.1f} of {pool_seconds:.1f} s "
         f"(strategy {args.strategy}{score}) -> {args.out}"
     )
     return 0
