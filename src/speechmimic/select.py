@@ -342,7 +342,7 @@ def select(
 
 
 class _Brief(NamedTuple):
-    """What ranking reads of a clip: a tenth of a :class:`Clip`'s memory."""
+    """What ranking reads of a clip: a quarter of a :class:`Clip`'s memory."""
 
     id: str
     duration: float
@@ -366,6 +366,8 @@ def select_from_manifest(
     rank_of = {i: r for r, i in enumerate(picks)}
     chosen: list[Clip | None] = [None] * len(picks)
     for i, clip in enumerate(iter_manifest(path)):
+        if i >= len(pool) or clip.id != pool[i].id:
+            raise ValueError(f"{path} changed while clips were being selected from it")
         if i in rank_of:
             r = rank_of[i]
             chosen[r] = replace(clip, labels={**clip.labels, "selection": infos[r]})
