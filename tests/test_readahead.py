@@ -45,21 +45,22 @@ def test_train_loop_reads_each_next_step_ahead_while_the_step_runs(tmp_path):
         reads[i] += 1
         return float(i)
 
-    reader = ReadAhead(read)
+    announced: list[list[int]] = []
+
+    class Recording(ReadAhead):
+        def ahead(self, indices):
+            announced.append(list(indices))
+            super().ahead(indices)
+
+    reader = Recording(read)
 
     def step(net, batch_idx, rng):
         stepped.append(list(batch_idx))
         x = torch.tensor([[reader[i]] for i in batch_idx])
         return net(x).pow(2).mean(), {}
 
-    announced: list[list[int]] = []
-
-    def ahead(indices):
-        announced.append(list(indices))
-        reader.ahead(indices)
-
-    with reader:
-        train_loop(model, cfg, durations, step, tmp_path / "state.pt", progress=False, read_ahead=ahead)
+    train_loop(model, cfg, durations, step, tmp_path / "state.pt", progress=False, reader=reader)
+    assert reader._pool is None  # the loop closed it
     per_epoch = len(make_batches(durations, cfg.batch_seconds, cfg.crop_seconds, random.Random(cfg.seed)))
     assert len(stepped) == cfg.steps and per_epoch < cfg.steps  # the run crosses an epoch's end
     # Each step announces the step after it, exactly, but the last of an epoch (the next epoch's

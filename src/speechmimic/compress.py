@@ -194,19 +194,18 @@ def compress(
     record = record_of(cfg)
     record.update(teacher=teacher.spec, clips=fingerprint([c.id for c in clips]), preset=preset)
     t0 = time.time()
-    with waves:
-        log = train_loop(
-            student,
-            cfg,
-            [c.duration for c in clips],
-            step,
-            out_dir / STATE_NAME,
-            record=record,
-            resume=resume,
-            desc="compress",
-            progress=progress,
-            read_ahead=waves.ahead,
-        )
+    log = train_loop(
+        student,
+        cfg,
+        [c.duration for c in clips],
+        step,
+        out_dir / STATE_NAME,
+        record=record,
+        resume=resume,
+        desc="compress",
+        progress=progress,
+        reader=waves,
+    )
     student.eval()
     if distributed.is_main():
         student.save(

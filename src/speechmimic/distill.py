@@ -212,20 +212,19 @@ def distill(
     record = record_of(cfg)
     record.update(answers=fingerprint(keys), student=student.cfg.to_dict(), init=str(init) if init else None)
     t0 = time.time()
-    with data:
-        log = train_loop(
-            student,
-            cfg,
-            [c.duration for c in data.clips],
-            step,
-            out_dir / STATE_NAME,
-            record=record,
-            resume=resume,
-            desc="distill",
-            progress=progress,
-            on_step=on_step,
-            read_ahead=data.ahead,
-        )
+    log = train_loop(
+        student,
+        cfg,
+        [c.duration for c in data.clips],
+        step,
+        out_dir / STATE_NAME,
+        record=record,
+        resume=resume,
+        desc="distill",
+        progress=progress,
+        on_step=on_step,
+        reader=data,
+    )
     student.eval()
     if distributed.is_main():  # one writer; the others wait until the student is on disk
         student.save(

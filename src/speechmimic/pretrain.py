@@ -224,20 +224,19 @@ def _train_iteration(
         return loss * weight, {"masked_acc": round(correct / max(1, n_masked), 4)}
 
     t0 = time.time()
-    with waves:
-        log = train_loop(
-            model,
-            cfg,
-            [c.duration for c in clips],
-            step,
-            out_dir / STATE_NAME,
-            record=record,
-            resume=resume,
-            desc=f"pretrain iter{iteration}",
-            progress=progress,
-            on_step=on_step,
-            read_ahead=waves.ahead,
-        )
+    log = train_loop(
+        model,
+        cfg,
+        [c.duration for c in clips],
+        step,
+        out_dir / STATE_NAME,
+        record=record,
+        resume=resume,
+        desc=f"pretrain iter{iteration}",
+        progress=progress,
+        on_step=on_step,
+        reader=waves,
+    )
     model.eval()
     if distributed.is_main():  # one writer; the others wait until the checkpoint is on disk
         _save_units(out_dir, model.head, units)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from speechmimic import distributed
 from speechmimic.config import option
+from speechmimic.readahead import ReadAhead
 
 STATE_NAME = "train_state.pt"
 
@@ -126,11 +127,11 @@ def train_loop(
     desc: str = "train",
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
-    read_ahead: Callable[[list[int]], None] | None = None,
+    reader: ReadAhead | None = None,
 ) -> list[dict]:
     """Run ``cfg.steps`` steps of ``step_fn(model, ...)`` over clips of ``durations``; returns the log
-    (one dict per step). ``read_ahead`` (e.g. :meth:`speechmimic.readahead.ReadAhead.ahead`) is told
-    the clips of the next step before each step runs.
+    (one dict per step). ``reader`` (the step's :class:`~speechmimic.readahead.ReadAhead`) is told
+    the clips of the next step before each step runs, and closed when the loop ends or fails.
 
     ``record`` identifies what is being trained: a state saved under another record (other settings,
     other units) is ignored rather than resumed. The final state is saved too, so rerunning a finished
@@ -179,48 +180,51 @@ def train_loop(
 
     world = distributed.world()
     quiet = not progress or not distributed.is_main()
-    bar = tqdm(total=cfg.steps, initial=step, desc=desc, unit="step", disable=quiet)
-    while step < cfg.steps:
-        batches = make_batches(
-            durations, cfg.batch_seconds, cfg.crop_seconds, random.Random(cfg.seed + epoch)
-        )
-        groups = [batches[i : i + cfg.accumulate] for i in range(0, len(batches), cfg.accumulate)]
-        # The order is seeded per epoch: after a resume, skip the steps of this epoch already done.
-        done_in_epoch = sum(1 for e in log if e.get("epoch") == epoch)
-        for j in range(done_in_epoch, len(groups)):
-            if step >= cfg.steps:
-                break
-            group = groups[j]
-            if read_ahead is not None and j + 1 < len(groups) and step + 1 < cfg.steps:
-                read_ahead([i for batch in groups[j + 1] for i in batch])
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss, metrics = 0.0, {}
-            for i, batch_idx in enumerate(group):
-                # DDP reduces gradients on the group's last backward only
-                sync = i == len(group) - 1 or not isinstance(net, DDP)
-                with contextlib.nullcontext() if sync else net.no_sync(), _autocast(device_type, cfg):
-                    share, parts = step_fn(net, batch_idx, rng)
-                # DDP averages gradients over ranks: the shares' sum is the batch's loss
-                scaler.scale(share * (world / len(group))).backward()
-                loss += distributed.all_sum(float(share.detach())) / len(group)
-                for k, v in parts.items():
-                    metrics[k] = metrics.get(k, 0.0) + distributed.all_sum(v) / world / len(group)
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            scaler.step(opt)
-            scaler.update()
-            step += 1
-            log.append({"step": step, "epoch": epoch, "loss": round(loss, 5), **metrics})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in metrics.items()}, refresh=False)
-            if on_step:
-                on_step(step, loss)
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                save()
-        else:
-            epoch += 1
+    with reader if reader is not None else contextlib.nullcontext():
+        bar = tqdm(total=cfg.steps, initial=step, desc=desc, unit="step", disable=quiet)
+        while step < cfg.steps:
+            batches = make_batches(
+                durations, cfg.batch_seconds, cfg.crop_seconds, random.Random(cfg.seed + epoch)
+            )
+            groups = [batches[i : i + cfg.accumulate] for i in range(0, len(batches), cfg.accumulate)]
+            # The order is seeded per epoch: after a resume, skip the steps of this epoch already done.
+            done_in_epoch = sum(1 for e in log if e.get("epoch") == epoch)
+            for j in range(done_in_epoch, len(groups)):
+                if step >= cfg.steps:
+                    break
+                group = groups[j]
+                if reader is not None and j + 1 < len(groups) and step + 1 < cfg.steps:
+                    reader.ahead([i for batch in groups[j + 1] for i in batch])
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, cfg)
+                opt.zero_grad(set_to_none=True)
+                loss, metrics = 0.0, {}
+                for i, batch_idx in enumerate(group):
+                    # DDP reduces gradients on the group's last backward only
+                    sync = i == len(group) - 1 or not isinstance(net, DDP)
+                    with contextlib.nullcontext() if sync else net.no_sync(), _autocast(device_type, cfg):
+                        share, parts = step_fn(net, batch_idx, rng)
+                    # DDP averages gradients over ranks: the shares' sum is the batch's loss
+                    scaler.scale(share * (world / len(group))).backward()
+                    loss += distributed.all_sum(float(share.detach())) / len(group)
+                    for k, v in parts.items():
+                        metrics[k] = metrics.get(k, 0.0) + distributed.all_sum(v) / world / len(group)
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+                scaler.step(opt)
+                scaler.update()
+                step += 1
+                log.append({"step": step, "epoch": epoch, "loss": round(loss, 5), **metrics})
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in metrics.items()}, refresh=False
+                )
+                if on_step:
+                    on_step(step, loss)
+                if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                    save()
+            else:
+                epoch += 1
     bar.close()
     save()
     distributed.barrier()
