@@ -38,7 +38,7 @@ _EXPORTS = {
     "Target": "targets",
     "build_student": "student",
     "heldout_fidelity": "fidelity",
-    "load_target": "targets",
+    "load_target": "defences",
     "load_upstream": "upstream",
     "query_clips": "ledger",
     "read_manifest": "corpus",

@@ -45,7 +45,8 @@ from speechmimic.ledger import Ledger, query_clips
 from speechmimic.pretrain import PretrainConfig, pretrain
 from speechmimic.score import scores_path
 from speechmimic.select import STRATEGIES
-from speechmimic.targets import Target, load_target
+from speechmimic.defences import load_target
+from speechmimic.targets import Target
 
 CELL_NAME = "cell.json"
 

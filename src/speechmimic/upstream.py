@@ -41,7 +41,8 @@ from speechmimic.audio import SAMPLE_RATE
 from speechmimic.baselines import BASELINES
 from speechmimic.ledger import Ledger, content_key
 from speechmimic.student import CHUNK_SECONDS, CONFIG_NAME, Student, infer
-from speechmimic.targets import Target, load_target, parse_spec
+from speechmimic.defences import load_target, parse_chain
+from speechmimic.targets import Target
 
 
 class LedgerRequired(ValueError):
@@ -182,7 +183,7 @@ def load_upstream(
                 target = f"hf:{path}"  # a config.json that is not ours: a transformers checkpoint
         elif not path.exists() and ledger is None:
             try:
-                parse_spec(target)
+                parse_chain(target)
             except ValueError as e:  # a mistyped folder would otherwise be asked for a ledger
                 raise ValueError(
                     f"{target!r} is no such folder (a student), and not a target spec: {e}"

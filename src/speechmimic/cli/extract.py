@@ -11,7 +11,7 @@ from speechmimic.corpus import read_manifest
 from speechmimic.distill import DistillConfig
 from speechmimic.extract import ExtractConfig, extract
 from speechmimic.pretrain import PretrainConfig
-from speechmimic.targets import load_target
+from speechmimic.defences import load_target
 
 # Loop settings that --seed / --device / --checkpoint-every set for stage 1 and stage 2 alike.
 _SHARED = ("seed", "device", "checkpoint_every")

@@ -9,7 +9,7 @@ from speechmimic.corpus import read_manifest
 from speechmimic.fidelity import heldout_fidelity
 from speechmimic.ledger import Ledger
 from speechmimic.student import Student
-from speechmimic.targets import load_target
+from speechmimic.defences import load_target
 
 
 def register(sub) -> None:

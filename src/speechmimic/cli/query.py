@@ -11,7 +11,7 @@ from speechmimic.budget import Budget
 from speechmimic.cli import _options
 from speechmimic.corpus import read_manifest
 from speechmimic.ledger import Ledger, query_clips
-from speechmimic.targets import load_target
+from speechmimic.defences import load_target
 from speechmimic.targets.pool import PooledTarget
 
 

@@ -39,6 +39,10 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     Raises ``ValueError`` for an unknown kind, a missing or unexpected location, a malformed or
     repeated option, or an option the kind does not accept; the message lists what is valid.
     """
+    if "|" in spec:
+        raise ValueError(
+            f"{spec!r} is a defended spec (target|defence|...): load it with speechmimic.defences.load_target"
+        )
     head, sep, query = spec.partition("?")
     kind, colon, location = head.partition(":")
     kind = kind.strip()
