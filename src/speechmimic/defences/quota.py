@@ -27,12 +27,9 @@ class Quota(Defence):
             return
         if float(state["seconds"]) + q.seconds > self.o["seconds"]:
             raise Refused(f"quota of {self.o['seconds']:g} audio-seconds per key is spent")
-
-    def answer(self, q, answer, state):
-        if q.digest not in state["digests"]:
-            state["seconds"] = np.float64(float(state["seconds"]) + q.seconds)
-            state["digests"] = np.append(state["digests"], q.digest)
-        return answer
+        # charged on admission, so clips of one batch cannot pass the quota together
+        state["seconds"] = np.float64(float(state["seconds"]) + q.seconds)
+        state["digests"] = np.append(state["digests"], q.digest)
 
     def status(self, state):
         return {"seconds": round(float(state["seconds"]), 2)}
