@@ -42,6 +42,15 @@ from speechmimic.trainer import STATE_NAME, TrainConfig, crop_start, record_of, 
 @dataclass
 class DistillConfig(TrainConfig):
     cos_weight: float = option(1.0, "weight of the -log sigmoid(cosine) term beside L1")
+    augment: float = option(
+        0.0,
+        "share of training clips seen as an augmented view (gain within 6 dB, white noise at 15-35 dB "
+        "SNR) and trained toward the clip's paid answer all the same (StolenEncoder's reuse of answers)",
+    )
+
+    def __post_init__(self):
+        if not 0.0 <= self.augment <= 1.0:
+            raise ValueError(f"augment is a share of clips, in [0, 1], got {self.augment}")
 
 
 def infer_heads(ledger: Ledger, keys: list[str]) -> list[HeadSpec]:
@@ -94,8 +103,18 @@ class PairedClips(ReadAhead):
         return [self.ledger.key_of(c.id) for c in self.clips]
 
 
-def _collate(items, student: Student, crop_seconds: float, rng: random.Random):
-    """Pad waveforms; crop long clips at a student-frame boundary so targets stay aligned."""
+def augmented(wav: np.ndarray, rng: random.Random) -> np.ndarray:
+    """Another view of the same clip, which the target would answer (nearly) alike: a gain change
+    and white noise."""
+    gain = 10 ** (rng.uniform(-6, 6) / 20)
+    rms = float(np.sqrt(np.mean(np.square(wav, dtype=np.float64)))) or 1e-3
+    noise = np.random.default_rng(rng.getrandbits(32)).standard_normal(len(wav))
+    return (gain * (wav + noise * rms / 10 ** (rng.uniform(15, 35) / 20))).astype(np.float32)
+
+
+def _collate(items, student: Student, crop_seconds: float, rng: random.Random, augment: float = 0.0):
+    """Pad waveforms; crop long clips at a student-frame boundary so targets stay aligned; with
+    ``augment``, that share of clips becomes an augmented view (no random number drawn without)."""
     hop = student.cfg.hop
     crop = int(crop_seconds * SAMPLE_RATE) // hop * hop
     wavs, targets, lengths = [], [], []
@@ -108,6 +127,8 @@ def _collate(items, student: Student, crop_seconds: float, rng: random.Random):
                 name: frames[round(s * per_sample[name]) : round((s + crop) * per_sample[name])]
                 for name, frames in resp.items()
             }
+        if augment and rng.random() < augment:
+            wav = augmented(wav, rng)
         wavs.append(torch.from_numpy(wav))
         targets.append({k: torch.from_numpy(v) for k, v in resp.items()})
         lengths.append(len(wav))
@@ -198,7 +219,9 @@ def distill(
 
     def step(model: torch.nn.Module, batch_idx: list[int], rng: random.Random):
         # The whole batch is collated on every rank (same crops); each runs the model on its rows.
-        wav, lengths, targets = _collate([data[i] for i in batch_idx], student, cfg.crop_seconds, rng)
+        wav, lengths, targets = _collate(
+            [data[i] for i in batch_idx], student, cfg.crop_seconds, rng, cfg.augment
+        )
         frames = {name: sum(len(t[name]) for t in targets) for name in student.heads}
         rows, weight = distributed.my_share(len(batch_idx))
         lengths = lengths[rows].to(device)

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from speechmimic import config
 from speechmimic.budget import Budget
 from speechmimic.corpus import Clip
+from speechmimic.defences import load_target
 from speechmimic.distill import DistillConfig
 from speechmimic.extract import ExtractConfig, extract
 from speechmimic.fidelity import mean_r2
@@ -45,7 +46,6 @@ from speechmimic.ledger import Ledger, query_clips
 from speechmimic.pretrain import PretrainConfig, pretrain
 from speechmimic.score import scores_path
 from speechmimic.select import STRATEGIES
-from speechmimic.defences import load_target
 from speechmimic.targets import Target
 
 CELL_NAME = "cell.json"

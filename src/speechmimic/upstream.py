@@ -39,9 +39,9 @@ from torch import nn
 
 from speechmimic.audio import SAMPLE_RATE
 from speechmimic.baselines import BASELINES
+from speechmimic.defences import load_target, parse_chain
 from speechmimic.ledger import Ledger, content_key
 from speechmimic.student import CHUNK_SECONDS, CONFIG_NAME, Student, infer
-from speechmimic.defences import load_target, parse_chain
 from speechmimic.targets import Target
 
 

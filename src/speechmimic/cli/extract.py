@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from speechmimic import config
 from speechmimic.budget import check as check_budget
 from speechmimic.cli import _options
 from speechmimic.corpus import read_manifest
+from speechmimic.defences import load_target
 from speechmimic.distill import DistillConfig
 from speechmimic.extract import ExtractConfig, extract
 from speechmimic.pretrain import PretrainConfig
-from speechmimic.defences import load_target
+from speechmimic.sybil import Sybils
 
 # Loop settings that --seed / --device / --checkpoint-every set for stage 1 and stage 2 alike.
 _SHARED = ("seed", "device", "checkpoint_every")
@@ -46,6 +48,19 @@ def register(sub) -> None:
     _options.add_config_flags(d, DistillConfig, skip=("seed",))
     s = p.add_argument_group("stage 1 (when neither --stage1 nor --from-scratch is given)")
     _options.add_config_flags(s, PretrainConfig, prefix="stage1-", skip=_SHARED)
+    a = p.add_argument_group("several API keys (against per-key defences)")
+    a.add_argument(
+        "--sybil",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="another API key of the same target, as a target spec (repeat for more): clips are spread "
+        "over --target's key and these, and each key's answers are mapped into the first key's "
+        "coordinates by a linear map fitted on --anchors clips asked through every key",
+    )
+    a.add_argument(
+        "--anchors", type=int, default=8, help="clips asked through every key to fit the maps (default 8)"
+    )
     _options.add_config_file(p, "extraction")
     _options.add_store(p)
     _options.add_progress(p)
@@ -80,8 +95,12 @@ def run(args) -> int:
     cfg = resolve(args)
     if args.print_config:
         return _options.print_config(cfg)
+    target = load_target(args.target, device=cfg.distill.device)
+    if args.sybil:
+        keys = [target, *(load_target(spec, device=cfg.distill.device) for spec in args.sybil)]
+        target = Sybils(keys, args.anchors, store=Path(args.out) / "sybil_anchors.npz")
     result = extract(
-        load_target(args.target, device=cfg.distill.device),
+        target,
         read_manifest(args.manifest),
         args.out,
         cfg,

@@ -6,10 +6,10 @@ import json
 
 from speechmimic.cli import _options
 from speechmimic.corpus import read_manifest
+from speechmimic.defences import load_target
 from speechmimic.fidelity import heldout_fidelity
 from speechmimic.ledger import Ledger
 from speechmimic.student import Student
-from speechmimic.defences import load_target
 
 
 def register(sub) -> None:

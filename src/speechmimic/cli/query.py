@@ -10,8 +10,8 @@ import torch
 from speechmimic.budget import Budget
 from speechmimic.cli import _options
 from speechmimic.corpus import read_manifest
-from speechmimic.ledger import Ledger, query_clips
 from speechmimic.defences import load_target
+from speechmimic.ledger import Ledger, query_clips
 from speechmimic.targets.pool import PooledTarget
 
 

@@ -66,7 +66,8 @@ class B4B(Defence):
         if self._stats is not None:
             if len(self._stats[0]) != len(e):
                 raise ValueError(
-                    f"defence b4b: calibration is of {len(self._stats[0])}-d embeddings, answers are {len(e)}-d"
+                    f"defence b4b: the calibration is of {len(self._stats[0])}-d embeddings, "
+                    f"the answers' are {len(e)}-d"
                 )
             e = (e - self._stats[0]) / self._stats[1]
         if self._planes is None or self._planes.shape[2] != len(e):

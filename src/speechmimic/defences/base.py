@@ -65,7 +65,8 @@ class Defence:
         unknown = sorted(set(given) - set(self.options))
         if unknown:
             raise ValueError(
-                f"unknown option {unknown[0]!r} for defence {self.kind!r}; valid options: {list(self.options)}"
+                f"unknown option {unknown[0]!r} for defence {self.kind!r}; "
+                f"valid options: {list(self.options)}"
             )
         self.o: dict[str, Any] = {}
         for name, (kind, default, _help) in self.options.items():

@@ -27,14 +27,11 @@ from speechmimic.defences.prada import Prada
 from speechmimic.defences.quota import Quota
 from speechmimic.defences.state import StateStore
 from speechmimic.defences.transform import Transform
-from speechmimic.targets import Target
+from speechmimic.targets import Target, parse_spec
 from speechmimic.targets import load_target as load_plain_target
-from speechmimic.targets import parse_spec
 from speechmimic.targets.base import PartialAnswers, TargetError
 
-DEFENCES: dict[str, type[Defence]] = {
-    d.kind: d for d in (Noise, Round, Layers, Transform, B4B, Prada, Quota)
-}
+DEFENCES: dict[str, type[Defence]] = {d.kind: d for d in (Noise, Round, Layers, Transform, B4B, Prada, Quota)}
 ACCOUNT = "account"
 DEFAULT_ACCOUNT = "local"
 
@@ -67,7 +64,9 @@ def parse_chain(spec: str) -> tuple[str, list[Defence], str | None, str | None]:
                 raise ValueError(f"the {ACCOUNT} segment comes last in a defended spec: {spec!r}")
             unknown = sorted(set(options) - {"name", "state"})
             if unknown:
-                raise ValueError(f"unknown option {unknown[0]!r} of {ACCOUNT}; valid options: ['name', 'state']")
+                raise ValueError(
+                    f"unknown option {unknown[0]!r} of {ACCOUNT}; valid options: ['name', 'state']"
+                )
             account, state = options.get("name"), options.get("state")
             continue
         if kind not in DEFENCES:

@@ -42,7 +42,10 @@ class Round(Defence):
 
     def answer(self, q, answer, state):
         step = self.o["step"]
-        return {k: (np.round(np.asarray(v, np.float32) / step) * step).astype(np.float32) for k, v in answer.items()}
+        return {
+            k: (np.round(np.asarray(v, np.float32) / step) * step).astype(np.float32)
+            for k, v in answer.items()
+        }
 
 
 class Layers(Defence):

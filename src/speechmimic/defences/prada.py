@@ -42,7 +42,9 @@ class Prada(Defence):
 
     def check(self):
         if self.o["action"] not in ("flag", "refuse", "degrade"):
-            raise ValueError(f"defence prada: action must be flag, refuse or degrade, got {self.o['action']!r}")
+            raise ValueError(
+                f"defence prada: action must be flag, refuse or degrade, got {self.o['action']!r}"
+            )
         if self.o["min_queries"] < 3 or not 0 < self.o["threshold"] <= 1:
             raise ValueError("defence prada: min_queries must be >= 3 and threshold in (0, 1]")
 
