@@ -18,7 +18,9 @@ def register(sub) -> None:
         description="Put an encoder behind an HTTP embedding API: POST /v1/embed (one clip per request, "
         "an audio file or raw samples; answers as safetensors or JSON, float32 or float16, "
         "Idempotency-Key honoured across restarts), GET /v1/info, /v1/usage, /healthz, /metrics "
-        "(Prometheus), /docs and /openapi.json. Keys come from 'speechmimic keys create'. Settings: "
+        "(Prometheus), /docs and /openapi.json. Keys come from 'speechmimic keys create'. A target spec "
+        "with defences after '|' answers every key through them, the key being the account, their "
+        "per-key state in --defence-state. Settings: "
         f"defaults < --config FILE.json < {ENV_PREFIX}<SETTING> environment variables < flags.",
     )
     _options.add_config_flags(p, ServeConfig)

@@ -6,9 +6,10 @@ key, 403 revoked), rate limited (429 with ``Retry-After``), size checked before 
 typed (415), replayed from the store if its ``Idempotency-Key`` was answered before (free; 422 if the
 same key comes with another body, 409 while the first is still in flight), decoded by the audio
 layer (422 undecodable, non-finite, silent, too short; 413 too long), checked against the key's
-quota (429 without ``Retry-After``: waiting will not help), answered in a dynamic batch, and charged:
-the charge and the stored answer are committed together before the answer is sent. Every error is
-an RFC 9457 problem document (``application/problem+json``).
+quota (429 without ``Retry-After``: waiting will not help), admitted by the defences of a defended
+spec (403 ``refused-by-defence``), answered in a dynamic batch, passed through the defences as the
+key's account, and charged: the charge and the stored answer are committed together before the
+answer is sent. Every error is an RFC 9457 problem document (``application/problem+json``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from speechmimic import audio
+from speechmimic import audio, defences
 from speechmimic.serve.batcher import Batcher, Busy
 from speechmimic.serve.config import ServeConfig
 from speechmimic.serve.keys import Key, KeyStore, QuotaExceeded
@@ -125,14 +126,18 @@ _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API k
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="the API key")
 
 
-def create_app(target: Target, store: KeyStore, cfg: ServeConfig, on_ready=None) -> FastAPI:
-    """The application serving ``target``; ``on_ready()`` is called once it accepts requests."""
+def create_app(
+    target: Target, store: KeyStore, cfg: ServeConfig, on_ready=None, chain: defences.Chain | None = None
+) -> FastAPI:
+    """The application serving ``target``, through ``chain`` per key if given (the plain target goes
+    to the batcher, so every key's requests share batches); ``on_ready()`` is called once it accepts
+    requests."""
     metrics = Metrics()
     limiter = RateLimiter()
     batcher = Batcher(
         target, metrics, cfg.max_batch_seconds, cfg.max_delay_ms / 1000, cfg.max_queue, cfg.model_workers
     )
-    info = _describe(target, cfg)
+    info = _describe(target, cfg, chain)
     reserved: dict[int, list[int]] = {}  # key id -> [requests, samples] being answered now
     in_flight: set[tuple[int, str]] = set()
 
@@ -287,10 +292,21 @@ def create_app(target: Target, store: KeyStore, cfg: ServeConfig, on_ready=None)
                 released = True
 
         try:
+            query = None
+            if chain is not None:
+                # admitted after the reservation (inside the try, so a refusal releases it) and
+                # before the model runs: a refused clip costs neither model time nor the key's quota
+                try:
+                    query = await run_in_threadpool(_admit, chain, key.name, wav)
+                except defences.Refused as e:
+                    raise Problem(403, "refused-by-defence", e.reason) from None
             try:
                 arrays = await batcher.embed(wav)
             except Busy as e:
                 raise Problem(429, "busy", str(e), {"Retry-After": "1"}) from None
+            if query is not None:
+                # before encoding: the stored answer, and every replay of it, is the defended one
+                arrays = await run_in_threadpool(chain.apply, query, arrays)
             keep = wire.encode_answer(arrays, samples)[0] if idem is not None else b""
             # Released before the charge commits, never after: a request checked between the commit
             # (in a thread) and a later release would count this one twice, in the key's usage and
@@ -344,19 +360,27 @@ def create_app(target: Target, store: KeyStore, cfg: ServeConfig, on_ready=None)
     return app
 
 
-def _describe(target: Target, cfg: ServeConfig) -> dict | None:
-    """``/v1/info``: what the target returns (widths from one seeded probe clip), less what is hidden."""
+def _describe(target: Target, cfg: ServeConfig, chain: defences.Chain | None = None) -> dict | None:
+    """``/v1/info``: what clients receive (widths from one seeded probe clip, through the defences if
+    any), less what is hidden."""
     hidden = cfg.hidden()
     if "all" in hidden:
         return None
     n = max(target.min_samples, audio.SAMPLE_RATE)
     probe = np.random.default_rng(0).standard_normal(n).astype(np.float32) * 0.1
-    widths = {name: int(frames.shape[1]) for name, frames in target([probe])[0].items()}
+    answer = target([probe])[0]
+    layers = target.layers
+    if chain is not None:
+        # a throwaway chain with its state in memory: the probe touches no real key's state
+        probing = defences.Chain(chain.defences, None)
+        answer = probing.apply(defences.Query("/v1/info", probe, defences.digest(probe)), answer)
+        layers = chain.layers(layers)
+    widths = {name: int(frames.shape[1]) for name, frames in answer.items()}
     full = {
         "sample_rate": audio.SAMPLE_RATE,
         "formats": list(wire.FORMATS),
         "dtypes": list(wire.DTYPES),
-        "layers": list(target.layers),
+        "layers": None if layers is None else list(layers),
         "widths": widths,
         "frame_rate": target.frame_rate,
         "min_samples": target.min_samples,
@@ -364,6 +388,13 @@ def _describe(target: Target, cfg: ServeConfig) -> dict | None:
         "limits": {"max_payload_bytes": cfg.max_payload_bytes, "max_clip_seconds": cfg.max_clip_seconds},
     }
     return {k: v for k, v in full.items() if k not in hidden}
+
+
+def _admit(chain: defences.Chain, account: str, wav: np.ndarray) -> defences.Query:
+    """``wav`` asked by ``account``, admitted by ``chain`` (hashed here too: off the event loop)."""
+    query = defences.Query(account, wav, defences.digest(wav))
+    chain.admit(query)
+    return query
 
 
 async def _read_body(request: Request, limit: float) -> bytes:

@@ -4,6 +4,7 @@ flags."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from speechmimic.config import option
 
@@ -15,12 +16,19 @@ INFO_FIELDS = ("layers", "widths", "frame_rate", "min_samples", "padding", "limi
 class ServeConfig:
     target: str = option(
         "",
-        "the encoder to serve, a target spec (e.g. 'resemblyzer?layers=all', 'hf:DIR'); required",
+        "the encoder to serve, a target spec (e.g. 'resemblyzer?layers=all', 'hf:DIR'), optionally "
+        "with defences after '|', applied per API key (e.g. 'resemblyzer|transform?seed=7'); required",
         metavar="SPEC",
     )
     db: str = option(
         "serve.sqlite",
         "SQLite file of API keys, usage and stored answers (created if absent)",
+        metavar="FILE",
+    )
+    defence_state: str | None = option(
+        None,
+        "SQLite file of the defences' per-key state (only with defences in the target spec); "
+        "default: beside --db as <db stem>.defences.sqlite",
         metavar="FILE",
     )
     host: str = option("127.0.0.1", "address to listen on (loopback by default: expose it on purpose)")
@@ -68,9 +76,23 @@ class ServeConfig:
             )
         return names
 
+    def defence_state_path(self) -> str:
+        if self.defence_state:
+            return self.defence_state
+        db = Path(self.db)
+        return str(db.with_name(db.stem + ".defences.sqlite"))
+
     def check(self) -> None:
         if not self.target:
             raise ValueError("serve needs a target spec (--target, or 'target' in the config file)")
+        if "|" in self.target:
+            from speechmimic.defences import parse_chain
+
+            if parse_chain(self.target)[2] is not None:
+                raise ValueError(
+                    f"serve answers each request as its API key: drop the 'account?...' segment of "
+                    f"{self.target!r} (the defences' state goes in --defence-state)"
+                )
         for name in (
             "max_batch_seconds",
             "max_payload_bytes",

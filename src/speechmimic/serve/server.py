@@ -2,6 +2,10 @@
 
 Binding the socket here (rather than letting uvicorn) makes ``port=0`` usable: the port is known
 before serving starts, and ``ready_file`` tells a script where the server listens once it answers.
+
+A defended spec (``target|defence|...``) loads its plain target for the batcher, so the requests of
+every key still share batches, and runs the defences per request with the request's key as the
+account (:class:`~speechmimic.defences.Chain`), their state in ``defence_state``.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import os
 import socket
 from pathlib import Path
 
+from speechmimic.defences import Chain, parse_chain
 from speechmimic.serve.app import create_app
 from speechmimic.serve.config import ServeConfig
 from speechmimic.serve.keys import KeyStore
@@ -39,24 +44,30 @@ def run(cfg: ServeConfig) -> None:
     cfg.check()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    target = load_target(cfg.target, device=cfg.device)
+    base, defences, _, _ = parse_chain(cfg.target)  # cfg.check refused an account segment
+    target = load_target(base, device=cfg.device)
+    chain = Chain(defences, cfg.defence_state_path()) if defences else None
+    spec = f"{target.spec}|{chain.spec}" if chain is not None else target.spec
     store = KeyStore(cfg.db)
     sock = bind(cfg.host, cfg.port)
     url = url_of(sock)
 
     def ready() -> None:
-        print(f"serving {target.spec} on {url} (keys: {cfg.db})", flush=True)
+        where = f"keys: {cfg.db}" + (f", defences' state: {chain.store.path}" if chain is not None else "")
+        print(f"serving {spec} on {url} ({where})", flush=True)
         if cfg.ready_file:
             path = Path(cfg.ready_file)
             tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps({"url": url, "pid": os.getpid(), "target": target.spec}))
+            tmp.write_text(json.dumps({"url": url, "pid": os.getpid(), "target": spec}))
             os.replace(tmp, path)
 
-    app = create_app(target, store, cfg, on_ready=ready)
+    app = create_app(target, store, cfg, on_ready=ready, chain=chain)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30))
     try:
         server.run(sockets=[sock])
     finally:
         store.close()
+        if chain is not None:
+            chain.store.close()
         if cfg.ready_file:
             Path(cfg.ready_file).unlink(missing_ok=True)
