@@ -30,16 +30,19 @@ FLOW = [
     ("score", {"score"}),
     ("budget", {"budget"}),
     ("select", {"select"}),
-    ("ledger", {"ledger"}),
+    ("ledger", {"ledger", "sybil"}),  # sybil: several API keys queried as one target
     ("stage 2", {"distill", "compress"}),
     ("measurement", {"fidelity", "upstream", "probe", "evaluate"}),
     ("interop", {"s3prl_expert", "export"}),  # our models in other tools: s3prl, ONNX, TorchScript
-    ("orchestration", {"extract", "experiment", "report", "demo", "testing"}),
+    ("orchestration", {"extract", "experiment", "report", "demo", "testing", "audit"}),
     ("interface", {"cli", "__init__", "__main__"}),
 ]
 # What the target side may never import: the attack.
 TARGET_SIDE = {"targets", "defences", "serve"}
-ATTACK = {"units", "pretrain", "score", "budget", "select", "ledger", "distill", "extract", "experiment"}
+ATTACK = {
+    "units", "pretrain", "score", "budget", "select", "ledger", "sybil", "distill", "extract", "experiment",
+    "audit",
+}  # fmt: skip
 
 
 def modules(root: Path, package: str) -> dict[str, tuple[Path, bool]]:

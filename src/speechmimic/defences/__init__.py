@@ -4,10 +4,10 @@ a PRADA-style detector and quotas, named in the target spec after ``|`` (see
 
 from speechmimic.defences.b4b import calibrate
 from speechmimic.defences.base import Defence, Query, Refused, digest
-from speechmimic.defences.chain import DEFENCES, Chain, Defended, load_target, parse_chain
+from speechmimic.defences.chain import DEFENCES, Chain, Defended, load_target, parse_chain, parse_defences
 from speechmimic.defences.state import StateStore
 
 __all__ = [
     "DEFENCES", "Chain", "Defence", "Defended", "Query", "Refused", "StateStore",
-    "calibrate", "digest", "load_target", "parse_chain",
+    "calibrate", "digest", "load_target", "parse_chain", "parse_defences",
 ]  # fmt: skip

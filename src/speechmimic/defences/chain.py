@@ -53,8 +53,21 @@ def _options(segment: str) -> tuple[str, dict[str, str]]:
 def parse_chain(spec: str) -> tuple[str, list[Defence], str | None, str | None]:
     """``(target spec, defences, account, state file)`` of a defended spec (account and state None
     where the spec has no ``account`` segment). A plain spec is checked and has no defences."""
-    base, *segments = spec.split("|")
+    base, _, chain = spec.partition("|")
     parse_spec(base.strip())
+    return (base.strip(), *_segments(chain, spec))
+
+
+def parse_defences(chain: str) -> list[Defence]:
+    """The defences of a chain written without its target (``noise?snr=10|prada``)."""
+    defences, account, _ = _segments(chain, chain)
+    if account is not None:
+        raise ValueError(f"a chain of defences names no account: {chain!r}")
+    return defences
+
+
+def _segments(chain: str, spec: str) -> tuple[list[Defence], str | None, str | None]:
+    segments = chain.split("|") if chain.strip() else []
     defences: list[Defence] = []
     account = state = None
     for i, segment in enumerate(segments):
@@ -72,7 +85,7 @@ def parse_chain(spec: str) -> tuple[str, list[Defence], str | None, str | None]:
         if kind not in DEFENCES:
             raise ValueError(f"unknown defence {kind!r} in {spec!r}; valid defences: {sorted(DEFENCES)}")
         defences.append(DEFENCES[kind](**options))
-    return base.strip(), defences, account, state
+    return defences, account, state
 
 
 class Chain:
