@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 
-from speechmimic.distill import DistillConfig, distill, infer_heads
+from speechmimic.distill import DistillConfig, _collate, distill, infer_heads
 from speechmimic.ledger import Ledger, query_clips
-from speechmimic.student import build_student
+from speechmimic.student import HeadSpec, build_student
 from speechmimic.targets import load_target
 from speechmimic.trainer import make_batches
 
@@ -177,3 +178,22 @@ def test_accumulation_resumes_and_autocast_trains(tmp_path, speech_clips):
         distill(
             clips, ledger, tmp_path / "x", DistillConfig(steps=1, amp="fp8"), preset="tiny", progress=False
         )
+
+
+def test_augmented_views_train_toward_the_same_answer_and_cost_no_randomness_when_off():
+    student = build_student("tiny", [HeadSpec("a", 8, 100.0)])
+    wav = (0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32)
+    answer = {"a": np.random.default_rng(1).standard_normal((100, 8)).astype(np.float32)}
+    rng = random.Random(0)
+    plain = _collate([(wav, answer)], student, 6.0, rng)
+    assert rng.getstate() == random.Random(0).getstate()  # off: no draw, so default runs are unchanged
+    assert torch.equal(plain[0][0], torch.from_numpy(wav))
+    views = [_collate([(wav, answer)], student, 6.0, random.Random(s), augment=1.0) for s in range(3)]
+    for view in views:
+        x = view[0][0].numpy()
+        assert not np.allclose(x, wav) and np.corrcoef(x, wav)[0, 1] > 0.95  # the same clip, changed
+        gain_db = 10 * np.log10(np.mean(x**2) / np.mean(wav**2))
+        assert -6.1 < gain_db < 6.1
+        assert torch.equal(view[2][0]["a"], torch.from_numpy(answer["a"]))  # trained toward the paid answer
+    with pytest.raises(ValueError, match="augment"):
+        DistillConfig(augment=1.5)

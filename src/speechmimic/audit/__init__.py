@@ -17,17 +17,21 @@ DEFAULT_BUDGETS = ("10%", "40%")
 DEFAULT_ATTACKERS = ("naive", "sybils", "augment")
 
 
-def default_defences(suite: Suite) -> dict[str, str]:
-    """The CPU-sized grid's defences: no defence, one of each kind, and a quota of 10% of the pool."""
-    pool_seconds = sum(c.duration for c in suite.pool)
-    return {
+def default_defences(suite: Suite, layers: list[str] | None) -> dict[str, str]:
+    """The CPU-sized grid's defences: none, noise, a per-key rotation, B4B, PRADA refusing flagged keys,
+    a quota as large as the largest honest application's traffic, and the last layer only."""
+    largest_app = max(sum(c.duration for c in ps.clips) for ps in suite.benign.values())
+    defences = {
         "none": "",
         "noise": "noise?snr=10",
         "transform": "transform?kind=rotate&seed=1",
         "b4b": f"b4b?planes=8&sets=20&lambda=0.001&alpha=1&beta=0.3&calibration={CALIBRATION}",
         "prada": "prada?threshold=0.9&min_queries=20&action=refuse",
-        "quota": f"quota?seconds={round(0.1 * pool_seconds)}",
+        "quota": f"quota?seconds={round(largest_app)}",
     }
+    if layers and len(layers) > 1:
+        defences["last layer"] = f"layers?keep={layers[-1]}"
+    return defences
 
 
 def run_audit(
@@ -46,11 +50,12 @@ def run_audit(
     """Run (or resume) the audit under ``out`` and write ``report.md``, ``report.json`` and plots."""
     t0 = time.time()
     suite = load_suite(corpus, seed)
-    defences = defences or default_defences(suite)
+    encoder = load_target(target)
+    defences = defences or default_defences(suite, encoder.layers)
     if "none" not in defences:
         defences = {"none": "", **defences}  # every defence is read against no defence
     cfg = AuditConfig(list(budgets), defences, list(attackers), steps, seed, preset, streams)
-    audit = Audit(load_target(target), suite, out, cfg, progress)
+    audit = Audit(encoder, suite, out, cfg, progress)
     result = audit.run()
     summary = summarise(result, cfg)
     summary["setup"] = {

@@ -10,6 +10,7 @@ from speechmimic import distributed
 from speechmimic.audio import AudioError
 from speechmimic.cli import (
     _options,
+    audit,
     compress,
     corpus,
     demo,
@@ -49,6 +50,7 @@ COMMANDS = (
     embed,
     export,
     serve,
+    audit,
 )
 
 

@@ -8,7 +8,10 @@ through the origin; a key's coverage ``c`` is the mean, over the sets, of the sh
 amplitude ``sigma(c) = lambda * (exp(ln(alpha / lambda) * c / beta) - 1)`` (times each layer's RMS in
 that answer): negligible while a key stays in its own corner, as an honest application does, and
 ``alpha`` once it has swept a share ``beta`` of the space. The noise is a function of (seed, key,
-clip), so asking again returns the same noisy answer.
+clip), so asking again returns the same noisy answer. With ``per=clip`` (the default, as B4B perturbs
+one representation per query) one noise vector is added to every frame of the answer: a thief who
+regresses frames cannot average it away over the frames of a clip, only over clips; ``per=frame``
+draws it anew for every frame.
 
 ``calibration=FILE.npz`` holds ``mean`` and ``std`` of utterance embeddings of ordinary traffic
 (:func:`calibrate`); without it the raw embeddings are hashed, and answers that share one large
@@ -44,6 +47,7 @@ class B4B(Defence):
         "alpha": (float, 1.0, "noise amplitude (relative to each layer's RMS) at coverage beta"),
         "beta": (float, 0.8, "coverage at which the noise reaches alpha"),
         "calibration": (str, None, "npz of mean and std of ordinary utterance embeddings"),
+        "per": (str, "clip", "clip: one noise vector for all frames of an answer; frame: one per frame"),
         "seed": (int, 0, "seed of the hyperplanes and the noise"),
     }
 
@@ -53,6 +57,8 @@ class B4B(Defence):
             raise ValueError("defence b4b: planes must be in 1..20 and sets >= 1")
         if not (0 < o["lambda"] < o["alpha"]) or not o["beta"] > 0:
             raise ValueError("defence b4b: need 0 < lambda < alpha and beta > 0")
+        if o["per"] not in ("clip", "frame"):
+            raise ValueError(f"defence b4b: per must be clip or frame, got {o['per']!r}")
         self._stats = None
         if o["calibration"]:
             with np.load(o["calibration"]) as z:
@@ -89,7 +95,8 @@ class B4B(Defence):
             x = np.asarray(frames, np.float32)
             rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
             rng = rng_for(self.o["seed"], "b4b-noise", q.account, q.digest, name)
-            out[name] = (x + sigma * rms * rng.standard_normal(x.shape)).astype(np.float32)
+            shape = (1, x.shape[1]) if self.o["per"] == "clip" else x.shape
+            out[name] = (x + sigma * rms * rng.standard_normal(shape)).astype(np.float32)
         state["last_sigma"] = np.float64(sigma)
         return out
 
