@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from speechmimic.targets import Target
+from speechmimic.targets.base import PartialAnswers
 
 SAMPLE_RATE = 16_000
 
@@ -90,22 +91,43 @@ class Sybils:
         }
 
     def __call__(self, wavs: list[np.ndarray], keys: list[str] | None = None) -> list[dict[str, np.ndarray]]:
-        out = []
+        out: list[dict[str, np.ndarray] | None] = []
+        errors = {}
         for i, wav in enumerate(wavs):
-            ikeys = [keys[i]] if keys is not None else None
-            if self._maps is None:  # an anchor: asked through every key
-                answers = [k([wav], keys=ikeys)[0] for k in self.keys]
-                for j, answer in enumerate(answers):
-                    for layer, frames in answer.items():
-                        self._frames[j].setdefault(layer, []).append(np.asarray(frames, np.float32))
-                self._anchored += 1
-                self.extra_seconds += (len(self.keys) - 1) * len(wav) / SAMPLE_RATE
-                if self._anchored >= self.anchors:
-                    self._fit()
-                self._save()
-                out.append(answers[0])
-                continue
-            j = self._turn % len(self.keys)
-            self._turn += 1
-            out.append(self._mapped(j, self.keys[j]([wav], keys=ikeys)[0]))
+            try:
+                out.append(self._answer(wav, [keys[i]] if keys is not None else None))
+            except PartialAnswers as e:  # every key refused this clip: its failure, not the batch's
+                out.append(None)
+                errors[i] = e.errors[0]
+        if errors:
+            raise PartialAnswers(out, errors)
         return out
+
+    def _answer(self, wav: np.ndarray, ikeys: list[str] | None) -> dict[str, np.ndarray]:
+        if self._maps is None:  # an anchor: asked through every key
+            answers = [self.keys[0]([wav], keys=ikeys)[0]]
+            try:
+                for k in self.keys[1:]:
+                    answers.append(k([wav], keys=ikeys)[0])
+            except PartialAnswers:  # a key refused it: no anchor, but the first key's answer stands
+                return answers[0]
+            finally:
+                self.extra_seconds += (len(answers) - 1) * len(wav) / SAMPLE_RATE
+            for j, answer in enumerate(answers):
+                for layer, frames in answer.items():
+                    self._frames[j].setdefault(layer, []).append(np.asarray(frames, np.float32))
+            self._anchored += 1
+            if self._anchored >= self.anchors:
+                self._fit()
+            self._save()
+            return answers[0]
+        # the keys in turn; a key that refuses (flagged, out of quota) passes the clip to the next
+        first = self._turn % len(self.keys)
+        self._turn += 1
+        for step in range(len(self.keys)):
+            j = (first + step) % len(self.keys)
+            try:
+                return self._mapped(j, self.keys[j]([wav], keys=ikeys)[0])
+            except PartialAnswers as e:
+                refused = e
+        raise refused

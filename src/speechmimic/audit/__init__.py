@@ -4,6 +4,7 @@ gets caught, for one target (see :mod:`speechmimic.audit.grid` and :mod:`speechm
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -14,23 +15,21 @@ from speechmimic.defences import load_target
 
 DEFAULT_TARGET = "resemblyzer?layers=all"
 DEFAULT_BUDGETS = ("10%", "40%")
-DEFAULT_ATTACKERS = ("naive", "sybils", "augment")
+DEFAULT_ATTACKERS = ("naive", "sybils")
 
 
-def default_defences(suite: Suite, layers: list[str] | None) -> dict[str, str]:
+def default_defences(suite: Suite) -> dict[str, str]:
     """The CPU-sized grid's defences: none, noise, a per-key rotation, B4B, PRADA refusing flagged keys,
-    a quota as large as the largest honest application's traffic, and the last layer only."""
+    and a quota as large as the largest honest application's traffic."""
     largest_app = max(sum(c.duration for c in ps.clips) for ps in suite.benign.values())
     defences = {
         "none": "",
         "noise": "noise?snr=10",
         "transform": "transform?kind=rotate&seed=1",
-        "b4b": f"b4b?planes=8&sets=20&lambda=0.001&alpha=1&beta=0.3&calibration={CALIBRATION}",
-        "prada": "prada?threshold=0.9&min_queries=20&action=refuse",
-        "quota": f"quota?seconds={round(largest_app)}",
+        "b4b": f"b4b?planes=8&sets=20&lambda=0.001&alpha=1&beta=0.4&calibration={CALIBRATION}",
+        "prada": "prada?threshold=0.85&min_queries=20&action=refuse",
+        "quota": f"quota?seconds={math.ceil(largest_app)}",
     }
-    if layers and len(layers) > 1:
-        defences["last layer"] = f"layers?keep={layers[-1]}"
     return defences
 
 
@@ -41,7 +40,7 @@ def run_audit(
     budgets: tuple[str, ...] = DEFAULT_BUDGETS,
     defences: dict[str, str] | None = None,
     attackers: tuple[str, ...] = DEFAULT_ATTACKERS,
-    steps: int = 200,
+    steps: int = 100,
     seed: int = 0,
     preset: str = "small",
     streams: int = 8,
@@ -51,7 +50,7 @@ def run_audit(
     t0 = time.time()
     suite = load_suite(corpus, seed)
     encoder = load_target(target)
-    defences = defences or default_defences(suite, encoder.layers)
+    defences = defences or default_defences(suite)
     if "none" not in defences:
         defences = {"none": "", **defences}  # every defence is read against no defence
     cfg = AuditConfig(list(budgets), defences, list(attackers), steps, seed, preset, streams)

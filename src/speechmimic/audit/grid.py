@@ -163,11 +163,15 @@ class Audit:
         wanted = {"budget": budget, "defence": defence, "chain": self.cfg.defences[defence],
                   "attacker": attacker, "settings": asdict(ATTACKERS[attacker]),
                   "steps": self.cfg.steps, "seed": self.cfg.seed, "preset": self.cfg.preset}  # fmt: skip
-        done = out / "cell.json"
+        done, started = out / "cell.json", out / "wanted.json"
         if done.exists():
             record = json.loads(done.read_text())
             if record.get("wanted") == wanted:
                 return record
+        if started.exists() and json.loads(started.read_text()) != wanted:
+            shutil.rmtree(out)  # another thief was here: a fresh one (an interrupted same one resumes)
+        out.mkdir(parents=True, exist_ok=True)
+        started.write_text(json.dumps(wanted))
         t0 = time.time()
         a = ATTACKERS[attacker]
         chain = self.chain(defence)
