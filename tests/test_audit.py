@@ -80,6 +80,27 @@ def test_a_tiny_audit_reports_every_cell_honestly_and_resumes(tmp_path, suite):
     assert summarise(again, cfg)["rows"] == summary["rows"]
 
 
+def test_over_http_each_thief_pays_a_served_defence_and_the_server_charges_what_the_ledgers_paid(
+    tmp_path, suite
+):
+    cfg = AuditConfig(
+        budgets=["10%"],
+        defences={"none": "", "strict prada": "prada?threshold=0.995&min_queries=5&action=refuse"},
+        steps=3,
+        streams=1,
+    )
+    audit = Audit(load_target("resemblyzer?layers=all"), suite, tmp_path, cfg, progress=False, http=True)
+    summary = summarise(audit.run(), cfg)
+    rows = {r["defence"]: r for r in summary["rows"]}
+    for r in rows.values():  # every paid clip was charged once by the API, and nothing more
+        assert r["server_charged_seconds"] == pytest.approx(r["spent_seconds"], abs=0.01)
+    strict = rows["strict prada"]  # the server refused the flagged key (403), so the ledger holds less
+    assert strict["detector"]["alarm"] and strict["answered"] < strict["selected"]
+    assert rows["none"]["answered"] == rows["none"]["selected"]
+    assert not any(p.read_text() == "" for p in tmp_path.glob("servers/*/port"))
+    assert "Over HTTP" in write(summary, tmp_path, "http audit")["md"].read_text()
+
+
 def test_audit_refuses_bad_settings_before_running(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown attackers"):
         AuditConfig(budgets=["10%"], defences={"none": ""}, attackers=["ninja"])

@@ -45,6 +45,7 @@ def run_audit(
     preset: str = "small",
     streams: int = 8,
     progress: bool = True,
+    http: bool = False,
 ) -> dict:
     """Run (or resume) the audit under ``out`` and write ``report.md``, ``report.json`` and plots."""
     t0 = time.time()
@@ -54,14 +55,14 @@ def run_audit(
     if "none" not in defences:
         defences = {"none": "", **defences}  # every defence is read against no defence
     cfg = AuditConfig(list(budgets), defences, list(attackers), steps, seed, preset, streams)
-    audit = Audit(encoder, suite, out, cfg, progress)
+    audit = Audit(encoder, suite, out, cfg, progress, http)
     result = audit.run()
     summary = summarise(result, cfg)
     summary["setup"] = {
         "target": target, "corpus": corpus, "pool_clips": len(suite.pool),
         "pool_seconds": round(sum(c.duration for c in suite.pool), 1), "budgets": list(budgets),
         "defences": defences, "attackers": {a: vars(ATTACKERS[a]) for a in attackers},
-        "steps": steps, "seed": seed, "preset": preset, "benign_streams_per_app": streams,
+        "steps": steps, "seed": seed, "preset": preset, "benign_streams_per_app": streams, "http": http,
         "seconds": round(time.time() - t0, 1),
     }  # fmt: skip
     paths = write(summary, out, f"Extraction-risk audit of {target} on {corpus}")

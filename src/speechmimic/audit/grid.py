@@ -8,13 +8,18 @@ on honest traffic; each cached under ``root`` and resumable.
     benign/<defence>/benign.json      each application's task score and alarms through the defence
 
 A thief is a fresh set of API keys (``<attacker>-<budget>-k<j>``) on a fresh defence state: the
-grid's cells never see each other. The target's answers are computed once per clip and replayed
-through each defence chain, exactly as the chain would treat them behind the API.
+grid's cells never see each other. In-process, the target's answers are computed once per clip and
+replayed through each defence chain, exactly as the chain would treat them behind the API. With
+``http``, every thief pays over the wire instead: each defence is served by ``speechmimic serve`` on
+a loopback port (``servers/<defence>``), each thief key is an API key there, and the detector's
+statistics are read from the server's own defence state; honest traffic stays in-process (the same
+chain code the server runs).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -26,13 +31,23 @@ from tqdm.auto import tqdm
 
 from speechmimic.audio import SAMPLE_RATE
 from speechmimic.audit.suites import Suite
-from speechmimic.defences import Chain, Defended, Query, Refused, calibrate, digest, parse_defences
+from speechmimic.defences import (
+    Chain,
+    Defended,
+    Query,
+    Refused,
+    calibrate,
+    digest,
+    load_target,
+    parse_defences,
+)
 from speechmimic.defences.prada import Prada
 from speechmimic.distill import DistillConfig
 from speechmimic.evaluate import compare
 from speechmimic.extract import ExtractConfig, extract
 from speechmimic.ledger import Ledger, content_key, query_clips
 from speechmimic.probe.pooled import ProbeSet, cv_by_state, state_scores, verification_eer
+from speechmimic.serve.process import ServerProcess
 from speechmimic.sybil import Sybils
 from speechmimic.targets import Target
 from speechmimic.upstream import load_upstream
@@ -111,12 +126,15 @@ class _Replayed:
 
 
 class Audit:
-    def __init__(self, target: Target, suite: Suite, root: str | Path, cfg: AuditConfig, progress=True):
-        self.suite, self.cfg, self.progress = suite, cfg, progress
+    def __init__(
+        self, target: Target, suite: Suite, root: str | Path, cfg: AuditConfig, progress=True, http=False
+    ):
+        self.suite, self.cfg, self.progress, self.http = suite, cfg, progress, http
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.target = target
         self._clean: dict[str, Ledger] = {}
+        self._servers: dict[str, ServerProcess] = {}
 
     def clean(self, part: str, clips) -> Ledger:
         """The target's undefended answers to ``clips`` (the owner's own, in a float32 ledger)."""
@@ -176,11 +194,13 @@ class Audit:
         a = ATTACKERS[attacker]
         chain = self.chain(defence)
         accounts = [f"{attacker}-{budget}-k{j}" for j in range(a.keys)]
-        state = out / "defence.sqlite"
-        keys = []
-        for account in accounts:
-            defences = parse_defences(chain)
-            keys.append(Defended(self.replayed(), defences, account, state))
+        if self.http:
+            server = self.server(defence)
+            keys = [self._http_key(server, account, out) for account in accounts]
+            state = server.root / "serve.defences.sqlite"
+        else:
+            state = out / "defence.sqlite"
+            keys = [Defended(self.replayed(), parse_defences(chain), acc, state) for acc in accounts]
         target = keys[0] if a.keys == 1 else Sybils(keys, a.anchors, store=out / "sybil_anchors.npz")
         cfg = ExtractConfig(
             budget=budget,
@@ -199,32 +219,61 @@ class Audit:
             result, student = None, None
         ledger = Ledger(out / "ledger")
         spent = ledger.spent_samples / SAMPLE_RATE + getattr(target, "extra_seconds", 0.0)
+        gate = Chain(parse_defences(chain), state)  # reads the keys' state as the defences left it
         record.update(
             selected=result["queries"] if result else None,
             answered=len(ledger),
             spent_seconds=round(spent, 2),
             student=student,
             probes=self._student_probes(student),
-            keys={acc: k.chain.status(acc) for acc, k in zip(accounts, keys, strict=True)},
-            detector=self._detector(keys, accounts),
+            keys={acc: gate.status(acc) for acc in accounts},
+            detector=[h for acc in accounts for h in _w_history(gate, acc)] or None,
             seconds=round(time.time() - t0, 1),
         )
+        if self.http:
+            record["server_charged_seconds"] = round(
+                sum(server.usage(acc).samples for acc in accounts) / SAMPLE_RATE, 2
+            )
+        gate.store.close()
         done.write_text(json.dumps(record, indent=2))
         return record
+
+    def server(self, defence: str) -> ServerProcess:
+        """The defence served on a loopback port (kept across reruns, so the thieves' ledgers,
+        which record the URL, resume)."""
+        if defence not in self._servers:
+            root = self.root / "servers" / re.sub(r"[^A-Za-z0-9_.-]", "_", defence)
+            chain = self.chain(defence)
+            spec = f"{self.target.spec}|{chain}" if chain else self.target.spec
+            port_file = root / "port"
+            port = int(port_file.read_text()) if port_file.exists() else None
+            server = ServerProcess(root, spec, port=port).start()
+            port_file.write_text(str(server.port))
+            self._servers[defence] = server
+        return self._servers[defence]
+
+    def _http_key(self, server: ServerProcess, account: str, out: Path) -> Target:
+        """An ``http://`` target paying through the API key ``account`` (made once, kept in ``out``)."""
+        tokens = out / "keys.json"
+        known = json.loads(tokens.read_text()) if tokens.exists() else {}
+        if account not in known:
+            known[account] = server.key(account)
+            tokens.write_text(json.dumps(known))
+            tokens.chmod(0o600)
+        env = "SPEECHMIMIC_AUDIT_KEY_" + re.sub(r"[^A-Za-z0-9]", "_", account).upper()
+        os.environ[env] = known[account]
+        return load_target(f"{server.url}?key_env={env}")
+
+    def close(self) -> None:
+        for server in self._servers.values():
+            server.stop()
+        self._servers.clear()
 
     def _student_probes(self, student: str | None) -> dict | None:
         if student is None:
             return None
         upstream = load_upstream(student)
         return state_scores(upstream, self.suite.probes, keep=lambda s: s.startswith("pred."))
-
-    @staticmethod
-    def _detector(keys: list[Defended], accounts: list[str]) -> list[dict] | None:
-        """Per key, the detector's W after each new clip and the audio-seconds by then."""
-        out = []
-        for k, account in zip(keys, accounts, strict=True):
-            out += _w_history(k.chain, account)
-        return out or None
 
     # -- honest applications ---------------------------------------------------------------------------
     def benign(self, defence: str) -> dict:
@@ -289,9 +338,12 @@ class Audit:
         cells = [(b, d, a) for d in self.cfg.defences for a in self.cfg.attackers for b in self.cfg.budgets]
         records = []
         bar = tqdm(cells, desc="audit", unit="thief", disable=not self.progress)
-        for b, d, a in bar:
-            bar.set_postfix_str(f"{d} / {a} / {b}")
-            records.append(self.cell(b, d, a))
+        try:
+            for b, d, a in bar:
+                bar.set_postfix_str(f"{d} / {a} / {b}")
+                records.append(self.cell(b, d, a))
+        finally:
+            self.close()
         benign = {d: self.benign(d) for d in self.cfg.defences}
         return {"reference": reference, "cells": records, "benign": benign}
 

@@ -68,6 +68,8 @@ def summarise(result: dict, cfg: AuditConfig) -> dict:
             "recovered_per_query_hour": round(mean / hours, 3) if mean is not None and hours else None,
             "keys": c["keys"],
         }  # fmt: skip
+        if "server_charged_seconds" in c:  # over HTTP: what the API itself charged these keys
+            row["server_charged_seconds"] = c["server_charged_seconds"]
         if c.get("detector"):
             row["detector"] = {
                 "w_min": _w_min(c["detector"]),
@@ -211,6 +213,12 @@ def write(summary: dict, out: str | Path, title: str) -> dict[str, Path]:
             + f" | **{_f(r['recovered_mean'])}** | {_f(r['recovered_without_defence'])} | "
             f"{_f(r['recovered_per_query_hour'], '{:.1f}')} | {alarm} |"
         )
+    charged = [r for r in summary["rows"] if "server_charged_seconds" in r]
+    if charged:
+        paid = sum(r["spent_seconds"] for r in charged)
+        billed = sum(r["server_charged_seconds"] for r in charged)
+        lines += ["", f"Over HTTP: the thieves' ledgers paid {paid:.1f} audio-seconds, the servers charged "
+                  f"their keys {billed:.1f}."]  # fmt: skip
     lines += ["", "## What each defence costs honest applications", "",
               "Task score of each application on the answers it receives (accuracy, or 1 - EER), its "
               "full traffic through one key; a refused request counts as a failed one.", "",

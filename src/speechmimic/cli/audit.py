@@ -45,7 +45,7 @@ def register(sub) -> None:
         "both=transform|b4b?calibration={calibration}); repeat for more; '{calibration}' is replaced "
         "by the owner's statistics of held-out answers; defences: "
         f"{', '.join(sorted(DEFENCES))}. Default: none, noise, transform, b4b, prada (refusing flagged "
-        "keys), a quota as large as the largest honest application's traffic, the last layer only; "
+        "keys), a quota as large as the largest honest application's traffic; "
         "'none' is always added",
     )
     p.add_argument(
@@ -54,10 +54,16 @@ def register(sub) -> None:
         help=f"comma list of {', '.join(ATTACKERS)} (default: {','.join(DEFAULT_ATTACKERS)}): sybils pool 4 "
         "keys through 8 anchor clips, augment trains on augmented views of half the clips",
     )
-    p.add_argument("--steps", type=int, default=200, help="stage-2 steps of every thief (default: 200)")
+    p.add_argument("--steps", type=int, default=100, help="stage-2 steps of every thief (default: 100)")
     p.add_argument("--preset", default="small", help="student preset (default: small)")
     p.add_argument(
         "--streams", type=int, default=8, help="honest streams per application for the detector (default: 8)"
+    )
+    p.add_argument(
+        "--http",
+        action="store_true",
+        help="thieves pay over the wire: each defence served by 'speechmimic serve' on a loopback port "
+        "(OUT/servers), each thief key an API key there; the report adds what the server charged",
     )
     _options.add_seed(p)
     _options.add_progress(p)
@@ -93,6 +99,7 @@ def run(args) -> int:
         preset=args.preset,
         streams=args.streams,
         progress=not args.no_progress,
+        http=args.http,
     )
     for verdict in summary["verdicts"]:
         print(verdict)

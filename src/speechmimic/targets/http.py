@@ -160,7 +160,7 @@ class HTTPTarget:
                 time.sleep(wait + self._jitter(0.1))
                 waited += wait
                 continue
-            if r.status_code in _CLIP_STATUSES:
+            if r.status_code in _CLIP_STATUSES or _refused_by_defence(r):
                 raise ClipRefused(f"the API refuses the clip: {r.status_code} {_detail(r)}")
             if r.status_code in _RETRY_STATUSES:
                 failures += 1
@@ -207,6 +207,18 @@ def _retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def _refused_by_defence(r) -> bool:
+    """A 403 whose problem type says a defence turned this clip away: the key stays valid, the clip
+    is refused (so the run goes on with the clips still answered)."""
+    if r.status_code != 403:
+        return False
+    try:
+        doc = r.json()
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and str(doc.get("type", "")).endswith(":refused-by-defence")
 
 
 def _detail(r) -> str:
