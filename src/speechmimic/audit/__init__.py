@@ -63,7 +63,8 @@ def run_audit(
         "pool_seconds": round(sum(c.duration for c in suite.pool), 1), "budgets": list(budgets),
         "defences": defences, "attackers": {a: vars(ATTACKERS[a]) for a in attackers},
         "steps": steps, "seed": seed, "preset": preset, "benign_streams_per_app": streams, "http": http,
-        "seconds": round(time.time() - t0, 1),
+        "seconds": round(time.time() - t0, 1),  # this run (cells read back cost nothing)
+        "thief_seconds": round(sum(c["seconds"] for c in result["cells"]), 1),  # all thieves, when run
     }  # fmt: skip
     paths = write(summary, out, f"Extraction-risk audit of {target} on {corpus}")
     (Path(out) / "report.json").write_text(json.dumps(summary, indent=2))

@@ -198,7 +198,7 @@ def write(summary: dict, out: str | Path, title: str) -> dict[str, Path]:
     lines += ["", "## What each thief stole", "",
               "| defence | attacker | budget | answered | query s | " + " | ".join(probes)
               + " | mean | without defence | per query-hour | alarm (queries / s) |",
-              "|---" * (8 + len(probes)) + "|"]  # fmt: skip
+              "|---" * (9 + len(probes)) + "|"]  # fmt: skip
     for r in summary["rows"]:
         d = r.get("detector")
         alarm = (
