@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from speechmimic.defences.base import Defence, Query, rng_for, utterance_embedding
+from speechmimic.defences.base import Defence, Query, rms, rng_for, utterance_embedding
 
 
 def calibrate(answers, path: str | Path) -> Path:
@@ -93,10 +93,9 @@ class B4B(Defence):
         out = {}
         for name, frames in answer.items():
             x = np.asarray(frames, np.float32)
-            rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
             rng = rng_for(self.o["seed"], "b4b-noise", q.account, q.digest, name)
             shape = (1, x.shape[1]) if self.o["per"] == "clip" else x.shape
-            out[name] = (x + sigma * rms * rng.standard_normal(shape)).astype(np.float32)
+            out[name] = (x + sigma * rms(x) * rng.standard_normal(shape)).astype(np.float32)
         state["last_sigma"] = np.float64(sigma)
         return out
 

@@ -47,6 +47,11 @@ def rng_for(*parts: Any) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(h[:16], "little"))
 
 
+def rms(x: np.ndarray) -> float:
+    """Root mean square of an answer layer's values (0 for an empty one): what noise is scaled to."""
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
+
+
 def utterance_embedding(answer: dict[str, np.ndarray]) -> np.ndarray:
     """One vector per answer: the time mean of every returned layer, side by side (layers in name
     order), float64."""

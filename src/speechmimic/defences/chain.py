@@ -30,6 +30,7 @@ from speechmimic.defences.transform import Transform
 from speechmimic.targets import Target, parse_spec
 from speechmimic.targets import load_target as load_plain_target
 from speechmimic.targets.base import PartialAnswers, TargetError
+from speechmimic.targets.registry import parse_options
 
 DEFENCES: dict[str, type[Defence]] = {d.kind: d for d in (Noise, Round, Layers, Transform, B4B, Prada, Quota)}
 ACCOUNT = "account"
@@ -37,17 +38,8 @@ DEFAULT_ACCOUNT = "local"
 
 
 def _options(segment: str) -> tuple[str, dict[str, str]]:
-    kind, sep, query = segment.strip().partition("?")
-    options: dict[str, str] = {}
-    if sep and query:
-        for item in query.split("&"):
-            key, eq, value = item.partition("=")
-            if not eq or not key or not value:
-                raise ValueError(f"malformed option {item!r} in {segment!r}; expected key=value")
-            if key in options:
-                raise ValueError(f"option {key!r} given twice in {segment!r}")
-            options[key] = value
-    return kind, options
+    kind, _, query = segment.strip().partition("?")
+    return kind, parse_options(query, repr(segment))
 
 
 def parse_chain(spec: str) -> tuple[str, list[Defence], str | None, str | None]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from speechmimic.defences.base import Defence, Query, rng_for
+from speechmimic.defences.base import Defence, Query, rms, rng_for
 
 
 class Noise(Defence):
@@ -25,8 +25,7 @@ class Noise(Defence):
         out = {}
         for name, frames in answer.items():
             x = np.asarray(frames, np.float32)
-            rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
-            sigma = rms / 10 ** (self.o["snr"] / 20)
+            sigma = rms(x) / 10 ** (self.o["snr"] / 20)
             rng = rng_for(self.o["seed"], q.account, q.digest, name)
             out[name] = (x + sigma * rng.standard_normal(x.shape)).astype(np.float32)
         return out

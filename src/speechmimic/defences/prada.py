@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from speechmimic.defences.base import Defence, Query, Refused, rng_for, utterance_embedding
+from speechmimic.defences.base import Defence, Query, Refused, rms, rng_for, utterance_embedding
 
 MAX_TESTED = 5000  # Shapiro-Wilk's p-value approximation holds up to here; the latest are kept
 
@@ -69,7 +69,7 @@ class Prada(Defence):
             out = {}
             for name, frames in answer.items():
                 x = np.asarray(frames, np.float32)
-                sigma = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) / 10 ** (self.o["snr"] / 20)
+                sigma = rms(x) / 10 ** (self.o["snr"] / 20)
                 rng = rng_for(self.o["seed"], "prada", q.account, q.digest, name)
                 out[name] = (x + sigma * rng.standard_normal(x.shape)).astype(np.float32)
             return out

@@ -54,20 +54,27 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     if not takes_location and colon:
         raise ValueError(f"target kind {kind!r} takes no location, got {spec!r}")
 
-    options: dict[str, str] = {}
-    if sep and query:
-        for item in query.split("&"):
-            key, eq, value = item.partition("=")
-            if not eq or not key or not value:
-                raise ValueError(f"malformed option {item!r} in spec {spec!r}; expected key=value")
-            if key not in valid_keys:
-                raise ValueError(
-                    f"unknown option {key!r} for target kind {kind!r}; valid options: {list(valid_keys)}"
-                )
-            if key in options:
-                raise ValueError(f"option {key!r} given twice in spec {spec!r}")
-            options[key] = value
+    options = parse_options(query if sep else "", f"spec {spec!r}")
+    unknown = [key for key in options if key not in valid_keys]
+    if unknown:
+        raise ValueError(
+            f"unknown option {unknown[0]!r} for target kind {kind!r}; valid options: {list(valid_keys)}"
+        )
     return kind, location, options
+
+
+def parse_options(query: str, where: str) -> dict[str, str]:
+    """``key=value&...`` as a dict; ValueError for a malformed or repeated option (``where`` names
+    the spec in the message)."""
+    options: dict[str, str] = {}
+    for item in query.split("&") if query else []:
+        key, eq, value = item.partition("=")
+        if not eq or not key or not value:
+            raise ValueError(f"malformed option {item!r} in {where}; expected key=value")
+        if key in options:
+            raise ValueError(f"option {key!r} given twice in {where}")
+        options[key] = value
+    return options
 
 
 def load_target(spec: str, device: str = "cpu") -> Target:
