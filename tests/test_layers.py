@@ -33,6 +33,7 @@ FLOW = [
     ("ledger", {"ledger", "sybil"}),  # sybil: several API keys queried as one target
     ("stage 2", {"distill", "compress"}),
     ("measurement", {"fidelity", "upstream", "probe", "evaluate"}),
+    ("proof", {"proof"}),  # watermark and dataset inference: evidence about a suspect upstream
     ("interop", {"s3prl_expert", "export"}),  # our models in other tools: s3prl, ONNX, TorchScript
     ("orchestration", {"extract", "experiment", "report", "demo", "testing", "audit"}),
     ("interface", {"cli", "__init__", "__main__"}),

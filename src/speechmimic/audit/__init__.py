@@ -46,6 +46,8 @@ def run_audit(
     streams: int = 8,
     progress: bool = True,
     http: bool = False,
+    secret: str | None = None,
+    proof: bool = False,
 ) -> dict:
     """Run (or resume) the audit under ``out`` and write ``report.md``, ``report.json`` and plots."""
     t0 = time.time()
@@ -54,7 +56,9 @@ def run_audit(
     defences = defences or default_defences(suite)
     if "none" not in defences:
         defences = {"none": "", **defences}  # every defence is read against no defence
-    cfg = AuditConfig(list(budgets), defences, list(attackers), steps, seed, preset, streams)
+    cfg = AuditConfig(
+        list(budgets), defences, list(attackers), steps, seed, preset, streams, secret=secret, proof=proof
+    )
     audit = Audit(encoder, suite, out, cfg, progress, http)
     result = audit.run()
     summary = summarise(result, cfg)
@@ -63,6 +67,7 @@ def run_audit(
         "pool_seconds": round(sum(c.duration for c in suite.pool), 1), "budgets": list(budgets),
         "defences": defences, "attackers": {a: vars(ATTACKERS[a]) for a in attackers},
         "steps": steps, "seed": seed, "preset": preset, "benign_streams_per_app": streams, "http": http,
+        "secret": secret,
         "seconds": round(time.time() - t0, 1),  # this run (cells read back cost nothing)
         "thief_seconds": round(sum(c["seconds"] for c in result["cells"]), 1),  # all thieves, when run
     }  # fmt: skip

@@ -1,10 +1,12 @@
 """The audit's grid: every budget x defence x attacker is one extraction, plus every defence priced
 on honest traffic; each cached under ``root`` and resumable.
 
-    reference.json                    probe scores of the target (undefended) and MFCC
+    reference.json                    probe scores of the target (undefended) and MFCC (and, with a
+                                      watermark secret, of the unmarked original)
     calibration.npz                   the owner's statistics of ordinary answers (held-out clips)
     ledgers/clean-*/                  the target's own answers, computed once (the owner's, unpaid)
     cells/<defence>/<attacker>/<budget>/   one thief: its ledger, defence state, student, cell.json
+                                      (and proof.json: watermark and dataset inference on its copy)
     benign/<defence>/benign.json      each application's task score and alarms through the defence
 
 A thief is a fresh set of API keys (``<attacker>-<budget>-k<j>``) on a fresh defence state: the
@@ -18,6 +20,7 @@ chain code the server runs).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -47,6 +50,7 @@ from speechmimic.evaluate import compare
 from speechmimic.extract import ExtractConfig, extract
 from speechmimic.ledger import Ledger, content_key, query_clips
 from speechmimic.probe.pooled import ProbeSet, cv_by_state, state_scores, verification_eer
+from speechmimic.proof import Secret, examine
 from speechmimic.serve.process import ServerProcess
 from speechmimic.sybil import Sybils
 from speechmimic.targets import Target
@@ -82,6 +86,8 @@ class AuditConfig:
     preset: str = "small"
     streams: int = 8  # honest streams per application, for the detector's false-positive rate
     fpr: float = 0.05  # the false-positive rate at which the detector's true-positive rate is stated
+    secret: str | None = None  # the owner's watermark secret: each stolen copy is tested for the mark
+    proof: bool = False  # dataset inference on each stolen copy (always with a secret)
 
     def __post_init__(self):
         unknown = [a for a in self.attackers if a not in ATTACKERS]
@@ -169,8 +175,45 @@ class Audit:
             "target": state_scores(load_upstream(self.target, ledger=led), self.suite.probes),
             "mfcc": state_scores(load_upstream("mfcc"), self.suite.probes),
         }
+        if self.cfg.secret:  # what the mark costs the owner: the same probes on the unmarked encoder
+            original = Secret.load(self.cfg.secret).original
+            led = Ledger(self.root / "ledgers" / "original-probes", store="float32")
+            ref["original"] = state_scores(load_upstream(original, ledger=led), self.suite.probes)
         path.write_text(json.dumps(ref, indent=2))
         return ref
+
+    # -- proof of theft on each stolen copy --------------------------------------------------------------
+    def proof(self, budget: str, defence: str, attacker: str, cell: dict) -> dict | None:
+        """The watermark test and dataset inference on the cell's student: private clips are the
+        owner's held-out ones (the trigger is mixed into them too), public ones 128 pool clips this
+        thief never paid for."""
+        if cell["student"] is None or not (self.cfg.proof or self.cfg.secret):
+            return None
+        path = self.cell_dir(budget, defence, attacker) / "proof.json"
+        secret_file = Path(self.cfg.secret) if self.cfg.secret else None
+        wanted = {
+            "secret": str(secret_file),
+            "secret_sha256": hashlib.sha256(secret_file.read_bytes()).hexdigest() if secret_file else None,
+            "student": cell["student"],
+            "seed": self.cfg.seed,
+        }
+        if path.exists() and (record := json.loads(path.read_text())).get("wanted") == wanted:
+            return record["proof"]
+        paid = Ledger(self.cell_dir(budget, defence, attacker) / "ledger")
+        unpaid = [c for c in self.suite.pool if paid.key_of(c.id) is None]
+        order = np.random.default_rng(self.cfg.seed).permutation(len(unpaid))[:128]
+        private = [c.load() for c in self.suite.heldout]
+        found = examine(
+            load_upstream(cell["student"]),
+            Secret.load(secret_file) if secret_file else None,
+            private[:64],
+            private,
+            [unpaid[i].load() for i in order],
+            groups=[c.path for c in self.suite.heldout],
+            seed=self.cfg.seed,
+        )
+        path.write_text(json.dumps({"wanted": wanted, "proof": found}, indent=2))
+        return found
 
     # -- one thief ------------------------------------------------------------------------------------
     def cell_dir(self, budget: str, defence: str, attacker: str) -> Path:
@@ -341,7 +384,9 @@ class Audit:
         try:
             for b, d, a in bar:
                 bar.set_postfix_str(f"{d} / {a} / {b}")
-                records.append(self.cell(b, d, a))
+                record = self.cell(b, d, a)
+                record["proof"] = self.proof(b, d, a, record)
+                records.append(record)
         finally:
             self.close()
         benign = {d: self.benign(d) for d in self.cfg.defences}

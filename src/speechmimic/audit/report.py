@@ -68,6 +68,8 @@ def summarise(result: dict, cfg: AuditConfig) -> dict:
             "recovered_per_query_hour": round(mean / hours, 3) if mean is not None and hours else None,
             "keys": c["keys"],
         }  # fmt: skip
+        if c.get("proof"):
+            row["proof"] = _proof(c["proof"])
         if "server_charged_seconds" in c:  # over HTTP: what the API itself charged these keys
             row["server_charged_seconds"] = c["server_charged_seconds"]
         if c.get("detector"):
@@ -104,7 +106,25 @@ def summarise(result: dict, cfg: AuditConfig) -> dict:
         "benign": benign,
         "detection": detection,
         "verdicts": _verdicts(rows, benign),
+        **({"watermark_cost": _mark_cost(ref)} if "original" in ref else {}),
     }
+
+
+def _proof(found: dict) -> dict:
+    out = {"dataset_inference_p": found["dataset_inference"]["p_value"]}
+    if "watermark" in found:
+        w = found["watermark"]
+        out.update(watermark=w["verdict"], watermark_share=w["share"], watermark_p=w["p_value"])
+    return out
+
+
+def _mark_cost(ref: dict) -> dict:
+    """Per probe: the unmarked original's and the marked target's best score, and the difference in points."""
+    out = {}
+    for p in ref["target"]:
+        before, after = max(ref["original"][p].values()), max(ref["target"][p].values())
+        out[p] = {"original": before, "marked": after, "cost_points": round(100 * (before - after), 2)}
+    return out
 
 
 def _threshold(cfg: AuditConfig, defence: str) -> float | None:
@@ -253,6 +273,28 @@ def write(summary: dict, out: str | Path, title: str) -> dict[str, Path]:
             lines.append(
                 f"| {d}: W min, thieves | {', '.join(_f(w, '{:.3f}') for w in det['attack_w_min'])} | | | |"
             )
+    proofs = [r for r in summary["rows"] if "proof" in r]
+    if proofs or "watermark_cost" in summary:
+        lines += ["", "## Proof of theft", "",
+                  "Each stolen copy tested for the owner's watermark (share of triggered clips decoding to "
+                  "the key, p-value under the null of a model made without the secret) and by dataset "
+                  "inference (p-value that it is more at home on the owner's held-out clips than on pool "
+                  "clips the thief never paid for).", "",
+                  "| defence | attacker | budget | watermark share | watermark p | verdict "
+                  "| dataset inference p |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in proofs:
+            p = r["proof"]
+            lines.append(
+                f"| {r['defence']} | {r['attacker']} | {r['budget']} | {_f(p.get('watermark_share'))} | "
+                f"{_f(p.get('watermark_p'), '{:.2g}')} | {p.get('watermark', '-')} | "
+                f"{p['dataset_inference_p']:.2g} |"
+            )
+        if "watermark_cost" in summary:
+            lines += ["", "What the mark costs the owner (best state of each probe):", "",
+                      "| probe | unmarked | marked | cost (points) |", "|---|---|---|---|"]  # fmt: skip
+            lines += [f"| {p} | {c['original']:.3f} | {c['marked']:.3f} | {c['cost_points']:.1f} |"
+                      for p, c in summary["watermark_cost"].items()]  # fmt: skip
     lines += ["", "## Verdicts", ""] + [f"- {v}" for v in summary["verdicts"]]
     lines += [
         "",

@@ -20,6 +20,7 @@ from speechmimic.cli import (
     export,
     extract,
     fidelity,
+    inference,
     ledger,
     pretrain,
     probe,
@@ -28,6 +29,7 @@ from speechmimic.cli import (
     score,
     select,
     serve,
+    watermark,
 )
 from speechmimic.ledger import LedgerError
 from speechmimic.targets.base import TargetError
@@ -51,6 +53,8 @@ COMMANDS = (
     export,
     serve,
     audit,
+    watermark,
+    inference,
 )
 
 

@@ -216,3 +216,12 @@ def print_config(cfg) -> int:
     json.dump(config.to_dict(cfg), sys.stdout, indent=2)
     print()
     return 0
+
+
+def print_json(result: dict, out: str | None) -> None:
+    """Print ``result`` as JSON, and write it to ``out`` when given (a command's ``--out FILE``)."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)

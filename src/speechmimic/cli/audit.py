@@ -65,6 +65,16 @@ def register(sub) -> None:
         help="thieves pay over the wire: each defence served by 'speechmimic serve' on a loopback port "
         "(OUT/servers), each thief key an API key there; the report adds what the server charged",
     )
+    p.add_argument(
+        "--secret",
+        default=None,
+        metavar="FILE",
+        help="the watermark secret of --target (from 'speechmimic watermark embed'): every stolen copy is "
+        "tested for the mark and by dataset inference, and the report adds what the mark costs on the probes",
+    )
+    p.add_argument(
+        "--proof", action="store_true", help="dataset inference on every stolen copy (implied by --secret)"
+    )
     _options.add_seed(p)
     _options.add_progress(p)
     p.set_defaults(func=run)
@@ -100,6 +110,8 @@ def run(args) -> int:
         streams=args.streams,
         progress=not args.no_progress,
         http=args.http,
+        secret=args.secret,
+        proof=args.proof,
     )
     for verdict in summary["verdicts"]:
         print(verdict)

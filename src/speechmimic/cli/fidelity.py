@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from speechmimic.cli import _options
 from speechmimic.corpus import read_manifest
 from speechmimic.defences import load_target
@@ -42,9 +40,5 @@ def run(args) -> int:
         progress=not args.no_progress,
         chunk_seconds=args.chunk_seconds,
     )
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    _options.print_json(result, args.out)
     return 0

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -107,6 +108,32 @@ class HFTarget:
             # Same formula as transformers' Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm.
             wav = (wav - wav.mean()) / np.sqrt(wav.var() + 1e-7)
         return wav
+
+    # -- fine-tuning (an owner watermarking their encoder) -----------------------------------------------
+    @property
+    def module(self) -> torch.nn.Module:
+        """The weights a fine-tune changes."""
+        return self.model
+
+    def encode(self, wavs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Differentiable answers ``{layer: (B, T, D)}`` for equal-length clips ``(B, N)``, with the
+        checkpoint's input normalisation (dropout stays off: the model is in eval mode)."""
+        if self.normalize:
+            wavs = (wavs - wavs.mean(1, keepdim=True)) / torch.sqrt(
+                wavs.var(1, unbiased=False, keepdim=True) + 1e-7
+            )
+        states = self.model(wavs, output_hidden_states=True).hidden_states
+        return {name: states[i] for name, i in zip(self.layers, self._indices, strict=True)}
+
+    def save_weights(self, directory: str | os.PathLike) -> str:
+        """``save_pretrained`` into ``directory`` (with the preprocessor config, so the input
+        normalisation stays the same); returns the spec that loads it with this target's options."""
+        directory = os.path.abspath(directory)
+        self.model.save_pretrained(directory)
+        (Path(directory) / "preprocessor_config.json").write_text(
+            json.dumps({"do_normalize": self.normalize})
+        )
+        return self.spec.replace(f"hf:{self.location}?", f"hf:{directory}?", 1)
 
     def _buckets(self, lengths: list[int]) -> list[list[int]]:
         max_samples = self.batch_seconds * SAMPLE_RATE

@@ -3,7 +3,8 @@
 A spec is ``<kind>[:<location>][?key=value&...]``:
 
 - ``hf:<local dir or hub id>?layers=...&padding=per_clip|bucket&batch_seconds=60``
-- ``resemblyzer?layers=...&padding=per_clip``
+- ``resemblyzer?layers=...&padding=per_clip&weights=FILE`` (``weights``: a fine-tuned copy, e.g. a
+  watermarked one, in resemblyzer's checkpoint layout)
 - ``http://host:port[/prefix]?key_env=VAR&concurrency=8&timeout=60&retries=8&dtype=float32`` (or
   ``https://``): an embedding API (see :mod:`speechmimic.targets.http`)
 
@@ -27,7 +28,7 @@ _HTTP_OPTIONS = ("key_env", "concurrency", "timeout", "retries", "dtype")
 # kind -> (takes a location, accepted option keys)
 _KINDS: dict[str, tuple[bool, tuple[str, ...]]] = {
     "hf": (True, ("layers", "padding", "batch_seconds")),
-    "resemblyzer": (False, ("layers", "padding")),
+    "resemblyzer": (False, ("layers", "padding", "weights")),
     "http": (True, _HTTP_OPTIONS),
     "https": (True, _HTTP_OPTIONS),
 }
@@ -113,8 +114,14 @@ def load_target(spec: str, device: str = "cpu") -> Target:
         )
     from speechmimic.targets.resemblyzer import ResemblyzerTarget
 
+    weights = options.get("weights")
+    if weights is not None and not os.path.isfile(weights):
+        raise ValueError(f"{spec!r}: weights file {weights!r} does not exist")
     return ResemblyzerTarget(
-        layers=options.get("layers"), padding=options.get("padding", "per_clip"), device=device
+        layers=options.get("layers"),
+        padding=options.get("padding", "per_clip"),
+        device=device,
+        weights=weights,
     )
 
 

@@ -57,7 +57,13 @@ class ResemblyzerTarget:
     min_samples = N_FFT
     padding = "per_clip"
 
-    def __init__(self, layers: str | None = None, padding: str = "per_clip", device: str = "cpu"):
+    def __init__(
+        self,
+        layers: str | None = None,
+        padding: str = "per_clip",
+        device: str = "cpu",
+        weights: str | None = None,
+    ):
         import librosa
 
         if padding != "per_clip":
@@ -66,8 +72,11 @@ class ResemblyzerTarget:
         self._indices = parse_layers(layers, count=N_LAYERS, first=1, default=N_LAYERS)
         self.layers = [f"lstm{i}" for i in self._indices]
         self.spec = f"resemblyzer?layers={','.join(map(str, self._indices))}"
+        if weights is not None:
+            weights = os.path.abspath(weights)
+            self.spec += f"&weights={weights}"
 
-        checkpoint = torch.load(weights_path(), map_location="cpu", weights_only=True)
+        checkpoint = torch.load(weights or weights_path(), map_location="cpu", weights_only=True)
         state = checkpoint["model_state"]
         self.lstms = nn.ModuleList()
         for layer in range(N_LAYERS):
@@ -112,6 +121,42 @@ class ResemblyzerTarget:
     def _prepare(self, wav: np.ndarray) -> np.ndarray:
         wav = as_clip(wav, self.min_samples)
         return normalize_volume(wav)
+
+    # -- fine-tuning (an owner watermarking their encoder) -----------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        """The weights a fine-tune changes."""
+        return self.lstms
+
+    def encode(self, wavs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Differentiable answers ``{layer: (B, T, 256)}`` for equal-length raw clips ``(B, N)``: the
+        same preprocessing as an API call (volume raised to -30 dBFS), with gradients."""
+        rms = wavs.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)
+        gain = (10 ** (TARGET_DBFS / 20) / rms).clamp_min(1.0)  # increase only, as normalize_volume
+        hidden = self.mel(wavs * gain)
+        outputs = {}
+        for layer in range(1, self._depth + 1):
+            hidden, _ = self.lstms[layer - 1](hidden)
+            if layer in self._indices:
+                outputs[f"lstm{layer}"] = hidden
+        return outputs
+
+    def save_weights(self, directory: str | os.PathLike) -> str:
+        """Write the (fine-tuned) weights as resemblyzer's checkpoint layout; returns the spec that
+        loads them with this target's layers."""
+        os.makedirs(directory, exist_ok=True)
+        state = {
+            f"lstm.{name}_l{layer}": getattr(lstm, f"{name}_l0").detach().cpu().clone()
+            for layer, lstm in enumerate(self.lstms)
+            for name in _LSTM_PARAMS
+        }
+        # The linear projection is not among the frame-level answers; kept so the file stays complete.
+        original = torch.load(weights_path(), map_location="cpu", weights_only=True)["model_state"]
+        state.update({k: v for k, v in original.items() if not k.startswith("lstm.")})
+        path = os.path.join(directory, "resemblyzer.pt")
+        torch.save({"model_state": state}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        return f"resemblyzer?layers={','.join(map(str, self._indices))}&weights={os.path.abspath(path)}"
 
     def _forward(self, batch: torch.Tensor) -> list[dict[str, np.ndarray]]:
         with torch.inference_mode():
