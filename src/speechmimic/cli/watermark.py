@@ -20,9 +20,19 @@ def register(sub) -> None:
         "verify: mix the trigger into clips, ask the suspect, and report the share of clips that "
         "decode to the key, its p-value under the null of a model made without the secret, and a verdict.",
     )
-    sub2 = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sub2 = p.add_subparsers(
+        dest="action",
+        metavar="ACTION",
+        required=True,
+        help="embed (mark your encoder) or verify (test a suspect)",
+    )
 
-    e = sub2.add_parser("embed", help="fine-tune an encoder to carry a watermark")
+    e = sub2.add_parser(
+        "embed",
+        help="fine-tune an encoder to carry a watermark",
+        description="Fine-tune --target on your clips so that it carries a watermark; write the marked "
+        "weights to --out and the secret to --secret (keep it apart: it proves ownership).",
+    )
     _options.add_target(e)
     e.add_argument("--manifest", required=True, help="your own clips to fine-tune on (a corpus manifest)")
     e.add_argument("--out", required=True, metavar="DIR", help="folder for the marked weights")
@@ -36,7 +46,12 @@ def register(sub) -> None:
     _options.add_progress(e)
     e.set_defaults(func=run_embed)
 
-    v = sub2.add_parser("verify", help="test a suspect upstream (a student, a target spec, an HTTP API)")
+    v = sub2.add_parser(
+        "verify",
+        help="test a suspect upstream (a student, a target spec, an HTTP API)",
+        description="Ask the suspect each clip as it is and with the secret trigger; report the share of "
+        "clips whose decoded reaction is close to the key, its p-value and a verdict.",
+    )
     v.add_argument("--secret", required=True, metavar="FILE", help="the secret written by 'embed'")
     v.add_argument(
         "--suspect",
