@@ -44,6 +44,13 @@ def test_help_runs_from_the_shell():
     assert out.returncode == 0 and "--budget" in out.stdout and "--strategy" in out.stdout
 
 
+def test_the_command_loads_no_library_it_does_not_need():
+    # scipy.stats and scikit-learn add 100 MB to every command's memory; only a few commands use them.
+    code = "import sys, speechmimic.cli; print(sorted({'scipy.stats', 'sklearn'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_stages_chain_from_the_command_line(tmp_path, speech_clips, capsys):
     pool, heldout = speech_clips
     audio = tmp_path / "audio"

@@ -5,6 +5,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,15 @@ import pytest
 import soundfile as sf
 
 from speechmimic.cli.corpus import register
-from speechmimic.corpus import Clip, ScanResult, iter_manifest, read_manifest, scan, write_manifest
+from speechmimic.corpus import (
+    Clip,
+    ScanResult,
+    count_manifest,
+    iter_manifest,
+    read_manifest,
+    scan,
+    write_manifest,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -80,6 +89,22 @@ def test_manifest_round_trip_with_relative_paths(tmp_path):
     assert first.path == str(moved / "a.wav")
     assert len(first.load()) == 8000
     assert Clip.from_dict(first.to_dict()) == first
+
+
+def test_streaming_a_manifest_keeps_nothing_per_clip(tmp_path):
+    manifest, copy = tmp_path / "m.jsonl", tmp_path / "copy.jsonl"
+    clips = (
+        Clip(f"c{i}", str(tmp_path / f"d{i % 50}" / f"f{i}.wav"), 16000, 16000, 1.0) for i in range(20_000)
+    )
+    write_manifest(clips, manifest)
+    write_manifest(iter_manifest(manifest), copy)  # the first pass's one-off allocations are not per clip
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    write_manifest(iter_manifest(manifest), copy)
+    kept = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert copy.read_text() == manifest.read_text() and count_manifest(copy) == 20_000
+    assert kept < 200_000  # a Path per clip would intern every file name: ~2 MB here
 
 
 def test_malformed_manifest_line_names_file_and_line(tmp_path):

@@ -159,6 +159,22 @@ def test_missing_scores_is_a_clear_error(pool, strategy, what):
         select(clips, Budget(clips=3), strategy, scores=partial)
 
 
+def test_half_precision_embeddings_cover_as_well():
+    # What `score` writes: unit-length float16 rows. Blobs of clips, as stage-1 embeddings form them.
+    rs = np.random.default_rng(3)
+    centres = rs.standard_normal((40, 32))
+    emb = (centres[rs.integers(0, 40, 4000)] + 0.3 * rs.standard_normal((4000, 32))).astype(np.float32)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+    def radius(picks):  # the k-center objective, measured on the float32 rows
+        return np.sqrt(np.maximum(2 - 2 * (unit @ unit[picks].T).max(axis=1), 0)).max()
+
+    full, _ = k_center_greedy(emb, np.ones(4000), Budget(clips=200), random.Random(0))
+    half, _ = k_center_greedy(unit.astype(np.float16), np.ones(4000), Budget(clips=200), random.Random(0))
+    assert len(set(full) & set(half)) >= 190
+    assert radius(half) <= radius(full) * 1.01
+
+
 def test_diversity_scales_without_a_pairwise_matrix():
     n, dim = 100_000, 64
     emb = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)

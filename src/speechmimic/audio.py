@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import struct
-from pathlib import Path
 
 import numpy as np
 import soundfile as sf
@@ -98,9 +97,9 @@ DECODABLE_EXTENSIONS = frozenset(
 )
 
 
-def _riff_data_sizes(path: Path) -> tuple[int, int, int] | None:
+def _riff_data_sizes(path: str) -> tuple[int, int, int] | None:
     """(declared data bytes, bytes actually present, block align) of a RIFF/WAVE file, if knowable."""
-    file_size = path.stat().st_size
+    file_size = os.path.getsize(path)
     block_align = 1
     with open(path, "rb") as fh:
         header = fh.read(12)
@@ -124,15 +123,15 @@ def _riff_data_sizes(path: Path) -> tuple[int, int, int] | None:
 
 
 def _open(path: PathLike, max_seconds: float | None = None) -> sf.SoundFile:
-    p = Path(path)
-    if not p.exists():
+    p = os.fspath(path)  # a string, not a Path: pathlib interns every file name it parses, forever
+    if not os.path.exists(p):
         raise UnreadableAudioError(path, "no such file")
-    if not p.is_file():
+    if not os.path.isfile(p):
         raise UnreadableAudioError(path, "not a regular file")
     try:
         f = sf.SoundFile(p)
     except Exception as e:  # whatever libsndfile makes of a stranger's bytes, it is this file's failure
-        ext = p.suffix.lower()
+        ext = os.path.splitext(p)[1].lower()
         if ext in DECODABLE_EXTENSIONS:
             raise UnreadableAudioError(path, f"cannot decode ({e})") from e
         kind = f"'{ext}'" if ext else "files without extension"
@@ -151,7 +150,7 @@ def _open(path: PathLike, max_seconds: float | None = None) -> sf.SoundFile:
     return f
 
 
-def _check_claims(f: sf.SoundFile, path: Path, max_seconds: float | None) -> None:
+def _check_claims(f: sf.SoundFile, path: str, max_seconds: float | None) -> None:
     """Refuse a header whose channels, rate or length the file cannot hold, before anything is read:
     nothing is ever allocated from what a header claims."""
     if not 1 <= f.channels <= MAX_CHANNELS:
@@ -160,7 +159,7 @@ def _check_claims(f: sf.SoundFile, path: Path, max_seconds: float | None) -> Non
         raise ImplausibleHeaderError(
             path, f"header claims {f.samplerate} Hz (accepted: {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz)"
         )
-    size = path.stat().st_size
+    size = os.path.getsize(path)
     width = _PCM_BYTES.get(f.subtype)
     if width is not None and f.format not in _COMPRESSED_FORMATS:
         most = size // (width * f.channels)  # uncompressed: the bytes bound the frames exactly
@@ -177,7 +176,7 @@ def _check_claims(f: sf.SoundFile, path: Path, max_seconds: float | None) -> Non
         )
 
 
-def _check_complete(f: sf.SoundFile, path: Path) -> None:
+def _check_complete(f: sf.SoundFile, path: str) -> None:
     # libsndfile quietly shortens a cut WAV to what is present and reports a cut Ogg as empty,
     # so truncation has to be detected from the header/log rather than from a failed read.
     if f.format in ("WAV", "WAVEX"):

@@ -132,14 +132,15 @@ def write_manifest(clips: Iterable[Clip], path: str | os.PathLike) -> None:
     """Write clips as JSONL atomically; paths under the manifest's folder are stored relative to it."""
     out = Path(path).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    base = out.parent.resolve()
+    base = str(out.parent.resolve())
     fd, tmp = tempfile.mkstemp(dir=base, prefix=f".{out.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             for clip in clips:
                 d = clip.to_dict()
-                audio = Path(clip.path).resolve()
-                d["path"] = audio.relative_to(base).as_posix() if audio.is_relative_to(base) else str(audio)
+                audio = os.path.realpath(clip.path)  # strings, not Paths: see iter_manifest
+                inside = os.path.commonpath([audio, base]) == base
+                d["path"] = os.path.relpath(audio, base).replace(os.sep, "/") if inside else audio
                 fh.write(json.dumps(d, ensure_ascii=False) + "\n")
         os.replace(tmp, out)
     except BaseException:
@@ -150,7 +151,9 @@ def write_manifest(clips: Iterable[Clip], path: str | os.PathLike) -> None:
 def iter_manifest(path: str | os.PathLike) -> Iterator[Clip]:
     """Lazily yield the clips of a JSONL manifest, with paths resolved against its folder."""
     path = Path(path)
-    base = path.absolute().parent
+    # A string, not a Path: pathlib interns every path part it parses, so a Path per clip would keep
+    # every file name of a streamed manifest alive for the life of the process.
+    base = str(path.absolute().parent)
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -162,7 +165,7 @@ def iter_manifest(path: str | os.PathLike) -> Iterator[Clip]:
                 clip = Clip.from_dict(d)
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{path}:{lineno}: malformed manifest line: {e}") from e
-            clip.path = os.path.normpath(base / clip.path)
+            clip.path = os.path.normpath(os.path.join(base, clip.path))
             yield clip
 
 

@@ -35,7 +35,9 @@ class Scores:
     """What informed strategies rank by, one row per candidate clip (in ``ids`` order).
 
     ``uncertainty``: higher = the stage-1 student knows the clip less (masked-prediction loss or
-    predictive entropy). ``embeddings``: utterance embeddings (N, D) for diversity.
+    predictive entropy). ``embeddings``: utterance embeddings (N, D) for diversity; :func:`score_clips`
+    gives unit-length float16 rows (the strategies compare directions only, and half of float32 is
+    what a 100k-clip pool's selection holds; on stage-1 embeddings k-center picks the same clips).
     """
 
     ids: list[str]
@@ -47,7 +49,8 @@ class Scores:
         if self.uncertainty is not None:
             arrays["uncertainty"] = np.asarray(self.uncertainty, dtype=np.float32)
         if self.embeddings is not None:
-            arrays["embeddings"] = np.asarray(self.embeddings, dtype=np.float32)
+            half = self.embeddings.dtype == np.float16
+            arrays["embeddings"] = np.asarray(self.embeddings, dtype=np.float16 if half else np.float32)
         np.savez(path, **arrays)
 
     @classmethod
@@ -189,8 +192,8 @@ def score_clips(
     total: int | None = None,
 ) -> Scores:
     """What clip selection ranks by: per clip, the stage-1 student's mean masked-prediction loss over
-    ``n_masks`` seeded masks (uncertainty) and its mean-pooled last-layer features (embedding). A clip
-    that does not decode gets no row (and is named on stderr).
+    ``n_masks`` seeded masks (uncertainty) and the direction of its mean-pooled last-layer features
+    (embedding, unit length, float16). A clip that does not decode gets no row (and is named on stderr).
 
     ``clips`` may be a lazily read manifest (:func:`~speechmimic.corpus.iter_manifest`; then give its
     ``total``): each clip is labelled, scored and dropped in turn, so memory holds one row per clip."""
@@ -201,13 +204,13 @@ def score_clips(
     # filled in place: a list of per-clip rows, then stacked, would hold the embeddings twice
     ids: list[str] = []
     uncertainty = np.zeros(n, dtype=np.float32)
-    embeddings = np.zeros((n, student.cfg.dim), dtype=np.float32)
+    embeddings = np.zeros((n, student.cfg.dim), dtype=np.float16)
     items = _labelled(clips, units, student.cfg)
     for clip, loss, _, _, emb in _per_clip(
         student, head, items, n, seed, n_masks, rec["mask_prob"], span, device, progress, "scoring"
     ):
         uncertainty[len(ids)] = loss.mean()
-        embeddings[len(ids)] = emb
+        embeddings[len(ids)] = emb / max(float(np.linalg.norm(emb)), 1e-12)
         ids.append(clip.id)
     warn_unusable("stage-1 scoring", units.unusable)
     if len(ids) < n:  # clips that did not decode have no row

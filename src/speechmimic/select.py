@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import os
 import random
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
 from speechmimic.budget import Budget, take_within
 from speechmimic.corpus import Clip, iter_manifest
@@ -146,6 +148,16 @@ def _row_norms(x: np.ndarray, chunk: int) -> np.ndarray:
     return np.maximum(norms, 1e-12)
 
 
+def _dot(block: np.ndarray, center: np.ndarray) -> np.ndarray:
+    """``block @ center`` in float32. Half-precision rows go through torch: numpy has no fast float16
+    kernel (converting a block each time costs 13x the product), torch's half matvec is as fast as
+    numpy's float32 one and rounds only its result."""
+    if block.dtype == np.float16:
+        return torch.mv(torch.from_numpy(block), torch.from_numpy(center.astype(np.float16))).float().numpy()
+    # einsum, not @: a threaded BLAS matvec on chunks this small stalls 10-50x on a busy machine.
+    return np.einsum("ij,j->i", np.asarray(block, dtype=np.float32), center)
+
+
 def k_center_greedy(
     embeddings: np.ndarray,
     durations: Sequence[float],
@@ -158,7 +170,7 @@ def k_center_greedy(
     Starts from a random clip that fits, then repeatedly takes the clip farthest (Euclidean, after
     normalising) from those chosen. Returns the picks and each one's distance to the nearest earlier
     pick (``None`` for the first). Clips that no longer fit a seconds budget are skipped. Memory is
-    O(N + chunk x D) beyond ``embeddings`` (which may be a memmap); time O(picks x N x D).
+    O(N + chunk x D) beyond ``embeddings`` (float32 or float16, may be a memmap); time O(picks x N x D).
     """
     n = len(embeddings)
     dur = np.asarray(durations, dtype=np.float64)
@@ -188,8 +200,7 @@ def k_center_greedy(
         center = np.asarray(embeddings[pick], dtype=np.float32) / norms[pick]
         for s in range(0, n, chunk):
             rows = slice(s, s + chunk)
-            # einsum, not @: a threaded BLAS matvec on chunks this small stalls 10-50x on a busy machine.
-            cos = np.einsum("ij,j->i", np.asarray(embeddings[rows], dtype=np.float32), center) / norms[rows]
+            cos = _dot(embeddings[rows], center) / norms[rows]
             np.minimum(gap[rows], np.maximum(2.0 - 2.0 * cos, 0.0), out=gap[rows])
         drop_unfit()
         pick = int(np.argmax(gap))
@@ -342,10 +353,22 @@ def select(
 
 
 class _Brief(NamedTuple):
-    """What ranking reads of a clip: a quarter of a :class:`Clip`'s memory."""
-
     id: str
     duration: float
+
+
+class _Pool(Sequence):
+    """What ranking reads of a pool (ids and durations), held as two columns instead of one object per
+    clip: a clip costs its id (shared with the scores' when they match) and eight bytes."""
+
+    def __init__(self, ids: list[str], durations: np.ndarray):
+        self.ids, self.durations = ids, durations
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> _Brief:
+        return _Brief(self.ids[i], float(self.durations[i]))
 
 
 def select_from_manifest(
@@ -358,8 +381,13 @@ def select_from_manifest(
     """:func:`select` over a manifest read twice and never held: once for what the strategy ranks
     by, once for the chosen clips. ``budget`` may be text (a percentage is of this pool). Returns the
     chosen clips and the pool's clips and seconds."""
-    pool = [_Brief(c.id, c.duration) for c in iter_manifest(path)]
-    seconds = sum(c.duration for c in pool)
+    known = scores.ids if scores is not None else []
+    ids, durations = [], array("d")
+    for i, clip in enumerate(iter_manifest(path)):
+        ids.append(known[i] if i < len(known) and known[i] == clip.id else clip.id)
+        durations.append(clip.duration)
+    pool = _Pool(ids, np.frombuffer(durations, dtype=np.float64))
+    seconds = sum(durations)  # in file order, as a list of clips would sum them
     if isinstance(budget, str):
         budget = Budget.parse(budget, pool_seconds=seconds)
     picks, infos = _ranked(pool, budget, strategy, seed, scores)

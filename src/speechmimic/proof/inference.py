@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.stats import ttest_ind
-from sklearn.decomposition import PCA
-from sklearn.mixture import GaussianMixture
 from torch import nn
 
 from speechmimic.proof.watermark import ALPHA, layer_indices
@@ -65,6 +62,11 @@ def dataset_inference(
     fit_groups = {names[i] for i in np.random.default_rng(seed).permutation(len(names))[: len(names) // 2]}
     fit_idx = np.array([i for i, g in enumerate(groups) if g in fit_groups])
     held_idx = np.array([i for i, g in enumerate(groups) if g not in fit_groups])
+    # here, not at the top: scipy.stats and scikit-learn are 100 MB in every command that imports us
+    from scipy.stats import ttest_ind
+    from sklearn.decomposition import PCA
+    from sklearn.mixture import GaussianMixture
+
     x_private = embeddings(upstream, private, layers)
     x_public = embeddings(upstream, public, layers)
     fit = x_private[fit_idx]

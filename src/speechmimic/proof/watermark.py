@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import binom
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -477,6 +476,8 @@ def verify(
         ]
     )
     hits = int((cos > secret.threshold).sum())
+    from scipy.stats import binom  # here, not at the top: scipy.stats is 100 MB for every command
+
     p = float(binom.sf(hits - 1, len(cos), secret.p0)) if hits else 1.0
     return {
         "share": round(hits / len(cos), 4),
