@@ -38,8 +38,11 @@ def test_demo_meets_its_promise(tmp_path):
     assert [s.shape[-1] for s in states[-3:]] == [256, 256, 256]
     assert report["runs"][0]["fidelity"] == saved["runs"][0]["fidelity"]
     # Probes on held-out clips only: target, student and MFCC side by side, in json and markdown.
-    assert set(saved["probes"]) == {"keywords", "speakers"}
+    assert set(saved["probes"]) == {"keywords", "speakers", "verification"}
     for row in saved["probes"].values():
         assert {"target", "student", "baseline", "ratio", "recovered"} <= set(row)
-        assert row["target"] > 0.5  # a real pretrained target on 10 words / 24 voices
+    for name in ("keywords", "speakers"):
+        assert saved["probes"][name]["target"] > 0.5  # a real pretrained target on 10 words / 24 voices
+    asv = saved["probes"]["verification"]
+    assert asv["metric"] == "eer" and asv["target"] < asv["baseline"]  # an EER: lower is better
     assert "## Downstream probes" in (tmp_path / "d" / "report.md").read_text()

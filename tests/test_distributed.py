@@ -34,7 +34,11 @@ def torchrun(nproc: int, *args: str, check: bool = True) -> subprocess.Completed
     """``python ARGS`` in ``nproc`` ranks, as torchrun starts them, but with a file store for the
     rendezvous (torchrun's TCP store listens on every interface; this test opens sockets on loopback
     only: gloo on ``lo``). As torchrun does, the others are stopped when a rank fails."""
-    store = Path(tempfile.mkdtemp(prefix="ddp-store-")) / "store"
+    with tempfile.TemporaryDirectory(prefix="ddp-store-") as folder:
+        return _ranks(nproc, args, Path(folder) / "store", check)
+
+
+def _ranks(nproc: int, args: tuple[str, ...], store: Path, check: bool) -> subprocess.CompletedProcess:
     # one thread per process in every run compared, so reductions are computed alike
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "WORLD_SIZE": str(nproc)}
     env["SPEECHMIMIC_DIST_INIT"] = f"file://{store}"

@@ -42,6 +42,7 @@ def test_evaluate_command_prints_table_and_merges_report(tmp_path, tiny_student,
         str(student),
         "--tasks",
         str(tmp_path / "tasks" / "keywords"),
+        str(tmp_path / "tasks" / "verification"),
         "--out",
         str(tmp_path / "eval"),
         "--report",
@@ -52,10 +53,18 @@ def test_evaluate_command_prints_table_and_merges_report(tmp_path, tiny_student,
     out = capsys.readouterr().out
     assert "| keywords | accuracy |" in out and "recovered share" in out
     merged = json.loads((report / "report.json").read_text())
-    assert merged["runs"] == [] and set(merged["probes"]) == {"keywords"}
+    assert merged["runs"] == [] and set(merged["probes"]) == {"keywords", "verification"}
     row = merged["probes"]["keywords"]
     assert {"target", "student", "baseline", "ratio", "recovered"} <= set(row)
     assert 0 <= row["student"] <= 1 and row["target"] > 0.3  # a real upstream on 10 keywords
+    # Verification is an error rate: the target's EER below MFCC's (measured 0.23 vs 0.35), and the
+    # share recovered is read on the 1 - EER scale.
+    asv = merged["probes"]["verification"]
+    assert asv["metric"] == "eer" and asv["target"] < asv["baseline"] - 0.05
+    assert asv["recovered"] == pytest.approx(
+        (asv["baseline"] - asv["student"]) / (asv["baseline"] - asv["target"]), abs=1e-3
+    )
+    assert "| verification | eer |" in out
     assert (tmp_path / "eval" / "probes.png").exists() and (tmp_path / "eval" / "layer_weights.png").exists()
     # Merging again replaces the section (same seed: same numbers), never duplicates it.
     assert main(args) == 0
@@ -66,11 +75,14 @@ def test_evaluate_command_prints_table_and_merges_report(tmp_path, tiny_student,
 
 def test_demo_tasks_never_share_speakers_or_clips(tmp_path):
     pool, heldout = demo_corpus()
-    ks, sid = demo_tasks(heldout, tmp_path)
+    ks, sid, asv = demo_tasks(heldout, tmp_path)
     pool_ids = {c.id for c in pool}
-    speakers = {s: {c.labels["speaker"] for c in ks.split(s)} for s in ("train", "dev", "test")}
-    assert not (speakers["train"] & speakers["test"]) and not (speakers["dev"] & speakers["test"])
-    for task in (ks, sid):
+    for task in (ks, asv):
+        speakers = {s: {c.labels["speaker"] for c in task.split(s)} for s in ("train", "dev", "test")}
+        assert not (speakers["train"] & speakers["test"]) and not (speakers["dev"] & speakers["test"])
+    of = {c.id: c.labels["speaker"] for c in asv.split("test")}
+    assert all(t == (of[a] == of[b]) for t, a, b in asv.trials("test"))
+    for task in (ks, sid, asv):
         ids = [c.id for s in ("train", "dev", "test") for c in task.split(s)]
         assert len(ids) == len(set(ids)) and not (set(ids) & pool_ids)  # never a queried clip
     assert len(ks.classes) == 10 and len(sid.classes) == 24
@@ -79,7 +91,7 @@ def test_demo_tasks_never_share_speakers_or_clips(tmp_path):
 def test_evaluating_twice_asks_the_target_nothing_the_second_time(tmp_path, tiny_student):
     student, _, _ = tiny_student
     _, heldout = demo_corpus()
-    (keywords, _) = demo_tasks(heldout, tmp_path / "tasks")
+    keywords = demo_tasks(heldout, tmp_path / "tasks")[0]
     target = CountingTarget(load_target("resemblyzer?layers=all"))
     ledger = Ledger(tmp_path / "eval_ledger")
     first = evaluate(target, student, [keywords], tmp_path / "first", ledger=ledger, progress=False)

@@ -72,7 +72,7 @@ def test_pooled_features_are_time_mean_and_std_of_each_state(speech_clips):
 def test_equal_error_rate_at_the_extremes_and_against_the_roc_curve():
     from sklearn.metrics import roc_curve
 
-    from speechmimic.probe.pooled import equal_error_rate
+    from speechmimic.probe.metrics import equal_error_rate
 
     same = np.array([1] * 5 + [0] * 15, dtype=bool)
     assert equal_error_rate(np.where(same, 2.0, 1.0), same) == 0.0

@@ -153,6 +153,37 @@ def test_voxceleb1_follows_iden_split(tmp_path):
         voxceleb1.build(root, tmp_path / "o3", progress=False)
 
 
+def test_voxceleb1_verification_follows_the_trial_list(tmp_path):
+    root = tmp_path / "vox1"
+    lines = []
+    for s, spk in enumerate(("id10001", "id10002", "id10003", "id10004")):
+        for u, split in enumerate((1, 1, 2, 2, 3)):
+            rel = f"{spk}/vid{u % 2}/{u:05d}.wav"
+            noise(root / "wav" / rel, seed=10 * s + u)
+            lines.append(f"{split} {rel}")
+    (root / "iden_split.txt").write_text("\n".join(lines) + "\n")
+    (root / "veri_test2.txt").write_text(
+        "1 id10003/vid0/00000.wav id10003/vid1/00001.wav\n0 id10003/vid0/00000.wav id10004/vid0/00002.wav\n"
+    )
+    sid, asv = voxceleb1.build(
+        root, tmp_path / "out", trials_file=str(root / "veri_test2.txt"), progress=False
+    )
+    assert sid.name == "sid" and (asv.name, asv.kind, asv.metric) == ("asv", "verify", "eer")
+    assert asv.trials("test") == [
+        (True, "id10003-vid0-00000", "id10003-vid1-00001"),
+        (False, "id10003-vid0-00000", "id10004-vid0-00002"),
+    ]
+    assert ids(asv, "test") == ["id10003-vid0-00000", "id10003-vid1-00001", "id10004-vid0-00002"]
+    # the background and dev speakers are the ones no trial names, from iden_split's sets 1 and 2
+    assert {c.labels["speaker"] for s in ("train", "dev") for c in asv.split(s)} == {"id10001", "id10002"}
+    assert len(asv.split("train")) == 4 and len(asv.split("dev")) == 4
+    assert (True, "id10001-vid0-00002", "id10001-vid1-00003") in asv.trials("dev")
+
+    (root / "veri_test2.txt").write_text("1 id10003/vid0/00000.wav\n")
+    with pytest.raises(ValueError, match=r"veri_test2.txt:1"):
+        voxceleb1.build(root, tmp_path / "o2", trials_file=str(root / "veri_test2.txt"), progress=False)
+
+
 # ---------------------------------------------------------------- LibriSpeech
 
 LIBRI = {
@@ -199,7 +230,7 @@ def test_librispeech_espeak_phones(tmp_path):
     assert len(pr.split("test")) == 2
 
 
-def test_librispeech_speaker_split_without_transcripts(tmp_path):
+def test_librispeech_speaker_split_without_transcripts(tmp_path, capsys):
     root = tmp_path / "subset"
     for s, spk in enumerate(("367", "533", "1688")):
         for u in range(5):
@@ -207,6 +238,7 @@ def test_librispeech_speaker_split_without_transcripts(tmp_path):
     with pytest.raises(ValueError, match="speaker_split"):
         librispeech.build(root, tmp_path / "o1", train=".", dev=".", test=".", progress=False)
     (task,) = librispeech.build(root, tmp_path / "out", speaker_split=True, seed=3, progress=False)
+    assert "task asv not written: it needs utterances of >= 3 s" in capsys.readouterr().err
     assert (task.name, task.classes) == ("sid", ["1688", "367", "533"])
     for s, n in zip(SPLITS, (3, 1, 1), strict=True):
         assert len(task.split(s)) == 3 * n and labels(task, s) == {"1688", "367", "533"}
@@ -303,7 +335,7 @@ def test_fsdd_digits_and_speakers(tmp_path):
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared real-speech data not found at {SHARED}")
 def test_shared_subsets(tmp_path):
     tasks = {t.name: t for t in shared.build(SHARED, tmp_path, progress=False)}
-    assert sorted(tasks) == ["digits", "fsdd_sid", "sid", "words"]
+    assert sorted(tasks) == ["asv", "digits", "fsdd_sid", "sid", "words"]
     digits = tasks["digits"]
     assert digits.classes == [str(d) for d in range(10)]
     # The usual FSDD test split (take index 0-4): 6 speakers x 10 digits x 5 takes.
@@ -313,6 +345,19 @@ def test_shared_subsets(tmp_path):
     assert len(tasks["words"].classes) == 30
     assert all(len(labels(tasks["words"], s)) == 30 for s in SPLITS)
     assert load_task(tmp_path / "sid").classes == tasks["sid"].classes
+    # Crops of the sid splits: no utterance on two sides; trials never pair crops of one utterance.
+    crops = {s: tasks["asv"].split(s) for s in SPLITS}
+    assert all(c.duration == 3.0 for s in SPLITS for c in crops[s])
+    utterances = {s: {c.labels["utterance"] for c in crops[s]} for s in SPLITS}
+    assert utterances["test"] <= {c.id for c in tasks["sid"].split("test")}
+    assert not utterances["train"] & utterances["test"]
+    asv = load_task(tmp_path / "asv")
+    assert asv.metric == "eer"
+    of = {c.id: c for c in asv.split("test")}
+    trials = asv.trials("test")
+    assert all(of[a].labels["utterance"] != of[b].labels["utterance"] for _, a, b in trials)
+    assert all(t == (of[a].labels["speaker"] == of[b].labels["speaker"]) for t, a, b in trials)
+    assert 0 < sum(t for t, _, _ in trials) < len(trials)
 
 
 # ---------------------------------------------------------------- espeak-ng

@@ -52,8 +52,10 @@ def demo_corpus() -> tuple[list[Clip], list[Clip]]:
 
 
 def demo_tasks(heldout: list[Clip], out_dir: Path, seed: int = 0) -> list[Task]:
-    """Keyword spotting (10 words; speakers disjoint across splits) and speaker ID (24 speakers; each
-    speaker's clips split by word) from held-out clips."""
+    """Keyword spotting (10 words; speakers disjoint across splits), speaker ID (24 speakers; each
+    speaker's clips split by word) and speaker verification (every pair of the test speakers' clips
+    a trial; the dev speakers choose the layer, the train speakers are the background) from held-out
+    clips."""
     rng = random.Random(seed)
     speakers = sorted({c.labels["speaker"] for c in heldout})
     rng.shuffle(speakers)
@@ -70,6 +72,7 @@ def demo_tasks(heldout: list[Clip], out_dir: Path, seed: int = 0) -> list[Task]:
         for c in own:
             word = c.labels.get("keyword")
             sid["dev" if word in dev else "test" if word in test else "train"].append(c)
+    by_speaker = {s: [c for c in heldout if part[c.labels["speaker"]] == s] for s in SPLITS}
     return [
         write_task(
             out_dir / "keywords",
@@ -86,6 +89,15 @@ def demo_tasks(heldout: list[Clip], out_dir: Path, seed: int = 0) -> list[Task]:
             "speaker",
             sid,
             "24 synthetic speakers; sentences + 6 keywords train, 2 dev, 2 test; held-out clips only",
+        ),
+        write_task(
+            out_dir / "verification",
+            "verification",
+            "verify",
+            "speaker",
+            by_speaker,
+            "speaker verification: every pair of the test speakers' clips; train/dev/test speakers "
+            "disjoint; held-out clips only",
         ),
     ]
 

@@ -14,6 +14,9 @@ def register(sub) -> None:
         help="score a frozen upstream on a task (keyword/speaker/... accuracy, PER, WER)",
         description="Train a softmax-weighted sum of the upstream's layers and a light head on a task "
         "folder's train split, pick the epoch by the dev split, and score the test split once. "
+        "A verify (speaker verification) task trains nothing: each layer's clip means are scored by "
+        "cosine on the dev trials (standardised by the train split), the best layer once on the test "
+        "trials, as an equal error rate. "
         "Upstream features are computed once per clip and cached when --cache is given.",
     )
     p.add_argument(
@@ -73,9 +76,13 @@ def run(args) -> int:
         ledger=args.ledger,
     )
     base = ", ".join(f"{k} {v:.3f}" for k, v in result["baselines"].items())
+    if "best_epoch" in result:
+        chosen = f"epoch {result['best_epoch']}/{result['epochs']}"
+    else:  # a verification probe trains nothing: it chooses a state
+        chosen = f"state {next(iter(result['layer_weights']))}, cosine scoring"
     print(
         f"{result['task']} {result['metric']}: test {result['test']:.4f} (dev {result['dev']:.4f}, "
-        f"epoch {result['best_epoch']}/{result['epochs']}; baselines: {base}) upstream {result['upstream']}"
+        f"{chosen}; baselines: {base}) upstream {result['upstream']}"
     )
     if args.out:
         print(f"-> {args.out}/result.json")

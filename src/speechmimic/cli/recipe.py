@@ -107,7 +107,8 @@ def run(args) -> int:
 
 
 def describe(task: Task) -> str:
-    """Split sizes and per-class (classify) or token-set (phones, chars) counts of a written task."""
+    """Split sizes and per-class (classify), trial (verify) or token-set (phones, chars) counts of a
+    written task."""
     splits = {s: task.split(s) for s in SPLITS}
     sizes = ", ".join(f"{s} {len(splits[s])}" for s in SPLITS)
     lines = [f"  {task.name} ({task.kind}, {task.metric}) -> {task.root}: {sizes}"]
@@ -121,6 +122,11 @@ def describe(task: Task) -> str:
         else:
             train = [counts["train"][cls] for cls in task.classes]
             lines.append(f"      train clips per class: min {min(train)}, max {max(train)}")
+    elif task.kind == "verify":
+        for s in ("dev", "test"):
+            trials = task.trials(s)
+            same = sum(t for t, _, _ in trials)
+            lines.append(f"    {s} trials: {len(trials)} ({same} same-speaker)")
     else:
         tokens = {t for s in SPLITS for c in splits[s] for t in task.tokens(c)}
         lines.append(f"    {len(tokens)} distinct {'phones' if task.kind == 'phones' else 'characters'}")

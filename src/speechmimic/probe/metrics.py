@@ -1,9 +1,10 @@
-"""Probe metrics: accuracy, edit distance, PER/WER, greedy CTC decoding."""
+"""Probe metrics: accuracy, edit distance, PER/WER, greedy CTC decoding, equal error rate."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from speechmimic.probe.heads import BLANK
@@ -50,3 +51,21 @@ def ctc_greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor | None = No
         ids = torch.unique_consecutive(row[:n]).tolist()
         out.append([i for i in ids if i != BLANK])
     return out
+
+
+def equal_error_rate(scores: np.ndarray, target: np.ndarray) -> float:
+    """The rate at which false accepts equal false rejects, as the threshold on ``scores`` (higher =
+    more alike) sweeps; ``target`` marks the same-speaker trials. Interpolated between the two
+    thresholds where the rates cross."""
+    scores, target = np.asarray(scores, dtype=np.float64), np.asarray(target, dtype=bool)
+    n_target, n_other = int(target.sum()), int((~target).sum())
+    if not n_target or not n_other:
+        raise ValueError("an equal error rate needs same-speaker and different-speaker trials")
+    order = np.argsort(-scores, kind="stable")
+    hits = np.cumsum(target[order])  # accepting the k highest-scored trials
+    false_accept = np.concatenate([[0.0], (np.arange(1, len(order) + 1) - hits) / n_other])
+    false_reject = np.concatenate([[1.0], 1 - hits / n_target])
+    k = int(np.argmax(false_accept >= false_reject))  # first threshold where the curves have crossed
+    a0, r0, a1, r1 = false_accept[k - 1], false_reject[k - 1], false_accept[k], false_reject[k]
+    t = (r0 - a0) / ((r0 - a0) - (r1 - a1))
+    return float(a0 + t * (a1 - a0))

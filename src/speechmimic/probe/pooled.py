@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from speechmimic.corpus import Clip, clips_fingerprint
+from speechmimic.probe.metrics import equal_error_rate
 
 ALPHAS = np.logspace(-1, 5, 13)
 
@@ -103,24 +104,6 @@ def cv_accuracy(
         clf = _classifier().fit(x[train], y[train])
         correct += int((clf.predict(x[test]) == y[test]).sum())
     return correct / len(y)
-
-
-def equal_error_rate(scores: np.ndarray, target: np.ndarray) -> float:
-    """The rate at which false accepts equal false rejects, as the threshold on ``scores`` (higher =
-    more alike) sweeps; ``target`` marks the same-speaker trials. Interpolated between the two
-    thresholds where the rates cross."""
-    scores, target = np.asarray(scores, dtype=np.float64), np.asarray(target, dtype=bool)
-    n_target, n_other = int(target.sum()), int((~target).sum())
-    if not n_target or not n_other:
-        raise ValueError("an equal error rate needs same-speaker and different-speaker trials")
-    order = np.argsort(-scores, kind="stable")
-    hits = np.cumsum(target[order])  # accepting the k highest-scored trials
-    false_accept = np.concatenate([[0.0], (np.arange(1, len(order) + 1) - hits) / n_other])
-    false_reject = np.concatenate([[1.0], 1 - hits / n_target])
-    k = int(np.argmax(false_accept >= false_reject))  # first threshold where the curves have crossed
-    a0, r0, a1, r1 = false_accept[k - 1], false_reject[k - 1], false_accept[k], false_reject[k]
-    t = (r0 - a0) / ((r0 - a0) - (r1 - a1))
-    return float(a0 + t * (a1 - a0))
 
 
 def verification_eer(

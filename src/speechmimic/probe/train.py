@@ -8,6 +8,7 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -19,7 +20,7 @@ from speechmimic.corpus import warn_unusable
 from speechmimic.probe.features import ClipFeatures, FeatureStore
 from speechmimic.probe.featurizer import Featurizer
 from speechmimic.probe.heads import CTCHead, UtteranceHead
-from speechmimic.probe.metrics import accuracy, ctc_greedy_decode, error_rate, words
+from speechmimic.probe.metrics import accuracy, ctc_greedy_decode, equal_error_rate, error_rate, words
 from speechmimic.tasks import Task, load_task
 
 # Per kind: (max_epochs, lr, batch_size, patience). Utterance probes train on cached means, so epochs
@@ -29,6 +30,7 @@ DEFAULTS = {
     "classify": (200, 1e-3, 32, 30),
     "phones": (100, 1e-2, 16, 15),
     "chars": (60, 1e-3, 16, 10),
+    "verify": (0, 0.0, 64, 0),  # nothing is trained: see _verify
 }
 RESULT_NAME = "result.json"
 STATE_NAME = "probe.safetensors"
@@ -109,6 +111,49 @@ def _unigram_error(train: list[list[str]], test: list[list[str]]) -> float:
     return error_rate([[top] * n] * len(test), test)
 
 
+def _verify(task: Task, clips: dict, feats: dict, names: list[str], layers: list[str] | None) -> dict:
+    """Speaker verification with a cosine back end: each state's clip means, standardised by the train
+    split's statistics (its labels unused: it is the background set), scored on the dev trials; the
+    state with the lowest dev EER is scored once on the test trials. No head is trained: a few dozen
+    speakers, all this CPU's data holds, are too few to learn a speaker space from."""
+    unknown = [n for n in layers or [] if n not in names]
+    if unknown:
+        raise ValueError(f"unknown hidden state(s) {unknown}; the upstream has {names}")
+    wanted = [names.index(n) for n in layers] if layers else range(len(names))
+
+    def matrix(split: str, state: int) -> np.ndarray:
+        return torch.stack([f.means[state] for f in feats[split]]).double().numpy()
+
+    def eer(split: str, state: int, mean: np.ndarray, std: np.ndarray) -> float:
+        x = (matrix(split, state) - mean) / std
+        x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-12
+        row = {c.id: k for k, c in enumerate(clips[split])}
+        # a clip that did not decode takes its trials with it
+        trials = [(t, row[a], row[b]) for t, a, b in task.trials(split) if a in row and b in row]
+        same, i, j = (np.array(v) for v in zip(*trials, strict=True))
+        return equal_error_rate(np.einsum("ij,ij->i", x[i], x[j]), same)
+
+    stats, dev = {}, {}
+    for state in wanted:
+        train = matrix("train", state)
+        stats[state] = (train.mean(0), train.std(0) + 1e-8)
+        dev[state] = eer("dev", state, *stats[state])
+    best = min(dev, key=lambda k: (dev[k], k))
+    return {
+        "task": task.name,
+        "kind": task.kind,
+        "metric": task.metric,
+        "dev": round(dev[best], 4),
+        "test": round(eer("test", best, *stats[best]), 4),
+        "dev_by_state": {names[k]: round(v, 4) for k, v in dev.items()},
+        "layer_weights": {names[best]: 1.0},
+        "baselines": {"chance": 0.5},
+        "head": "cosine",
+        "splits": {s: len(f) for s, f in feats.items()},
+        "trials": {s: len(task.trials(s)) for s in ("dev", "test")},
+    }
+
+
 def probe(
     upstream: str | os.PathLike | nn.Module,
     task: Task | str | os.PathLike,
@@ -141,6 +186,8 @@ def probe(
     all-blank output, error rate 1.0, for a while before its loss turns into transcripts) and the
     best-dev state is scored once on test.
 
+    A ``verify`` task trains no head: see :func:`_verify` (cosine scoring, the state chosen on dev).
+
     Baselines needing no upstream come with the result: the majority train class (classify), or
     predicting nothing (``blank``, error rate 1.0) and ``unigram`` (see :func:`_unigram_error`; units
     are phones for PER and words for WER).
@@ -154,7 +201,7 @@ def probe(
     batch_size = d_batch if batch_size is None else batch_size
     patience = d_patience if patience is None else patience
     classify = task.kind == "classify"
-    use_frames = not classify or layer_norm
+    use_frames = task.kind in ("phones", "chars") or layer_norm
     lstm = task.kind == "chars" if lstm is None else lstm
 
     store = FeatureStore(upstream, cache_dir, identity=upstream_id, device=device, ledger=ledger)
@@ -165,6 +212,16 @@ def probe(
         feats[s] = [f for f in feats[s] if f is not None]
     warn_unusable(f"probe {task.name}", store.unusable)
     names = store.names
+    if task.kind == "verify":
+        result = _verify(task, clips, feats, names, layers) | {
+            "seed": seed,
+            "upstream": store.identity or type(store.upstream).__name__,
+            "unusable": store.unusable,
+        }
+        if out_dir is not None and distributed.is_main():
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(out_dir) / RESULT_NAME).write_text(json.dumps(result, indent=2))
+        return result
     chosen = _choose_states(names, [m.shape[0] for m in feats["train"][0].means], layers)
     data = {s: _Data(f, chosen, use_frames) for s, f in feats.items()}
     dim = feats["train"][0].means[chosen[0]].shape[0]

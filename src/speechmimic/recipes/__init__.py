@@ -6,11 +6,13 @@ per module:
 
 ``speech_commands``  Speech Commands v0.01: ``ks12`` (SUPERB 12 classes) or ``words``
 ``voxceleb1``        VoxCeleb1 ``iden_split.txt``: ``sid``
-``librispeech``      ``asr`` (characters), ``pr`` (phones: lexicon or espeak-ng), or ``sid``
+``librispeech``      ``asr`` (characters), ``pr`` (phones: lexicon or espeak-ng), or ``sid`` and ``asv``
+                     (speaker verification)
 ``iemocap``          4-class emotion, leave-one-session-out: ``er_fold1`` .. ``er_fold5``
 ``fluent``           Fluent Speech Commands intent: ``ic``
 ``fsdd``             Free Spoken Digit Dataset: ``digits`` (and ``fsdd_sid``)
-``shared``           the subsets in ``../shared/data``: ``digits``, ``fsdd_sid``, ``words``, ``sid``
+``shared``           the subsets in ``../shared/data``: ``digits``, ``fsdd_sid``, ``words``, ``sid``,
+                     ``asv``
 ``espeak``           synthetic phone-labelled speech from espeak-ng: ``pr_espeak``; takes no
                      root (``build(out, **options)``)
 """

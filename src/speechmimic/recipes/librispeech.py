@@ -14,24 +14,27 @@ joined with commas, e.g. ``train-clean-100,train-clean-360``):
     (:func:`speechmimic.recipes.espeak.phonemize`).
 
 With ``speaker_split=True`` (for folders without transcripts, such as a 10-speaker subset) every
-utterance under the root is pooled instead and only task ``sid`` (label ``speaker``) is written:
-each speaker's utterances are split on their own, ranked by a seeded hash, 60/20/20 (at least
-one each), so every speaker is in every split.
+utterance under the root is pooled instead and speaker tasks alone are written: ``sid`` (label
+``speaker``): each speaker's utterances are split on their own, ranked by a seeded hash, 60/20/20
+(at least one each), so every speaker is in every split; and ``asv`` (kind ``verify``), where ten
+speakers' identification is too easy to tell encoders apart: two seeded 3-s crops of each utterance
+of those same splits, every pair of crops of two utterances a trial (crops of one utterance are none).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
 
-from speechmimic.corpus import Clip, scan
+from speechmimic.corpus import Clip, random_crops, scan
 from speechmimic.recipes import espeak as espeak_ng
 from speechmimic.recipes._common import require_dir, require_file, split_by_group
-from speechmimic.tasks import SPLITS, Task, write_task
+from speechmimic.tasks import SPLITS, Task, all_trials, write_task
 
 OPTIONS = {
     "train": "training subset folder(s) under ROOT, comma-separated (default train-clean-100)",
@@ -40,9 +43,11 @@ OPTIONS = {
     "lexicon": "CMUdict-style lexicon ('WORD  PH1 PH2 ...'): adds phone task pr",
     "espeak": "espeak-ng voice (e.g. en-us) to phonemise transcripts with: adds phone task pr",
     "oov": "pr with a lexicon: 'error' on words it lacks (default) or 'skip' those utterances",
-    "speaker_split": "pool everything under ROOT into task sid, each speaker split 60/20/20 (default false)",
+    "speaker_split": "pool everything under ROOT into tasks sid (each speaker split 60/20/20) and asv "
+    "(default false)",
 }
 
+VERIFY_SECONDS = 3.0  # speaker verification on crops this long (asv)
 _STRESS = re.compile(r"\d+$")
 _VARIANT = re.compile(r"\(\d+\)$")
 
@@ -75,7 +80,31 @@ def build(
         description = (
             f"LibriSpeech speaker ID over {root.name}: each speaker 60/20/20 by seeded hash (seed {seed})."
         )
-        return [write_task(out / "sid", "sid", "classify", "speaker", splits, description)]
+        sid = write_task(out / "sid", "sid", "classify", "speaker", splits, description)
+        crops = {s: random_crops(splits[s], VERIFY_SECONDS, 2, seed) for s in SPLITS}
+        speakers = {s: {c.labels["speaker"] for c in crops[s]} for s in SPLITS}
+        if any(len(speakers[s]) < 2 for s in SPLITS):
+            print(
+                f"librispeech: task asv not written: it needs utterances of >= {VERIFY_SECONDS:g} s from "
+                f"two speakers or more in every split (speakers with such utterances: "
+                f"{', '.join(f'{s} {len(speakers[s])}' for s in SPLITS)})",
+                file=sys.stderr,
+            )
+            return [sid]
+        trials = {s: all_trials(crops[s], "speaker", "utterance", seed) for s in ("dev", "test")}
+        return [
+            sid,
+            write_task(
+                out / "asv",
+                "asv",
+                "verify",
+                "speaker",
+                crops,
+                f"LibriSpeech speaker verification over {root.name}: two {VERIFY_SECONDS:g}-s crops per "
+                f"utterance of the sid splits; trials: every pair of crops of two utterances.",
+                trials,
+            ),
+        ]
 
     folders = {"train": train, "dev": dev, "test": test}
     splits = {

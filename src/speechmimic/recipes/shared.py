@@ -8,7 +8,8 @@
   without a test clip, so the per-word speaker split applies), see
   :mod:`speechmimic.recipes.speech_commands`;
 - ``librispeech_test_other_subset`` (10 speakers x 10, no transcripts) -> ``sid`` (10 speakers,
-  each split 60/20/20), see :mod:`speechmimic.recipes.librispeech`.
+  each split 60/20/20) and ``asv`` (speaker verification on 3-s crops), see
+  :mod:`speechmimic.recipes.librispeech`.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def librispeech_subset(
 def build(
     root: str | os.PathLike, out: str | os.PathLike, seed: int = 0, progress: bool = True
 ) -> list[Task]:
-    """All four tasks under ``out``: ``digits``, ``fsdd_sid``, ``words``, ``sid``."""
+    """All five tasks under ``out``: ``digits``, ``fsdd_sid``, ``words``, ``sid``, ``asv``."""
     require_dir(root, "shared data folder")
     return [
         *fsdd(root, out, progress),
