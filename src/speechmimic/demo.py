@@ -4,8 +4,8 @@ Target: resemblyzer's pretrained GE2E speaker encoder returning all three LSTM l
 and held-out clips: the synthetic corpus shipped in ``speechmimic/data/demo_corpus`` (its
 ``split`` label). Stage 2 runs at each budget with the same training compute (a grid of
 :mod:`speechmimic.experiment`, so an interrupted demo resumes), then the report compares held-out
-fidelity across budgets, and probes target, student and MFCC on a keyword task and a speaker-ID
-task built from held-out clips only (never queried; the target's answers to them come from the
+fidelity across budgets, and probes target, student and MFCC on keyword, speaker-ID and
+speaker-verification tasks built from held-out clips only (never queried; the target's answers to them come from the
 evaluation ledger the fidelity check filled).
 
 With ``http=True`` the same attack goes over the wire: the target is served by ``speechmimic serve``
