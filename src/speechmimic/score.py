@@ -36,8 +36,8 @@ class Scores:
 
     ``uncertainty``: higher = the stage-1 student knows the clip less (masked-prediction loss or
     predictive entropy). ``embeddings``: utterance embeddings (N, D) for diversity; :func:`score_clips`
-    gives unit-length float16 rows (the strategies compare directions only, and half of float32 is
-    what a 100k-clip pool's selection holds; on stage-1 embeddings k-center picks the same clips).
+    gives unit-length float16 rows: the strategies compare directions only, float16 halves what
+    selection holds per clip, and on stage-1 embeddings k-center picks the clips float32 picks.
     """
 
     ids: list[str]

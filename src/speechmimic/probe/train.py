@@ -114,8 +114,8 @@ def _unigram_error(train: list[list[str]], test: list[list[str]]) -> float:
 def _verify(task: Task, clips: dict, feats: dict, names: list[str], layers: list[str] | None) -> dict:
     """Speaker verification with a cosine back end: each state's clip means, standardised by the train
     split's statistics (its labels unused: it is the background set), scored on the dev trials; the
-    state with the lowest dev EER is scored once on the test trials. No head is trained: a few dozen
-    speakers, all this CPU's data holds, are too few to learn a speaker space from."""
+    state with the lowest dev EER is scored once on the test trials. No head is trained (SUPERB trains
+    an x-vector one): the score then needs no speaker-labelled data, which small sets lack."""
     unknown = [n for n in layers or [] if n not in names]
     if unknown:
         raise ValueError(f"unknown hidden state(s) {unknown}; the upstream has {names}")
