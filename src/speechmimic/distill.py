@@ -153,9 +153,11 @@ def distill_loss(
     total, parts = 0.0, {}
     for name, head in student.heads.items():
         l1_sum, cos_sum = 0.0, 0.0
+        # unbind, not preds[name][i]: each indexing's backward fills a zero tensor of the whole batch
+        rows = preds[name].unbind(0)
         for i, tgt in enumerate(targets):
             y = (tgt[name] - head.mean) / head.std
-            p = align(preds[name][i], int(n_student[i]) * head.ratio, len(y))
+            p = align(rows[i], int(n_student[i]) * head.ratio, len(y))
             l1_sum = l1_sum + F.l1_loss(p, y, reduction="sum") / y.shape[1]
             cos_sum = cos_sum - F.logsigmoid(F.cosine_similarity(p, y, dim=-1)).sum()
         count = frames[name] if frames else sum(len(t[name]) for t in targets)
