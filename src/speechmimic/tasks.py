@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from speechmimic.corpus import Clip, read_manifest, write_manifest
 
 KINDS = {"classify": "accuracy", "phones": "per", "chars": "wer", "verify": "eer"}
@@ -91,8 +93,6 @@ def all_trials(
     """Every pair of ``clips`` as a trial (same ``label_key`` or not), pairs of one ``group_key``
     (crops of one recording) left out; a seeded sample of ``limit`` when there are more, keeping
     every same-speaker trial it can (they are the rare ones)."""
-    import numpy as np  # only recipes that build verification tasks need it
-
     i, j = np.triu_indices(len(clips), 1)
     if group_key is not None:
         groups = np.array([str(c.labels[group_key]) for c in clips])
