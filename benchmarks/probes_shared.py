@@ -1,9 +1,10 @@
 """Probe scores of a real pretrained upstream against MFCC on the real speech beside the project.
 
 Tasks: FSDD digits (usual split), 6-speaker FSDD ID, 30 Speech Commands words, 10-speaker LibriSpeech
-ID and verification on 3-s crops of it (EER; all from ../shared/data), and phoneme recognition (linear CTC head, PER) on an espeak-ng corpus
-with unseen dev/test voices. Upstreams: resemblyzer (all three LSTM layers) and 39-d MFCC, probed
-with the same heads, splits and seed; majority / blank / unigram baselines beside them.
+ID and verification on 3-s crops of it (EER; all from ../shared/data), and phoneme recognition
+(linear CTC head, PER) on an espeak-ng corpus with unseen dev/test voices. Upstreams: resemblyzer
+(all three LSTM layers) and 39-d MFCC, probed with the same heads, splits and seed; majority / blank /
+unigram baselines beside them.
 
     python benchmarks/probes_shared.py [--data ../shared/data] [--out /tmp/sm-probes] [--seed 0]
 """

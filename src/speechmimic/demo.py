@@ -5,8 +5,8 @@ and held-out clips: the synthetic corpus shipped in ``speechmimic/data/demo_corp
 ``split`` label). Stage 2 runs at each budget with the same training compute (a grid of
 :mod:`speechmimic.experiment`, so an interrupted demo resumes), then the report compares held-out
 fidelity across budgets, and probes target, student and MFCC on keyword, speaker-ID and
-speaker-verification tasks built from held-out clips only (never queried; the target's answers to them come from the
-evaluation ledger the fidelity check filled).
+speaker-verification tasks built from held-out clips only (never queried; the target's answers to
+them come from the evaluation ledger the fidelity check filled).
 
 With ``http=True`` the same attack goes over the wire: the target is served by ``speechmimic serve``
 on a loopback port (``OUT/server``: its key database and logs), the attack pays through an
