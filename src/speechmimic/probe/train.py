@@ -121,6 +121,8 @@ def _verify(task: Task, clips: dict, feats: dict, names: list[str], layers: list
         raise ValueError(f"unknown hidden state(s) {unknown}; the upstream has {names}")
     wanted = [names.index(n) for n in layers] if layers else range(len(names))
 
+    trials = {s: task.trials(s) for s in ("dev", "test")}  # read once, scored once per state
+
     def matrix(split: str, state: int) -> np.ndarray:
         return torch.stack([f.means[state] for f in feats[split]]).double().numpy()
 
@@ -129,8 +131,8 @@ def _verify(task: Task, clips: dict, feats: dict, names: list[str], layers: list
         x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-12
         row = {c.id: k for k, c in enumerate(clips[split])}
         # a clip that did not decode takes its trials with it
-        trials = [(t, row[a], row[b]) for t, a, b in task.trials(split) if a in row and b in row]
-        same, i, j = (np.array(v) for v in zip(*trials, strict=True))
+        kept = [(t, row[a], row[b]) for t, a, b in trials[split] if a in row and b in row]
+        same, i, j = (np.array(v) for v in zip(*kept, strict=True))
         return equal_error_rate(np.einsum("ij,ij->i", x[i], x[j]), same)
 
     stats, dev = {}, {}
@@ -150,7 +152,7 @@ def _verify(task: Task, clips: dict, feats: dict, names: list[str], layers: list
         "baselines": {"chance": 0.5},
         "head": "cosine",
         "splits": {s: len(f) for s, f in feats.items()},
-        "trials": {s: len(task.trials(s)) for s in ("dev", "test")},
+        "trials": {s: len(t) for s, t in trials.items()},
     }
 
 
