@@ -25,7 +25,7 @@ FLOW = [
     ("targets", {"targets"}),
     ("defences", {"defences"}),
     ("serve", {"serve"}),
-    ("models", {"student", "baselines", "trainer", "readahead"}),
+    ("models", {"conv_as_matmul", "student", "baselines", "trainer", "readahead"}),
     ("stage 1", {"units", "pretrain"}),
     ("score", {"score"}),
     ("budget", {"budget"}),

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from speechmimic import conv_as_matmul
 from speechmimic.audio import SAMPLE_RATE
 from speechmimic.dsp import N_FFT, log_mel, mel_filterbank
 
@@ -152,7 +153,10 @@ class ConvFrontend(nn.Module):
         self.proj = nn.Linear(c_in, cfg.dim)
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        x = self.cnn(wav.unsqueeze(1)).transpose(1, 2)
+        if conv_as_matmul.applies(self.cnn, wav):
+            x = conv_as_matmul.waveform_cnn(self.cnn, wav)
+        else:
+            x = self.cnn(wav.unsqueeze(1)).transpose(1, 2)
         return self.proj(self.norm(x))
 
 
