@@ -161,6 +161,19 @@ class PlainTarget(_Server):
         return [respond(w) for w in wavs]
 
 
+def _wait_for_parties(folder: Path, parties: int, timeout: float = 120.0) -> None:
+    """Start together: concurrent runs that happen to start far apart (a loaded machine) never meet."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"ready-{os.getpid()}").touch()
+    end = time.monotonic() + timeout
+    while len(list(folder.glob("ready-*"))) < parties:
+        if time.monotonic() > end:
+            sys.exit(
+                f"only {len(list(folder.glob('ready-*')))} of {parties} runs came within {timeout:.0f} s"
+            )
+        time.sleep(0.002)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--ledger", required=True)
@@ -171,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plain", action="store_true")
     p.add_argument("--hang-at", type=int, default=None)
     p.add_argument("--budget-clips", type=int, default=None, help="the ledger's lifetime cap")
+    p.add_argument("--barrier", default=None, help="a folder: wait there for --parties runs before querying")
+    p.add_argument("--parties", type=int, default=1)
     args = p.parse_args(argv)
 
     from speechmimic.budget import Budget
@@ -182,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         target = BillingTarget(args.state, args.latency)
     clips = ((clip_id(i), lambda i=i: make_wav(i)) for i in range(args.num_clips))
     ledger = Ledger(args.ledger, Budget(clips=args.budget_clips))
+    if args.barrier:
+        _wait_for_parties(Path(args.barrier), args.parties)
     stats = ledger.query(target, clips, batch_size=args.batch_size, progress=False)
     print(json.dumps(stats))
     return 0

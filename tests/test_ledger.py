@@ -478,7 +478,8 @@ def test_concurrent_query_runs_pay_every_clip_exactly_once(tmp_path, writers):
     led, state = tmp_path / "ledger", tmp_path / "server"
     logs = [tmp_path / f"stderr-{i}.log" for i in range(writers)]
     # A plain API charges every request: any clip sent twice would be charged twice.
-    procs = [_start(led, state, n, log, "--plain", "--latency", "0.05") for log in logs]
+    together = ("--barrier", str(tmp_path / "barrier"), "--parties", str(writers))
+    procs = [_start(led, state, n, log, "--plain", "--latency", "0.05", *together) for log in logs]
     for proc, log in zip(procs, logs, strict=True):
         _finish(proc, log)  # every run exits 0: none crashed
     _assert_complete(led, n)
@@ -494,10 +495,9 @@ def test_concurrent_writers_never_overspend_a_lifetime_budget(tmp_path):
     n, budget = 40, 25
     led, state = tmp_path / "ledger", tmp_path / "server"
     logs = [tmp_path / f"stderr-{i}.log" for i in range(3)]
-    procs = [
-        _start(led, state, n, log, "--plain", "--latency", "0.03", "--budget-clips", str(budget))
-        for log in logs
-    ]
+    together = ("--barrier", str(tmp_path / "barrier"), "--parties", str(len(logs)))
+    cap = ("--budget-clips", str(budget))
+    procs = [_start(led, state, n, log, "--plain", "--latency", "0.03", *cap, *together) for log in logs]
     for proc, log in zip(procs, logs, strict=True):
         _finish(proc, log)
     requested = Counter(k for r in billing.read_requests(state) for k in r["keys"])
