@@ -197,3 +197,67 @@ def test_augmented_views_train_toward_the_same_answer_and_cost_no_randomness_whe
         assert torch.equal(view[2][0]["a"], torch.from_numpy(answer["a"]))  # trained toward the paid answer
     with pytest.raises(ValueError, match="augment"):
         DistillConfig(augment=1.5)
+
+
+def _utterance_stats_error(student, wav, lengths, targets) -> float:
+    """Mean |difference| of each clip's per-dimension mean and std over frames, in the heads' units."""
+    from speechmimic.student import align
+
+    with torch.no_grad():
+        _, _, preds = student.eval()(wav, lengths)
+    student.train()
+    err, n = 0.0, student.cfg.num_frames(lengths)
+    for name, head in student.heads.items():
+        for i, tgt in enumerate(targets):
+            y = (tgt[name] - head.mean) / head.std
+            p = align(preds[name][i], int(n[i]) * head.ratio, len(y))
+            err += float((p.mean(0) - y.mean(0)).abs().mean() + (p.std(0) - y.std(0)).abs().mean())
+    return err / len(targets)
+
+
+def test_the_utterance_statistics_term_matches_each_clips_mean_and_std():
+    from speechmimic.distill import distill_loss
+
+    # Answers whose mean and spread over frames belong to the clip (as a speaker's do) while each
+    # frame is fresh noise at every step: frame losses alone learn the mean and no spread at all.
+    gen = torch.Generator().manual_seed(0)
+    wav = 0.1 * torch.randn(6, 8000, generator=gen)
+    lengths = torch.tensor([8000, 8000, 7000, 6000, 8000, 5000])
+    frames = [int(n) for n in build_student("tiny").cfg.num_frames(lengths)]
+    means = [torch.randn(1, 8, generator=gen) for _ in frames]
+    scales = [0.3 + i / 3 for i in range(len(frames))]
+
+    def answers():
+        return [
+            {"a": m + s * torch.randn(t, 8, generator=gen)}
+            for m, s, t in zip(means, scales, frames, strict=True)
+        ]
+
+    errors = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        student = build_student("tiny", [HeadSpec("a", 8, 50.0)], frontend_stride=2)
+        opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+        for _ in range(150):
+            targets = answers()
+            _, _, preds = student(wav, lengths)
+            loss, parts = distill_loss(student, preds, lengths, targets, stats_weight=weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert ("stats" in parts["a"]) == bool(weight)
+        errors[weight] = _utterance_stats_error(student, wav, lengths, answers())
+    assert errors[1.0] < 0.7 * errors[0.0], errors
+
+    # split across two ranks, the rows' losses with the batch's counts add up to the batch's loss
+    student = build_student("tiny", [HeadSpec("a", 8, 50.0)])
+    _, _, preds = student(wav, lengths)
+    counts = {"a": sum(len(t["a"]) for t in targets)}
+    whole, _ = distill_loss(student, preds, lengths, targets, stats_weight=2.0)
+    halves = [
+        distill_loss(student, {"a": preds["a"][s]}, lengths[s], targets[s], 1.0, counts, 2.0, 6)[0]
+        for s in (slice(0, 3), slice(3, 6))
+    ]
+    assert torch.allclose(whole, halves[0] + halves[1], rtol=1e-5)
+    with pytest.raises(ValueError, match="stats_weight"):
+        DistillConfig(stats_weight=-1)

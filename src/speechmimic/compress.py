@@ -188,7 +188,9 @@ def compress(
         lengths = torch.tensor([len(wavs[i]) for i in rows], device=device)
         _, _, preds = model(batch.to(device), lengths)
         targets = [{k: torch.from_numpy(v).to(device) for k, v in t.items()} for t in targets]
-        loss, _ = distill_loss(student, preds, lengths, targets, cfg.cos_weight, frames)
+        loss, _ = distill_loss(
+            student, preds, lengths, targets, cfg.cos_weight, frames, cfg.stats_weight, len(wavs)
+        )
         return loss * weight, {}
 
     record = record_of(cfg)

@@ -42,6 +42,11 @@ from speechmimic.trainer import STATE_NAME, TrainConfig, crop_start, record_of, 
 @dataclass
 class DistillConfig(TrainConfig):
     cos_weight: float = option(1.0, "weight of the -log sigmoid(cosine) term beside L1")
+    stats_weight: float = option(
+        0.0,
+        "weight of a term matching each clip's mean and std over frames of every returned layer "
+        "(utterance-level statistics, where a speaker encoder keeps who is speaking)",
+    )
     augment: float = option(
         0.0,
         "share of training clips seen as an augmented view (gain within 6 dB, white noise at 15-35 dB "
@@ -51,6 +56,8 @@ class DistillConfig(TrainConfig):
     def __post_init__(self):
         if not 0.0 <= self.augment <= 1.0:
             raise ValueError(f"augment is a share of clips, in [0, 1], got {self.augment}")
+        if self.stats_weight < 0:
+            raise ValueError(f"stats_weight is a weight, >= 0, got {self.stats_weight}")
 
 
 def infer_heads(ledger: Ledger, keys: list[str]) -> list[HeadSpec]:
@@ -145,14 +152,20 @@ def distill_loss(
     targets: list[dict[str, torch.Tensor]],
     cos_weight: float = 1.0,
     frames: dict[str, int] | None = None,
+    stats_weight: float = 0.0,
+    clips: int | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """DistilHuBERT loss of the heads' standardised predictions (``student(wav, lengths)[2]``),
     averaged over heads; per-head parts returned for logging. ``frames``: each head's frame count
-    to average over (default: those of ``targets``; a rank's rows of a batch pass the batch's)."""
+    to average over (default: those of ``targets``; a rank's rows of a batch pass the batch's).
+
+    ``stats_weight`` adds, per clip, the mean absolute difference of the mean and of the std over
+    frames of prediction and answer, averaged over ``clips`` (default: ``len(targets)``; a rank
+    passes the batch's): a term on what pooling keeps, which frame losses weigh only weakly."""
     n_student = student.cfg.num_frames(lengths)
     total, parts = 0.0, {}
     for name, head in student.heads.items():
-        l1_sum, cos_sum = 0.0, 0.0
+        l1_sum, cos_sum, stats_sum = 0.0, 0.0, 0.0
         # unbind, not preds[name][i]: each indexing's backward fills a zero tensor of the whole batch
         rows = preds[name].unbind(0)
         for i, tgt in enumerate(targets):
@@ -160,10 +173,20 @@ def distill_loss(
             p = align(rows[i], int(n_student[i]) * head.ratio, len(y))
             l1_sum = l1_sum + F.l1_loss(p, y, reduction="sum") / y.shape[1]
             cos_sum = cos_sum - F.logsigmoid(F.cosine_similarity(p, y, dim=-1)).sum()
+            if stats_weight:
+                (p_std, p_mean), (y_std, y_mean) = (
+                    torch.std_mean(p, 0, correction=0),
+                    torch.std_mean(y, 0, correction=0),
+                )
+                stats_sum = stats_sum + F.l1_loss(p_mean, y_mean) + F.l1_loss(p_std, y_std)
         count = frames[name] if frames else sum(len(t[name]) for t in targets)
         l1, cos = l1_sum / count, cos_sum / count
         parts[name] = {"l1": float(l1.detach()), "cos": float(cos.detach())}
         total = total + l1 + cos_weight * cos
+        if stats_weight:
+            st = stats_sum / (clips or len(targets))
+            parts[name]["stats"] = float(st.detach())
+            total = total + stats_weight * st
     return total / len(student.heads), parts
 
 
@@ -229,7 +252,9 @@ def distill(
         lengths = lengths[rows].to(device)
         _, _, preds = model(wav[rows].to(device), lengths)
         targets = [{k: v.to(device) for k, v in targets[i].items()} for i in rows]
-        loss, _ = distill_loss(student, preds, lengths, targets, cfg.cos_weight, frames)
+        loss, _ = distill_loss(
+            student, preds, lengths, targets, cfg.cos_weight, frames, cfg.stats_weight, len(batch_idx)
+        )
         return loss * weight, {}
 
     # What the training state belongs to: a state left by other settings, answers or architecture is

@@ -53,7 +53,8 @@ class ExtractConfig:
     seed: int = option(0, "seed of the selection and the scores (on the command line: of both stages too)")
     preset: str = option(
         "small",
-        "student size: 'small' (~3 M params, CPU), 'distilhubert' (2 x 768-d, 23 M), 'tiny' (tests)",
+        "student size: 'small' (~3 M params, CPU; 'small-wide' 2 x 304-d and 'small-deep' 6 x 192-d spend "
+        "them on width or depth), 'distilhubert' (2 x 768-d, 23 M), 'tiny' (tests)",
         choices=tuple(PRESETS),
     )
     init: str | None = option(

@@ -111,6 +111,9 @@ PRESETS: dict[str, StudentConfig] = {
     ),
     # A CPU-sized student (~3 M parameters): trains at ~15x real time on 2 cores.
     "small": StudentConfig(frontend="fbank", dim=256, layers=3, heads=4, ffn=1024),
+    # The same parameters spent on width or on depth (FitHuBERT: width serves speaker tasks, depth content).
+    "small-wide": StudentConfig(frontend="fbank", dim=304, layers=2, heads=4, ffn=1216),
+    "small-deep": StudentConfig(frontend="fbank", dim=192, layers=6, heads=4, ffn=768),
     "tiny": StudentConfig(frontend="fbank", dim=64, layers=1, heads=2, ffn=128),
 }
 

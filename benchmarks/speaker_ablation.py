@@ -1,0 +1,210 @@
+"""Which ideas carry a speaker encoder's speaker information into its stolen copy? Each idea alone
+against one baseline, and the ideas together, over seeds: an ablation at one query budget.
+
+The thief, the pool, the held-out clips and the probes are the selection benchmark's
+(``benchmarks/selection.py``: FSDD train takes + the LibriSpeech subset of ``../shared/data`` in
+<= 4 s segments; probes on audio the attack never saw: 30 Speech Commands words, FSDD digits,
+speaker ID on half-second crops of the 10 LibriSpeech speakers, speaker verification (1 - EER) on
+3-s crops of them). The target is resemblyzer with its three layers. Every variant queries the same
+clips (random, ``--budget`` of the pool, drawn by the seed) from one shared ledger, so variants
+differ only in how the answers are used:
+
+    baseline          stage 2 from scratch, the `small` student, --steps steps
+    stage 1           stage 2 from the seed's stage-1 student (masked prediction of units on the pool)
+    utterance stats   + a loss on each clip's mean and std over frames (--stats-weight 1)
+    augmented views   each paid answer reused for a noisy, gain-changed view of its clip (--augment 0.5)
+    wide              the same parameters as 2 layers of 304 (`small-wide`)
+    deep              ... as 6 layers of 192 (`small-deep`)
+    2x steps          twice the steps on the same answers
+    all               utterance stats + augmented views + wide + 2x steps (stage 1 stays its own row)
+
+Each run is scored by held-out fidelity (mean r2 over the three layers) and by the probes, as the
+**recovered share** of the target's advantage over MFCC, mean ± std over seeds. Every run is cached
+under ``--out`` (a rerun resumes); the table goes to ``ablation.md`` and every number to
+``ablation.json``.
+
+    python benchmarks/speaker_ablation.py                       # 8 variants x 3 seeds
+    python benchmarks/speaker_ablation.py --variants baseline wide --seeds 0 --steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+from selection import (
+    PROBES,
+    _best,
+    _pct,
+    add_shares,
+    probe_scores,
+    probe_sets,
+    probe_student,
+    reference_table,
+    target_spec,
+    thief_corpus,
+)
+
+from speechmimic.distill import DistillConfig
+from speechmimic.experiment import Experiment, Grid
+from speechmimic.pretrain import PretrainConfig
+from speechmimic.report import mean_std
+from speechmimic.upstream import load_upstream
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = "resemblyzer"
+
+
+@dataclass(frozen=True)
+class Variant:
+    preset: str = "small"
+    stage1: bool = False
+    steps_factor: int = 1
+    distill: dict = field(default_factory=dict)  # DistillConfig fields over the baseline's
+
+
+VARIANTS = {
+    "baseline": Variant(),
+    "stage 1": Variant(stage1=True),
+    "utterance stats": Variant(distill={"stats_weight": 1.0}),
+    "augmented views": Variant(distill={"augment": 0.5}),
+    "wide": Variant(preset="small-wide"),
+    "deep": Variant(preset="small-deep"),
+    "2x steps": Variant(steps_factor=2),
+    "all": Variant(preset="small-wide", steps_factor=2, distill={"stats_weight": 1.0, "augment": 0.5}),
+}
+
+
+class SharedExperiment(Experiment):
+    """An experiment whose ledgers (and stage 1, per preset) are shared with the other variants':
+    every variant trains on the very answers the baseline paid for."""
+
+    def __init__(self, shared: Path, *args, **kw):
+        super().__init__(*args, **kw)
+        self.shared = shared
+
+    def ledger_dir(self, target: str, part: str) -> Path:
+        return self.shared / "ledgers" / target / part
+
+    def stage1_dir(self, seed: int) -> Path:
+        return self.shared / "stage1" / self.grid.preset / f"seed{seed}"
+
+
+def slug(name: str) -> str:
+    return name.replace(" ", "-")
+
+
+def table(rows: dict[str, dict]) -> str:
+    head = ["variant", "seeds", "held-out r2", *[f"{p} share" for p in PROBES]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in rows.items():
+        cells = [name, str(len(row["seeds"])), mean_std(row["r2"])]
+        cells += [mean_std(_pct(row[f"{p}_share"]), "{:.0f}%") for p in PROBES]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="the shared data folder")
+    ap.add_argument("--out", default="/tmp/speechmimic-bench-ablation", help="work folder (resumable)")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    ap.add_argument("--budget", default="10%", help="what each run queries (default: 10%%)")
+    for flag, typ, default, text in (
+        ("--steps", int, 1000, "stage-2 steps of the baseline"),
+        ("--batch-seconds", float, 12.0, "stage-2 batch cap"),
+        ("--lr", float, 1e-3, "stage-2 peak learning rate"),
+        ("--stage1-steps", int, 800, "stage-1 steps per iteration"),
+        ("--stage1-iterations", int, 2, "stage-1 iterations (1 or 2)"),
+        ("--workers", int, 2, "extractions run side by side, 1 thread each"),
+    ):
+        ap.add_argument(flag, type=typ, default=default, help=f"{text} (default: {default:g})")
+    args = ap.parse_args(argv)
+
+    data, work = Path(args.data), Path(args.out)
+    if not data.is_dir():
+        print(f"{data} is absent: this benchmark needs the real speech in shared/data (see its README)")
+        return 1
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    pool, heldout = thief_corpus(data, work, 0, seed=0)
+    sets = probe_sets(data, seed=0)
+    specs = {TARGET: target_spec(TARGET, work)}
+    upstreams = {
+        "mfcc": load_upstream("mfcc"),
+        TARGET: load_upstream(specs[TARGET], ledger=work / "ledgers" / TARGET / "probes"),
+    }
+    reference = {
+        name: probe_scores(upstream, sets, work / "probes" / f"{name}.json")
+        for name, upstream in upstreams.items()
+    }
+    print(reference_table(reference, list(reference)))
+    probed = {TARGET: [p for p in PROBES if _best(reference[TARGET][p]) > _best(reference["mfcc"][p])]}
+    measure = partial(probe_student, sets=sets, probed=probed)
+
+    rows = {}
+    for name in args.variants:
+        v = VARIANTS[name]
+        n = args.steps * v.steps_factor
+        base = DistillConfig(
+            n,
+            args.lr,
+            warmup=max(1, n // 10),
+            batch_seconds=args.batch_seconds,
+            checkpoint_every=max(50, n // 4),
+        )
+        n1 = args.stage1_steps
+        stage1 = PretrainConfig(
+            n1, warmup=max(1, n1 // 10), batch_seconds=24.0, iterations=args.stage1_iterations
+        )
+        grid = Grid(
+            specs,
+            [args.budget],
+            ["random"],
+            [v.stage1],
+            args.seeds,
+            preset=v.preset,
+            distill=replace(base, **v.distill),
+            pretrain=stage1 if v.stage1 else None,
+        )
+        exp = SharedExperiment(work, work / "variants" / slug(name), grid, pool, heldout, measure, probed)
+        print(f"{name}: {len(grid.cells(pool))} extractions ({args.workers} at a time)")
+        (row,) = exp.summarise(exp.run_all(workers=args.workers))
+        add_shares([row], reference)
+        rows[name] = row
+
+    pool_s = sum(c.duration for c in pool)
+    setup = (
+        f"Target {TARGET} (three layers); pool {len(pool)} clips, {pool_s:.0f} s; {args.budget} queried "
+        f"(random, the same clips for every variant of a seed); seeds {args.seeds}; baseline {args.steps} "
+        f"stage-2 steps x {args.batch_seconds:g} s batches. Shares: of the target's advantage over MFCC "
+        "on each probe (verification: on 1 - EER)."
+    )
+    text = "\n".join(
+        [
+            "# Speaker ablation",
+            "",
+            setup,
+            "",
+            reference_table(reference, list(reference)),
+            "",
+            table(rows),
+            "",
+        ]
+    )
+    (work / "ablation.md").write_text(text)
+    summary = {"reference": reference, "rows": rows, "seconds": round(time.time() - t_start, 1)}
+    (work / "ablation.json").write_text(json.dumps(summary, indent=2))
+    print(text)
+    print(f"wrote {work / 'ablation.md'} and {work / 'ablation.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
