@@ -174,10 +174,8 @@ def distill_loss(
             l1_sum = l1_sum + F.l1_loss(p, y, reduction="sum") / y.shape[1]
             cos_sum = cos_sum - F.logsigmoid(F.cosine_similarity(p, y, dim=-1)).sum()
             if stats_weight:
-                (p_std, p_mean), (y_std, y_mean) = (
-                    torch.std_mean(p, 0, correction=0),
-                    torch.std_mean(y, 0, correction=0),
-                )
+                p_std, p_mean = torch.std_mean(p, 0, correction=0)
+                y_std, y_mean = torch.std_mean(y, 0, correction=0)
                 stats_sum = stats_sum + F.l1_loss(p_mean, y_mean) + F.l1_loss(p_std, y_std)
         count = frames[name] if frames else sum(len(t[name]) for t in targets)
         l1, cos = l1_sum / count, cos_sum / count
