@@ -33,10 +33,13 @@ import argparse
 import json
 import sys
 import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
+import torch
 from selection import (
     PROBES,
     _best,
@@ -49,6 +52,7 @@ from selection import (
     target_spec,
     thief_corpus,
 )
+from tqdm.auto import tqdm
 
 from speechmimic.distill import DistillConfig
 from speechmimic.experiment import Experiment, Grid
@@ -93,6 +97,27 @@ class SharedExperiment(Experiment):
 
     def stage1_dir(self, seed: int) -> Path:
         return self.shared / "stage1" / self.grid.preset / f"seed{seed}"
+
+
+def run_cells(exps: dict[str, Experiment], pool, workers: int) -> dict[str, list[dict]]:
+    """Every variant's records; the cells of all variants share the ``workers`` processes."""
+    for exp in exps.values():
+        exp.prepare()  # stage 1 and the answers, paid here once: the workers only read them
+    jobs = [(name, cell) for name, exp in exps.items() for cell in exp.grid.cells(pool)]
+    records = defaultdict(list)
+    bar = tqdm(total=len(jobs), desc="extractions", unit="run")
+    if workers <= 1:
+        for name, cell in jobs:
+            records[name].append(exps[name].run(cell))
+            bar.update(1)
+    else:
+        with ProcessPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as ex:
+            futures = {ex.submit(exps[name].run, cell): name for name, cell in jobs}
+            for fut in as_completed(futures):
+                records[futures[fut]].append(fut.result())
+                bar.update(1)
+    bar.close()
+    return records
 
 
 def slug(name: str) -> str:
@@ -148,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     probed = {TARGET: [p for p in PROBES if _best(reference[TARGET][p]) > _best(reference["mfcc"][p])]}
     measure = partial(probe_student, sets=sets, probed=probed)
 
-    rows = {}
+    exps = {}
     for name in args.variants:
         v = VARIANTS[name]
         n = args.steps * v.steps_factor
@@ -173,9 +198,12 @@ def main(argv: list[str] | None = None) -> int:
             distill=replace(base, **v.distill),
             pretrain=stage1 if v.stage1 else None,
         )
-        exp = SharedExperiment(work, work / "variants" / slug(name), grid, pool, heldout, measure, probed)
-        print(f"{name}: {len(grid.cells(pool))} extractions ({args.workers} at a time)")
-        (row,) = exp.summarise(exp.run_all(workers=args.workers))
+        root = work / "variants" / slug(name)
+        exps[name] = SharedExperiment(work, root, grid, pool, heldout, measure, probed, progress=False)
+    records = run_cells(exps, pool, args.workers)
+    rows = {}
+    for name, exp in exps.items():
+        (row,) = exp.summarise(records[name])
         add_shares([row], reference)
         rows[name] = row
 
