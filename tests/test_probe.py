@@ -190,6 +190,22 @@ def test_feature_cache_reuse_miss_and_resume(tasks, tmp_path, monkeypatch):
     assert resumed.calls == 2
 
 
+def test_ranks_share_the_request_not_what_each_found_on_disk(tasks, tmp_path, monkeypatch):
+    from speechmimic import distributed
+    from speechmimic.tasks import load_task
+
+    clips = load_task(tasks / "kw").split("train")[:4]
+    # Rank 0 was quicker: its share of the request (clips 0 and 2) is on disk before rank 1 looks.
+    FeatureStore(CountingMFCC(), tmp_path).get([clips[0], clips[2]], progress=False)
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "barrier", lambda: None)
+    up = CountingMFCC()
+    got = FeatureStore(up, tmp_path).get(clips, progress=False)
+    assert up.calls == 2  # clips 1 and 3, its own share, though it found half the request on disk
+    assert all(f is not None for f in got)
+
+
 def test_probe_reuses_cache(tasks, tmp_path):
     up = CountingMFCC()
     probe(up, tasks / "kw", cache_dir=tmp_path, max_epochs=2, progress=False)

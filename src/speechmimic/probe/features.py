@@ -187,8 +187,11 @@ class FeatureStore:
             found |= self._encode_all(missing, frames, progress)
             return [found.get(k) for k in keys]
         # Under torchrun each rank encodes its share into shards of its own, then reads the others'.
+        # Shares are cut from the request, the same on every rank, never from what a rank found on
+        # disk: a rank that has already seen another's new shard would otherwise skip a clip nobody encodes.
         rank, world = distributed.rank(), distributed.world()
-        found |= self._encode_all(dict(list(missing.items())[rank::world]), frames, progress and rank == 0)
+        mine = {k: missing[k] for k in list(dict.fromkeys(keys))[rank::world] if k in missing}
+        found |= self._encode_all(mine, frames, progress and rank == 0)
         distributed.barrier()
         self.unusable = distributed.merged(self.unusable)
         self._scan()
