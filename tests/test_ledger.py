@@ -491,6 +491,24 @@ def test_concurrent_query_runs_pay_every_clip_exactly_once(tmp_path, writers):
     assert not list((led / "blobs").glob("*/*.tmp"))
 
 
+def test_a_waiting_writer_names_the_holder_even_at_the_instant_it_took_the_lock(tmp_path):
+    import threading
+
+    from speechmimic import ledger as ledger_mod
+
+    lock = tmp_path / "writer.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, json.dumps({"pid": 1, "command": "x" * 300, "clean": True}).encode(), 0)
+        ledger_mod._write_holder(fd, clean=False)  # a shorter record over a longer one
+        assert json.loads(lock.read_bytes())["pid"] == os.getpid()
+        os.ftruncate(fd, 0)  # the holder has the lock and has not written its record yet
+        threading.Timer(0.05, ledger_mod._write_holder, (fd, False)).start()
+        assert ledger_mod._holder(fd).startswith(f"pid {os.getpid()} ")
+    finally:
+        os.close(fd)
+
+
 def test_concurrent_writers_never_overspend_a_lifetime_budget(tmp_path):
     n, budget = 40, 25
     led, state = tmp_path / "ledger", tmp_path / "server"

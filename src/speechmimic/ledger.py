@@ -79,6 +79,7 @@ from speechmimic.corpus import Clip
 from speechmimic.targets.base import ClipRefused, PartialAnswers, Target
 
 LOCK_NAME = "writer.lock"
+HOLDER_BYTES = 1024  # the lock file's holder record, padded: see _write_holder
 STORES = {"float16": np.float16, "float32": np.float32}
 DEFAULT_STORE = "float16"
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -842,8 +843,14 @@ def _holder_record(fd: int) -> dict:
 
 
 def _holder(fd: int) -> str:
-    r = _holder_record(fd)
-    if not r:
+    # The holder writes its record just after taking the lock: a writer that meets the lock at
+    # that instant reads nothing yet, so it looks again for a moment before saying "another process".
+    for _ in range(20):
+        r = _holder_record(fd)
+        if r:
+            break
+        time.sleep(0.01)
+    else:
         return "another process"
     return f"pid {r.get('pid')} on {r.get('host')} ({r.get('command')}, since {r.get('since')})"
 
@@ -856,6 +863,7 @@ def _write_holder(fd: int, clean: bool) -> None:
         "since": _iso(time.time()),
         "clean": clean,
     }
-    data = json.dumps(record).encode()
-    os.ftruncate(fd, 0)
+    # One write of a fixed size over the old record (never a truncate first): a reader sees the old
+    # record or the new one, not an empty file (json reads the padding as whitespace).
+    data = json.dumps(record).encode().ljust(HOLDER_BYTES)
     os.pwrite(fd, data, 0)
