@@ -629,6 +629,7 @@ def test_ledger_commands_and_query_repair(tmp_path, speech_clips, capsys):
     assert stats["target"] == "resemblyzer?layers=2" and stats["bytes"] > 0
     assert stats["first_payment"] <= stats["last_payment"]
     assert main(["ledger", "stats", str(tmp_path / "nothing")]) == 2
+    assert not (tmp_path / "nothing").exists()  # a mistyped path is refused, not created
 
 
 def test_answers_are_stored_as_float16_unless_asked(tmp_path):

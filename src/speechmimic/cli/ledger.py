@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from speechmimic.cli import _options
 from speechmimic.ledger import Ledger
@@ -60,10 +61,11 @@ def register(subparsers) -> None:
 
 
 def _existing(path: str) -> Ledger:
-    ledger = Ledger(path)
-    if ledger.header is None and not len(ledger):
-        raise FileNotFoundError(f"{path} holds no ledger (no ledger.json, no answers)")
-    return ledger
+    # Checked before opening: opening a ledger creates its folder, and a mistyped path should not.
+    root = Path(path)
+    if not (root / "ledger.json").is_file() and not (root / "index.jsonl").is_file():
+        raise FileNotFoundError(f"{path} holds no ledger (no ledger.json, no index.jsonl)")
+    return Ledger(root)
 
 
 def run_verify(args) -> int:
