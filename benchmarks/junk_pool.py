@@ -44,15 +44,12 @@ import soundfile as sf
 from selection import (
     PROBES,
     SEGMENT_SECONDS,
-    _best,
     _pct,
     _scan,
     add_shares,
-    probe_scores,
-    probe_sets,
+    one_target_reference,
     probe_student,
     reference_table,
-    target_spec,
     thief_corpus,
 )
 
@@ -63,7 +60,6 @@ from speechmimic.experiment import Cell, Experiment, Grid
 from speechmimic.pretrain import PretrainConfig
 from speechmimic.report import mean_std, std
 from speechmimic.select import STRATEGIES
-from speechmimic.upstream import load_upstream
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = "resemblyzer"
@@ -285,17 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     pool_s = sum(composition.values())
     print("pool: " + ", ".join(f"{k} {s:.0f} s ({100 * s / pool_s:.0f}%)" for k, s in composition.items()))
 
-    sets = probe_sets(data, seed=0)
-    spec = target_spec(TARGET, work)
-    upstreams = {
-        "mfcc": load_upstream("mfcc"),
-        TARGET: load_upstream(spec, ledger=work / "ledgers" / TARGET / "probes"),
-    }
-    reference = {
-        name: probe_scores(upstream, sets, work / "probes" / f"{name}.json")
-        for name, upstream in upstreams.items()
-    }
-    probed = {TARGET: [p for p in PROBES if _best(reference[TARGET][p]) > _best(reference["mfcc"][p])]}
+    spec, sets, reference, probed = one_target_reference(TARGET, data, work)
     n, n1 = args.steps, args.stage1_steps
     grid = Grid(
         {TARGET: spec},

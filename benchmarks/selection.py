@@ -136,6 +136,24 @@ def target_spec(name: str, work: Path) -> str:
     return f"hf:{path}?layers=all"
 
 
+def one_target_reference(target: str, data: Path, work: Path) -> tuple[str, dict, dict, dict]:
+    """(spec, probe sets, reference scores of MFCC and ``target``, probes where the target beats
+    MFCC) for a benchmark against one target; the target's probe answers are paid into
+    ``work/ledgers/<target>/probes``."""
+    sets = probe_sets(data, seed=0)
+    spec = target_spec(target, work)
+    upstreams = {
+        "mfcc": load_upstream("mfcc"),
+        target: load_upstream(spec, ledger=work / "ledgers" / target / "probes"),
+    }
+    reference = {
+        name: probe_scores(upstream, sets, work / "probes" / f"{name}.json")
+        for name, upstream in upstreams.items()
+    }
+    probed = {target: [p for p in PROBES if _best(reference[target][p]) > _best(reference["mfcc"][p])]}
+    return spec, sets, reference, probed
+
+
 def stage1_report(exp: Experiment, seed: int, heldout, digits: tuple[ProbeSet, ProbeSet], sets) -> dict:
     """What stage 1 learned: held-out masked accuracy and digit probes per iteration (cached)."""
     done = exp.stage1_dir(seed) / "stage1.json"

@@ -45,14 +45,11 @@ from pathlib import Path
 import torch
 from selection import (
     PROBES,
-    _best,
     _pct,
     add_shares,
-    probe_scores,
-    probe_sets,
+    one_target_reference,
     probe_student,
     reference_table,
-    target_spec,
     thief_corpus,
 )
 from tqdm.auto import tqdm
@@ -61,7 +58,6 @@ from speechmimic.distill import DistillConfig
 from speechmimic.experiment import Experiment, Grid
 from speechmimic.pretrain import PretrainConfig
 from speechmimic.report import mean_std
-from speechmimic.upstream import load_upstream
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = "resemblyzer"
@@ -162,18 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     pool, heldout = thief_corpus(data, work, 0, seed=0)
-    sets = probe_sets(data, seed=0)
-    specs = {TARGET: target_spec(TARGET, work)}
-    upstreams = {
-        "mfcc": load_upstream("mfcc"),
-        TARGET: load_upstream(specs[TARGET], ledger=work / "ledgers" / TARGET / "probes"),
-    }
-    reference = {
-        name: probe_scores(upstream, sets, work / "probes" / f"{name}.json")
-        for name, upstream in upstreams.items()
-    }
+    spec, sets, reference, probed = one_target_reference(TARGET, data, work)
+    specs = {TARGET: spec}
     print(reference_table(reference, list(reference)))
-    probed = {TARGET: [p for p in PROBES if _best(reference[TARGET][p]) > _best(reference["mfcc"][p])]}
     measure = partial(probe_student, sets=sets, probed=probed)
 
     exps = {}
