@@ -6,7 +6,9 @@ heads, 3 prediction heads of 768 at 50 Hz) on the same batch (8 clips of 4 s; ta
 is its own ``DistillerModel`` (``upstream/distiller/model.py`` with DistilHuBERT's published
 config), imported from s3prl's sdist without installing it (its package imports torchaudio; ``make
 setup`` downloads the sdist, or set SPEECHMIMIC_S3PRL_SDIST), and its loss as in s3prl's
-``pretrain/distiller/pretrain_expert.py``: L1 over all frames + ``-log sigmoid(cos)``. Steps
+``pretrain/distiller/pretrain_expert.py``: L1 over all frames + ``-log sigmoid(cos)``. Each side
+steps its own trainer's AdamW: ours fused (``speechmimic.trainer.adamw``), s3prl's torch's unfused
+one (kinder to it than its DistilHuBERT config's Python-loop ``AdamW_with_schedule``). Steps
 alternate between the two so that a busy machine slows both alike; the medians give audio-seconds
 per second and their ratio. Then a profile of where our step spends its time.
 
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from speechmimic.distill import distill_loss
 from speechmimic.student import HeadSpec, build_student
 from speechmimic.testing import S3PRL_SDIST_ENV, s3prl_sdist, unpack_s3prl
+from speechmimic.trainer import adamw
 
 LAYERS = ["hidden_4", "hidden_8", "hidden_12"]
 # DistilHuBERT (s3prl's pretrain/distiller/config_model.yaml)
@@ -124,7 +127,7 @@ def main() -> None:
         opt.step()
 
     opts = {
-        "speechmimic": (our_step, torch.optim.AdamW(ours.parameters(), lr=2e-4)),
+        "speechmimic": (our_step, adamw(ours.parameters(), lr=2e-4, weight_decay=0.01)),
         "s3prl": (their_step, torch.optim.AdamW(theirs.parameters(), lr=2e-4)),
     }
     params = {

@@ -38,3 +38,19 @@ def test_inference_and_autocast_keep_the_convolutions():
     assert not conv_as_matmul.applies(cnn, torch.zeros(1, 399))  # shorter than one frame: the conv's error
     cnn.requires_grad_(False)
     assert not conv_as_matmul.applies(cnn, wav)
+
+
+def test_the_hand_written_norm_has_autograds_gradients_padding_included():
+    torch.manual_seed(0)
+    # a DC offset (mean far from 0) and padded frames that get gradient too: every term of the backward
+    x = (3.0 + torch.randn(2, 12, 5, dtype=torch.float64)).requires_grad_()
+    weight = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    norm = conv_as_matmul._NormGelu.apply
+    assert torch.autograd.gradcheck(lambda x, w, b: norm(x, w, b, 9, 1e-5), (x, weight, bias))
+
+    def reference(x, w, b):
+        var, mean = torch.var_mean(x[:, :9], 1, unbiased=False, keepdim=True)
+        return torch.nn.functional.gelu((x - mean) * torch.rsqrt(var + 1e-5) * w + b)
+
+    assert torch.allclose(norm(x, weight, bias, 9, 1e-5), reference(x, weight, bias))

@@ -71,6 +71,48 @@ class _Stride2(torch.autograd.Function):
         return gx, gw
 
 
+class _NormGelu(torch.autograd.Function):
+    """GELU(GroupNorm with a group per channel) of (B, T, C), statistics over each clip's first
+    ``frames`` frames (the rest is padding). By hand because autograd's version is slow here:
+    ``var_mean`` over the frames axis, then a backward of full-size temporaries (forward + backward
+    1.15 s against 0.44 s on (8, 12800, 512), 2 threads); the sums over frames are batched products
+    with a row of ones, and the backward writes in place into its own buffer."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, frames: int, eps: float):
+        real = x[:, :frames]
+        mean = _frame_sum(real) / frames
+        pre = torch.sub(x, mean)  # centred first: the two-pass variance, no cancellation
+        var = torch.linalg.vecdot(pre[:, :frames], pre[:, :frames], dim=1).unsqueeze(1) / frames
+        rstd = torch.rsqrt(var + eps)
+        pre.mul_(rstd * weight).add_(bias)
+        ctx.save_for_backward(x, pre, mean, rstd, weight)
+        ctx.frames = frames
+        return F.gelu(pre)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, pre, mean, rstd, weight = ctx.saved_tensors
+        n = ctx.frames
+        gp = torch.ops.aten.gelu_backward(grad, pre)
+        s1 = _frame_sum(gp)  # (B, 1, C)
+        s2 = torch.linalg.vecdot(gp, x, dim=1).unsqueeze(1) - mean * s1  # sum of gp * (x - mean)
+        gw = (rstd * s2).sum((0, 1))
+        gb = s1.sum((0, 1))
+        scale = rstd * weight
+        # through the statistics, which only the real frames make but every frame uses
+        coef = -scale * rstd * rstd * s2 / n
+        gx = gp.mul_(scale)
+        gx[:, :n].addcmul_(x[:, :n], coef).add_(-scale * s1 / n - coef * mean)
+        return gx, gw, gb, None, None
+
+
+def _frame_sum(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) -> (B, 1, C), summed over frames as one batched product (a reduction over the middle
+    axis is several times slower)."""
+    return torch.bmm(x.new_ones(x.shape[0], 1, x.shape[1]), x)
+
+
 def _taps01(weight: torch.Tensor) -> torch.Tensor:
     """(O, C, k) -> (O, 2C): the first two taps, ordered as a row of frame pairs (frame, channel)."""
     o, c, _ = weight.shape
@@ -104,10 +146,7 @@ def waveform_cnn(cnn: nn.Sequential, wav: torch.Tensor) -> torch.Tensor:
     alloc = -(-frames // 2 ** (len(convs) - 1)) * 2 ** (len(convs) - 1)
     wav = F.pad(wav, (0, s0 * (alloc - 1) + k0 - wav.shape[-1]))
     x = _FirstLayer.apply(wav.unfold(1, k0, s0).contiguous(), convs[0].weight)
-    # GroupNorm with a group per channel: statistics over each clip's real frames
-    var, mean = torch.var_mean(x[:, :frames], 1, unbiased=False, keepdim=True)
-    scale = torch.rsqrt(var + norm.eps) * norm.weight
-    x = F.gelu(torch.addcmul(norm.bias - mean * scale, x, scale))
+    x = _NormGelu.apply(x, norm.weight, norm.bias, frames, norm.eps)
     for conv in convs[1:]:
         x = F.gelu(_Stride2.apply(x, conv.weight))
         frames = (frames - conv.kernel_size[0]) // 2 + 1

@@ -116,6 +116,14 @@ StepFn = Callable[[nn.Module, list[int], random.Random], tuple[torch.Tensor, dic
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per tensor where PyTorch has it (float weights on a CPU or GPU):
+    the unfused step is a chain of elementwise passes over every weight and both moments."""
+    params = list(params)
+    fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def train_loop(
     model: nn.Module,
     cfg: TrainConfig,
@@ -142,7 +150,7 @@ def train_loop(
     if cfg.amp not in ("off", *AMP_DTYPES):
         raise ValueError(f"amp {cfg.amp!r}: choose off, bf16 or fp16")
     distributed.check_same("the training clips", [round(d, 4) for d in durations])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = random.Random(cfg.seed)
     step, epoch, log = 0, 0, []
     state = None
