@@ -84,19 +84,20 @@ def test_a_selection_that_overshoots_the_budget_is_refused_by_the_ledger(tmp_pat
     assert not (tmp_path / "run" / "student").exists()
 
 
-def test_extract_command_pretrains_stage1_by_default(tmp_path, speech_clips, capsys):
+def test_extract_command_pretrains_stage1_for_an_informed_strategy(tmp_path, speech_clips, capsys):
     pool, _ = speech_clips
     manifest = tmp_path / "pool.jsonl"
     write_manifest(pool, manifest)
     common = ["--target", "resemblyzer?layers=2", "--manifest", str(manifest), "--budget", "6"]
     common += ["--preset", "tiny", "--steps", "0", "--no-progress"]
     out = tmp_path / "x"
-    cmd = ["extract", *common, "--strategy", "hybrid", "--stage1-steps", "3", "--out", str(out)]
+    cmd = ["extract", *common, "--strategy", "hybrid", "--stage1-steps", "3", "--start", "stage1"]
+    cmd += ["--out", str(out)]
     assert main(cmd) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["stage1"] == str(out / "stage1" / "iter1")
     assert result["config"]["stage1"]["steps"] == 3 and result["config"]["distill"]["steps"] == 0
-    # Stage 2 starts from the stage-1 trunk (no stage-2 step was taken here) ...
+    # Asked to, stage 2 starts from the stage-1 trunk (no stage-2 step was taken here) ...
     stage1, _ = Student.load(out / "stage1" / "iter1")
     student, _ = Student.load(out / "student")
     own = student.state_dict()
@@ -136,6 +137,32 @@ def test_extract_command_pretrains_stage1_by_default(tmp_path, speech_clips, cap
     bare = ["extract", *common, "--from-scratch", "--strategy", "diversity", "--out", str(tmp_path / "b")]
     assert main(bare) == 2
     assert "needs per-clip embeddings" in capsys.readouterr().err
+
+
+def test_stage1_can_score_the_pool_while_stage2_starts_from_scratch(tmp_path, speech_clips):
+    pool, _ = speech_clips
+    manifest = tmp_path / "pool.jsonl"
+    write_manifest(pool, manifest)
+    common = ["extract", "--target", "resemblyzer?layers=2", "--manifest", str(manifest), "--budget", "6"]
+    common += ["--preset", "tiny", "--steps", "0", "--stage1-steps", "3", "--no-progress"]  # start: default
+    informed = tmp_path / "informed"
+    assert main([*common, "--strategy", "hybrid", "--out", str(informed)]) == 0
+    result = json.loads((informed / "result.json").read_text())
+    assert result["stage1"] == str(informed / "stage1" / "iter1") and result["config"]["start"] == "scratch"
+    chosen = read_manifest(informed / "selected.jsonl")
+    assert len(chosen) == 6 and all(c.labels["selection"]["score"] > 0 for c in chosen)  # stage 1 ranked them
+    # A strategy that reads no scores does not need stage 1 at all: none is trained.
+    plain = tmp_path / "plain"
+    assert main([*common, "--strategy", "random", "--out", str(plain)]) == 0
+    assert json.loads((plain / "result.json").read_text())["stage1"] is None
+    assert not (plain / "stage1").exists()
+    # Both students start from the same random trunk (no stage-2 step was taken), not stage 1's.
+    stage1 = Student.load(informed / "stage1" / "iter1")[0].state_dict()
+    informed_trunk = Student.load(informed / "student")[0].state_dict()
+    plain_trunk = Student.load(plain / "student")[0].state_dict()
+    matrices = [k for k, v in stage1.items() if v.dim() > 1]
+    assert matrices and all(torch.equal(informed_trunk[k], plain_trunk[k]) for k in stage1)
+    assert not any(torch.equal(informed_trunk[k], stage1[k]) for k in matrices)
 
 
 def test_extract_config_file_and_print_config(tmp_path, speech_clips, capsys):

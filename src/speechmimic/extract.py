@@ -2,8 +2,9 @@
 held-out fidelity. This module only chains; each step lives in its own module and runs alone from
 the CLI on the artifacts of the one before.
 
-Stage 1 is either a given checkpoint or pretrained here on the pool (cached, so a rerun skips it);
-informed strategies read the stage-1 student's scores of the pool, computed here when not given.
+Stage 1 is either a given checkpoint or pretrained here on the pool (cached, so a rerun skips it)
+when something needs it: informed strategies read the stage-1 student's scores of the pool, computed
+here when not given, and ``start="stage1"`` trains stage 2 from its trunk.
 The run's budget goes with its request to the ledger, which refuses to pay for anything the
 selection should never have chosen. Held-out fidelity is the evaluator's measurement, not the
 thief's: its target answers go to a separate ledger that never counts against the attack's budget.
@@ -34,6 +35,7 @@ from speechmimic.student import PRESETS
 from speechmimic.targets import Target
 
 RESULT_NAME = "result.json"
+START = ("stage1", "scratch")
 
 
 @dataclass
@@ -41,8 +43,9 @@ class ExtractConfig:
     """Everything that decides one extraction's result, beside the target and the clips.
 
     ``seed`` seeds the selection and the scores; stage 1 and stage 2 have their own (the command
-    line sets all three from ``--seed``). Stage 1 is ``init`` (a checkpoint to start from), or
-    ``stage1`` (pretrain one on the pool first), or neither (random weights).
+    line sets all three from ``--seed``). Stage 1 is ``init`` (a checkpoint), or ``stage1`` (pretrain
+    one on the pool first, when needed), or neither. ``start`` says whether stage 2 trains from it or
+    from random weights (the default: at 1000 steps stage 1 costs the copy's words and speakers).
     """
 
     budget: str = option(
@@ -59,8 +62,9 @@ class ExtractConfig:
     )
     init: str | None = option(
         None,
-        "stage-1 checkpoint (from 'speechmimic pretrain') the student starts from: its architecture "
-        "replaces the preset and its trunk weights are loaded; heads are new",
+        "stage-1 checkpoint (from 'speechmimic pretrain'): it scores the pool for informed strategies "
+        "and, with --start stage1, the student starts from it (its architecture replaces the preset, its "
+        "trunk weights are loaded, heads are new)",
         flag="--stage1",
         metavar="DIR",
     )
@@ -70,12 +74,21 @@ class ExtractConfig:
         "(default: the stage-1 student scores the pool)",
         metavar="FILE.npz",
     )
+    start: str = option(
+        "scratch",
+        "what stage 2 trains from: 'scratch' (random weights; stage 1 then only scores the pool, and runs "
+        "only for a strategy that needs scores) or 'stage1' (the stage-1 student's trunk, which costs the "
+        "copy speaker information: README 'Does the copy keep the speaker?')",
+        choices=START,
+    )
     stage1: PretrainConfig | None = None
     distill: DistillConfig = option(factory=DistillConfig)
 
     def __post_init__(self):
         if self.init is not None and self.stage1 is not None:
             raise ValueError("give a stage-1 checkpoint (init) or a stage-1 config to pretrain, not both")
+        if self.start not in START:
+            raise ValueError(f"start {self.start!r}: choose from {START}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose from {sorted(STRATEGIES)}")
 
@@ -83,11 +96,13 @@ class ExtractConfig:
 def stage1_checkpoint(
     pool: list[Clip], out_dir: Path, cfg: ExtractConfig, progress: bool = True
 ) -> Path | None:
-    """The stage-1 student a run starts from: ``cfg.init``, or one pretrained on ``pool`` into
-    ``out_dir/stage1`` (skipped when already there), or None (from scratch)."""
+    """The run's stage-1 student: ``cfg.init``, or one pretrained on ``pool`` into ``out_dir/stage1``
+    (skipped when already there), or None: none configured, or none needed (stage 2 starts from
+    scratch and the strategy reads no scores)."""
     if cfg.init is not None:
         return Path(cfg.init)
-    if cfg.stage1 is None:
+    needed = cfg.start == "stage1" or (STRATEGIES[cfg.strategy].needs and cfg.scores is None)
+    if cfg.stage1 is None or not needed:
         return None
     pretrain(pool, out_dir / "stage1", cfg.stage1, preset=cfg.preset, progress=progress)
     return out_dir / "stage1" / f"iter{cfg.stage1.iterations}"
@@ -148,7 +163,13 @@ def extract(
 
     t = time.time()
     student = distill(
-        chosen, ledger, out_dir / "student", cfg.distill, preset=cfg.preset, init=init, progress=progress
+        chosen,
+        ledger,
+        out_dir / "student",
+        cfg.distill,
+        preset=cfg.preset,
+        init=init if cfg.start == "stage1" else None,
+        progress=progress,
     )
     timings["distill"] = time.time() - t
 

@@ -22,13 +22,14 @@ _SHARED = ("seed", "device", "checkpoint_every")
 def register(sub) -> None:
     p = sub.add_parser(
         "extract",
-        help="run a budgeted extraction: stage 1, select, query and distill",
-        description="Run a query-budgeted extraction in one go: pretrain a student on the manifest "
-        "(stage 1, no queries; OUT/stage1), select clips within the budget, query the target through "
-        "a ledger that refuses to pay beyond it, distill the stage-1 student on the answers; with "
-        "--heldout, also measure fidelity on clips never queried. --stage1 DIR starts from an existing "
-        "stage-1 checkpoint instead, --from-scratch skips stage 1. OUT/result.json records every "
-        "setting (rerun them with --config OUT/result.json). Rerun to resume.",
+        help="run a budgeted extraction: (stage 1), select, query and distill",
+        description="Run a query-budgeted extraction in one go: select clips within the budget (an "
+        "informed strategy first pretrains a student on the manifest, stage 1, no queries, in OUT/stage1, "
+        "to score the pool), query the target through a ledger that refuses to pay beyond it, and train "
+        "a student on the answers, from random weights (--start stage1: from the stage-1 student); with "
+        "--heldout, also measure fidelity on clips never queried. --stage1 DIR uses an existing stage-1 "
+        "checkpoint instead, --from-scratch never runs stage 1. OUT/result.json records every setting "
+        "(rerun them with --config OUT/result.json). Rerun to resume.",
     )
     _options.add_target(p)
     p.add_argument("--manifest", required=True, help="the thief's candidate clips (JSONL manifest)")
@@ -46,7 +47,7 @@ def register(sub) -> None:
     d = p.add_argument_group("distillation (stage 2 training; --seed, --device and --checkpoint-every also "
                              "apply to stage 1)")  # fmt: skip
     _options.add_config_flags(d, DistillConfig, skip=("seed",))
-    s = p.add_argument_group("stage 1 (when neither --stage1 nor --from-scratch is given)")
+    s = p.add_argument_group("stage 1 (when needed and neither --stage1 nor --from-scratch is given)")
     _options.add_config_flags(s, PretrainConfig, prefix="stage1-", skip=_SHARED)
     a = p.add_argument_group("several API keys (against per-key defences)")
     a.add_argument(
