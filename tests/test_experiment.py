@@ -9,6 +9,7 @@ from speechmimic.distill import DistillConfig
 from speechmimic.experiment import Experiment, Grid
 from speechmimic.pretrain import PretrainConfig
 from speechmimic.report import grid_table, plot_grid
+from speechmimic.student import Student
 
 SPEC = "resemblyzer?layers=2"
 
@@ -96,6 +97,9 @@ def test_stage1_arm_and_informed_strategies_in_parallel_workers(tmp_path, speech
     arms = {r["cell"]["stage1"]: r for r in records}
     stage1_dir = str(exp.stage1_dir(0) / "iter1")
     assert arms[True]["config"]["init"] == stage1_dir and arms[False]["config"]["init"] is None
+    # ... and the stage-1 arm's student really started from it (extract's default start is scratch).
+    started = {arm: Student.load(r["result"]["student"]["path"])[1]["init"] for arm, r in arms.items()}
+    assert started == {True: stage1_dir, False: None}
     # Both arms ranked by the same stage-1 scores, so they queried the same clips.
     assert arms[True]["config"]["scores"] == arms[False]["config"]["scores"]
     assert arms[True]["result"]["queries"] == arms[False]["result"]["queries"]

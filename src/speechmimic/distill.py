@@ -279,6 +279,7 @@ def distill(
             out_dir,
             extra={
                 "distill": asdict(cfg),
+                "init": str(init) if init else None,  # what the trunk started from
                 "ledger": str(ledger.root),
                 "target": (ledger.header or {}).get("target"),
                 "queried_clips": len(data),

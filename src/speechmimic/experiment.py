@@ -185,6 +185,7 @@ class Experiment:
             preset=self.grid.preset,
             init=init,
             scores=scores,
+            start="stage1" if init else "scratch",
             distill=replace(self.grid.distill, seed=cell.seed),
         )
 
