@@ -187,6 +187,13 @@ def test_extract_config_file_and_print_config(tmp_path, speech_clips, capsys):
     assert main([*base, "--config", str(tmp_path / "cfg.json"), "--steps", "7", "--print-config"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["distill"] == {**printed["distill"], "steps": 7} and again["budget"] == "4"
+    # A config written before `start` existed trained stage 2 from its stage 1: it still does.
+    old = {k: v for k, v in printed.items() if k != "start"}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert main([*base, "--config", str(tmp_path / "old.json"), "--print-config"]) == 0
+    assert printed["start"] == "scratch" and json.loads(capsys.readouterr().out)["start"] == "stage1"
+    assert main([*base, "--config", str(tmp_path / "old.json"), "--start", "scratch", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["start"] == "scratch"
     (tmp_path / "bad.json").write_text(json.dumps({"budget": "4", "distill": {"stpes": 3}}))
     assert main([*base, "--config", str(tmp_path / "bad.json"), "--print-config"]) == 2
     assert "unknown DistillConfig setting(s) ['stpes']" in capsys.readouterr().err

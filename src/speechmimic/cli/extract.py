@@ -71,6 +71,8 @@ def register(sub) -> None:
 def resolve(args) -> ExtractConfig:
     """The extraction's settings: defaults < --config file < flags."""
     file = _options.file_settings(args)
+    if file and "start" not in file and (file.get("init") or file.get("stage1")):
+        file["start"] = "stage1"  # written before `start` existed, when stage 2 began from stage 1
     values = {**file, **_options.given(args, ExtractConfig)}
     shared = {k: v for k, v in _options.given(args, DistillConfig).items() if k in _SHARED}
     if "seed" in values and hasattr(args, "seed"):
