@@ -68,7 +68,9 @@ def test_export_reproduces_the_student(tmp_path, tiny_student, speech_clips, fmt
             error = np.abs(g[0] - e).max() / max(1.0, np.abs(e).max())
             assert error <= TOLERANCE, (o["name"], n, error)
             if fmt == "torchscript":
-                assert error == 0.0  # PyTorch's own kernels: the same numbers
+                # PyTorch's own kernels: the same numbers, up to the order of the BLAS's sums, which
+                # may differ in another process (MKL's paths depend on buffer alignment; once 5.6e-6)
+                assert error <= 1e-5
     # a batch of clips of one length
     pair = torch.stack([wavs[1], wavs[1].flip(0)])
     got = run_file(path, pair)
