@@ -16,6 +16,7 @@ differ only in how the answers are used:
     wide              the same parameters as 2 layers of 304 (`small-wide`)
     deep              ... as 6 layers of 192 (`small-deep`)
     2x steps          twice the steps on the same answers
+    semi-supervised   + masked prediction of MFCC units on the clips not queried (--masked-weight 1)
     all               utterance stats + augmented views + wide + 2x steps (stage 1 stays its own row)
 
 Each run is scored by held-out fidelity (mean r2 over the three layers) and by the probes, as the
@@ -79,6 +80,7 @@ VARIANTS = {
     "wide": Variant(preset="small-wide"),
     "deep": Variant(preset="small-deep"),
     "2x steps": Variant(steps_factor=2),
+    "semi-supervised": Variant(distill={"masked_weight": 1.0}),
     "all": Variant(preset="small-wide", steps_factor=2, distill={"stats_weight": 1.0, "augment": 0.5}),
 }
 

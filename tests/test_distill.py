@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -264,3 +265,54 @@ def test_the_utterance_statistics_term_matches_each_clips_mean_and_std():
     assert torch.allclose(whole, halves[0] + halves[1], rtol=1e-5)
     with pytest.raises(ValueError, match="stats_weight"):
         DistillConfig(stats_weight=-1)
+
+
+def test_semi_supervised_stage2_learns_the_unpaid_units_and_resumes(tmp_path, speech_clips):
+    pool, _ = speech_clips
+    paid, unpaid = pool[:6], pool[6:20]
+    ledger = Ledger(tmp_path / "ledger")
+    query_clips(load_target("resemblyzer"), paid, ledger, progress=False)
+    cfg = DistillConfig(
+        steps=80,
+        warmup=4,
+        batch_seconds=6,
+        lr=2e-3,
+        seed=2,
+        checkpoint_every=20,
+        masked_weight=1.0,
+        masked_k=8,
+    )
+    with pytest.raises(ValueError, match="unqueried clips"):
+        distill(paid, ledger, tmp_path / "none", cfg, preset="tiny", progress=False)
+
+    def crash_at_50(step, loss):
+        if step == 50:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(
+            paid,
+            ledger,
+            tmp_path / "s",
+            cfg,
+            preset="tiny",
+            progress=False,
+            unpaid=unpaid,
+            on_step=crash_at_50,
+        )
+    resumed = distill(paid, ledger, tmp_path / "s", cfg, preset="tiny", progress=False, unpaid=unpaid)
+    full = distill(paid, ledger, tmp_path / "full", cfg, preset="tiny", progress=False, unpaid=unpaid)
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), k
+    # The masked term really trains: the units of unpaid clips get predicted better as it goes.
+    log = [json.loads(x) for x in (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()]
+    first, last = np.mean([e["masked_acc"] for e in log[:5]]), np.mean([e["masked_acc"] for e in log[-10:]])
+    assert last > first + 0.05, (first, last)
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["unpaid_clips"] == len(unpaid)
+    # Off, the same settings train the student alone: another result.
+    off = distill(
+        paid, ledger, tmp_path / "off", replace(cfg, masked_weight=0.0), preset="tiny", progress=False
+    )
+    assert not torch.equal(
+        off.state_dict()["blocks.0.linear1.weight"], full.state_dict()["blocks.0.linear1.weight"]
+    )

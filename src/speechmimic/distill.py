@@ -20,12 +20,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch import nn
 
 from speechmimic import distributed
 from speechmimic.audio import SAMPLE_RATE, AudioError
 from speechmimic.config import option
 from speechmimic.corpus import Clip, fingerprint, warn_unusable
 from speechmimic.ledger import Ledger
+from speechmimic.pretrain import UnitHead, collate_labelled, masked_cross_entropy, span_frames, span_mask
 from speechmimic.readahead import ReadAhead
 from speechmimic.student import (
     CONFIG_NAME,
@@ -37,6 +39,7 @@ from speechmimic.student import (
     build_student,
 )
 from speechmimic.trainer import STATE_NAME, TrainConfig, crop_start, record_of, seed_all, train_loop
+from speechmimic.units import MIN_SAMPLES, MFCCSource, fit_units
 
 
 @dataclass
@@ -53,7 +56,18 @@ class DistillConfig(TrainConfig):
         "SNR) and trained toward the clip's paid answer all the same (StolenEncoder's reuse of answers)",
     )
 
+    masked_weight: float = option(
+        0.0,
+        "weight of a masked-prediction term on the clips not queried (semi-supervised stage 2: "
+        "HuBERT's loss on MFCC k-means units of the unpaid pool, beside the paid answers)",
+    )
+    masked_k: int = option(100, "k-means units of that term")
+
     def __post_init__(self):
+        if self.masked_weight < 0:
+            raise ValueError(f"masked_weight is a weight, >= 0, got {self.masked_weight}")
+        if self.masked_k < 2:
+            raise ValueError(f"masked_k counts k-means units, >= 2, got {self.masked_k}")
         if not 0.0 <= self.augment <= 1.0:
             raise ValueError(f"augment is a share of clips, in [0, 1], got {self.augment}")
         if self.stats_weight < 0:
@@ -188,6 +202,56 @@ def distill_loss(
     return total / len(student.heads), parts
 
 
+class SemiSupervised(nn.Module):
+    """The student and a unit head, one module so that one forward (DDP's unit) runs both the paid
+    batch and the masked unpaid one, and optimiser and checkpoints see both."""
+
+    def __init__(self, student: Student, head: UnitHead):
+        super().__init__()
+        self.student = student
+        self.head = head
+
+    def forward(self, wav, lengths, unpaid, unpaid_lengths, mask):
+        _, _, preds = self.student(wav, lengths)
+        states, valid = self.student.encode(unpaid, unpaid_lengths, mask)
+        return preds, self.head(states[-1]), valid
+
+
+class UnpaidClips:
+    """The clips not queried, with their k-means units per student frame, drawn in batches of about
+    ``seconds`` of padded audio by the step's random generator (so a resume draws the same)."""
+
+    def __init__(self, clips: list[Clip], student: Student, cfg: DistillConfig, cache: Path, progress: bool):
+        with distributed.main_first():  # rank 0 fits and caches the units; the others read them
+            units = fit_units(clips, MFCCSource(), cfg.masked_k, cfg.seed, cache, progress=progress)
+            self.labels = units.student_labels(clips, student.cfg, cache, progress)
+        self.clips = [c for c in clips if c.id in self.labels]  # a clip that does not decode is left out
+        if not self.clips:
+            raise ValueError(f"none of the {len(clips)} unqueried clips decodes: no masked term possible")
+        self.units, self.student_cfg, self.cfg = units, student.cfg, cfg
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.units.fingerprint(), *[c.id for c in self.clips])
+
+    def batch(self, rng: random.Random):
+        crop = self.cfg.crop_seconds
+        picked, longest = [], 0.0
+        while True:
+            clip = self.clips[rng.randrange(len(self.clips))]
+            d = min(clip.duration, crop)
+            if picked and (len(picked) + 1) * max(longest, d) > self.cfg.batch_seconds:
+                break
+            picked.append(clip)
+            longest = max(longest, d)
+        return collate_labelled(
+            [c.load(min_samples=MIN_SAMPLES) for c in picked],
+            [self.labels[c.id] for c in picked],
+            self.student_cfg,
+            crop,
+            rng,
+        )
+
+
 def student_from_stage1(directory: str | Path, heads: list[HeadSpec]) -> Student:
     """A student with the architecture and trunk weights of a stage-1 checkpoint and new ``heads``."""
     directory = Path(directory)
@@ -217,8 +281,12 @@ def distill(
     resume: bool = True,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    unpaid: list[Clip] | None = None,
 ) -> Student:
     """Train a student on the paid responses of ``clips`` and save it to ``out_dir``.
+
+    ``unpaid``: the thief's clips that were not queried, for the masked-prediction term of
+    ``cfg.masked_weight`` (required when it is on; units are cached in ``out_dir/units``).
 
     ``init``: a stage-1 checkpoint (``speechmimic pretrain``) whose architecture and trunk weights
     the student starts from (``preset`` is then ignored); the heads are new, sized from the answers.
@@ -237,8 +305,16 @@ def distill(
     stats = ledger.layer_stats(keys)
     for name, head in student.heads.items():
         head.set_stats(*stats[name])
+    model: torch.nn.Module = student
+    unlabelled = None
+    if cfg.masked_weight:
+        if not unpaid:
+            raise ValueError("masked_weight > 0 needs the unqueried clips (unpaid=...) to predict units on")
+        unlabelled = UnpaidClips(unpaid, student, cfg, out_dir / "units", progress)
+        model = SemiSupervised(student, UnitHead(student.cfg.dim, cfg.masked_k, 256, 0.1))
+        span = span_frames(10, student.cfg)  # HuBERT's masking, as stage 1's defaults
     device = distributed.device_for(cfg.device)
-    student.to(device).train()
+    model.to(device).train()
 
     def step(model: torch.nn.Module, batch_idx: list[int], rng: random.Random):
         # The whole batch is collated on every rank (same crops); each runs the model on its rows.
@@ -248,20 +324,39 @@ def distill(
         frames = {name: sum(len(t[name]) for t in targets) for name in student.heads}
         rows, weight = distributed.my_share(len(batch_idx))
         lengths = lengths[rows].to(device)
-        _, _, preds = model(wav[rows].to(device), lengths)
         targets = [{k: v.to(device) for k, v in targets[i].items()} for i in rows]
+        if unlabelled is None:
+            _, _, preds = model(wav[rows].to(device), lengths)
+            loss, _ = distill_loss(
+                student, preds, lengths, targets, cfg.cos_weight, frames, cfg.stats_weight, len(batch_idx)
+            )
+            return loss * weight, {}
+        u_wav, u_lengths, u_target = unlabelled.batch(rng)
+        u_frames = [int(student.cfg.num_frames(int(n))) for n in u_lengths]
+        mask = span_mask(u_frames, u_target.shape[1], 0.08, span, np.random.default_rng(rng.getrandbits(64)))
+        valid = torch.arange(u_target.shape[1])[None, :] < torch.tensor(u_frames)[:, None]
+        count = int((mask & valid & (u_target >= 0)).sum())
+        u_rows, u_weight = distributed.my_share(len(u_frames))
+        mask = mask[u_rows].to(device)
+        preds, logits, valid = model(
+            wav[rows].to(device), lengths, u_wav[u_rows].to(device), u_lengths[u_rows].to(device), mask
+        )
         loss, _ = distill_loss(
             student, preds, lengths, targets, cfg.cos_weight, frames, cfg.stats_weight, len(batch_idx)
         )
-        return loss * weight, {}
+        masked, correct, n = masked_cross_entropy(logits, valid, u_target[u_rows].to(device), mask, count)
+        total = loss * weight + cfg.masked_weight * masked * u_weight
+        return total, {"masked_acc": round(correct / max(1, n), 4)}
 
     # What the training state belongs to: a state left by other settings, answers or architecture is
     # not resumed (device and checkpointing do not change the result).
     record = record_of(cfg)
     record.update(answers=fingerprint(keys), student=student.cfg.to_dict(), init=str(init) if init else None)
+    if unlabelled is not None:
+        record["unpaid"] = unlabelled.fingerprint()
     t0 = time.time()
     log = train_loop(
-        student,
+        model,
         cfg,
         [c.duration for c in data.clips],
         step,
@@ -283,6 +378,7 @@ def distill(
                 "ledger": str(ledger.root),
                 "target": (ledger.header or {}).get("target"),
                 "queried_clips": len(data),
+                "unpaid_clips": len(unlabelled.clips) if unlabelled else 0,
                 "train_seconds": round(time.time() - t0, 1),
             },
         )

@@ -162,6 +162,8 @@ def extract(
     timings["query"] = time.time() - t
 
     t = time.time()
+    paid = {c.id for c in chosen}
+    unpaid = [c for c in pool if c.id not in paid] if cfg.distill.masked_weight else None
     student = distill(
         chosen,
         ledger,
@@ -170,6 +172,7 @@ def extract(
         preset=cfg.preset,
         init=init if cfg.start == "stage1" else None,
         progress=progress,
+        unpaid=unpaid,
     )
     timings["distill"] = time.time() - t
 

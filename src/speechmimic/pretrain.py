@@ -100,7 +100,7 @@ def span_mask(frames: list[int], t: int, prob: float, span: int, rng: np.random.
     return torch.from_numpy(mask)
 
 
-def _collate(waves, labels, student_cfg: StudentConfig, crop_seconds: float, rng: random.Random):
+def collate_labelled(waves, labels, student_cfg: StudentConfig, crop_seconds: float, rng: random.Random):
     """Pad waveforms and labels (-100 beyond a clip); crop long clips at a student-frame boundary, so
     frame j of the crop is frame ``m + j`` of the clip (same centre, same label)."""
     hop = student_cfg.hop
@@ -125,10 +125,10 @@ def _collate(waves, labels, student_cfg: StudentConfig, crop_seconds: float, rng
     return batch, lengths, target
 
 
-def _masked_loss(model: MaskedPredictor, wav, lengths, target, mask, count: int | None = None):
+def masked_cross_entropy(logits, valid, target, mask, count: int | None = None):
     """Cross-entropy over the masked, labelled frames, summed over those of these rows and divided by
-    ``count`` (default: their number; a rank's rows of a batch pass the batch's)."""
-    logits, valid, _ = model(wav, lengths, mask)
+    ``count`` (default: their number; a rank's rows of a batch pass the batch's); also the number
+    predicted right and the number scored."""
     sel = mask & valid & (target >= 0)
     n = int(sel.sum())
     loss = F.cross_entropy(logits[sel], target[sel], reduction="sum") / max(1, count or n)
@@ -198,7 +198,7 @@ def _train_iteration(
     span = span_frames(cfg.mask_length, student.cfg)
 
     def step(model: nn.Module, batch_idx: list[int], rng: random.Random):
-        wav, lengths, target = _collate(
+        wav, lengths, target = collate_labelled(
             [waves[i] for i in batch_idx],
             [labels[clips[i].id] for i in batch_idx],
             student.cfg,
@@ -213,14 +213,9 @@ def _train_iteration(
         valid = torch.arange(target.shape[1])[None, :] < torch.tensor(frames)[:, None]
         count = int((mask & valid & (target >= 0)).sum())
         rows, weight = distributed.my_share(len(batch_idx))
-        loss, correct, n_masked = _masked_loss(
-            model,
-            wav[rows].to(device),
-            lengths[rows].to(device),
-            target[rows].to(device),
-            mask[rows].to(device),
-            count,
-        )
+        mask = mask[rows].to(device)
+        logits, valid, _ = model(wav[rows].to(device), lengths[rows].to(device), mask)
+        loss, correct, n_masked = masked_cross_entropy(logits, valid, target[rows].to(device), mask, count)
         return loss * weight, {"masked_acc": round(correct / max(1, n_masked), 4)}
 
     t0 = time.time()

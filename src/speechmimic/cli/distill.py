@@ -21,6 +21,11 @@ def register(sub) -> None:
     p.add_argument("--manifest", required=True, help="manifest of the queried clips")
     p.add_argument("--ledger", required=True, help="ledger folder holding their paid answers")
     p.add_argument(
+        "--unpaid",
+        metavar="MANIFEST",
+        help="manifest of clips not queried, for the masked-prediction term (--masked-weight)",
+    )
+    p.add_argument(
         "--out", required=True, help="folder for the student checkpoint (safetensors + config.json)"
     )
     g = p.add_argument_group("distillation (stage 2 training)")
@@ -48,6 +53,7 @@ def run(args) -> int:
         init=None if args.from_scratch else _options.value(args, ExtractConfig, "init"),
         resume=not args.no_resume,
         progress=not args.no_progress,
+        unpaid=read_manifest(args.unpaid) if args.unpaid else None,
     )
     print(f"student ({student.num_params / 1e6:.2f} M params) -> {args.out}")
     return 0
