@@ -17,6 +17,9 @@ differ only in how the answers are used:
     deep              ... as 6 layers of 192 (`small-deep`)
     2x steps          twice the steps on the same answers
     semi-supervised   + masked prediction of MFCC units on the clips not queried (--masked-weight 1)
+    mixing stage 1    stage 1 with WavLM's utterance mixing (--mix-prob 0.2, WavLM's share)
+    data2vec stage 1  stage 1 regressing an EMA teacher's top layers, one iteration of the same
+                      total steps as HuBERT's two
     all               utterance stats + augmented views + wide + 2x steps (stage 1 stays its own row)
 
 Each run is scored by held-out fidelity (mean r2 over the three layers) and by the probes, as the
@@ -70,6 +73,7 @@ class Variant:
     stage1: bool = False
     steps_factor: int = 1
     distill: dict = field(default_factory=dict)  # DistillConfig fields over the baseline's
+    pretrain: dict = field(default_factory=dict)  # PretrainConfig fields over stage 1's
 
 
 VARIANTS = {
@@ -81,23 +85,25 @@ VARIANTS = {
     "deep": Variant(preset="small-deep"),
     "2x steps": Variant(steps_factor=2),
     "semi-supervised": Variant(distill={"masked_weight": 1.0}),
+    "mixing stage 1": Variant(stage1=True, pretrain={"mix_prob": 0.2}),
+    "data2vec stage 1": Variant(stage1=True, pretrain={"objective": "data2vec", "iterations": 1}),
     "all": Variant(preset="small-wide", steps_factor=2, distill={"stats_weight": 1.0, "augment": 0.5}),
 }
 
 
 class SharedExperiment(Experiment):
-    """An experiment whose ledgers (and stage 1, per preset) are shared with the other variants':
-    every variant trains on the very answers the baseline paid for."""
+    """An experiment whose ledgers (and stage 1, per preset and stage-1 recipe) are shared with the
+    other variants': every variant trains on the very answers the baseline paid for."""
 
-    def __init__(self, shared: Path, *args, **kw):
+    def __init__(self, shared: Path, recipe: str, *args, **kw):
         super().__init__(*args, **kw)
-        self.shared = shared
+        self.shared, self.recipe = shared, recipe
 
     def ledger_dir(self, target: str, part: str) -> Path:
         return self.shared / "ledgers" / target / part
 
     def stage1_dir(self, seed: int) -> Path:
-        return self.shared / "stage1" / self.grid.preset / f"seed{seed}"
+        return self.shared / "stage1" / self.grid.preset / self.recipe / f"seed{seed}"
 
 
 def run_cells(exps: dict[str, Experiment], pool, workers: int) -> dict[str, list[dict]]:
@@ -176,9 +182,14 @@ def main(argv: list[str] | None = None) -> int:
             batch_seconds=args.batch_seconds,
             checkpoint_every=max(50, n // 4),
         )
-        n1 = args.stage1_steps
+        # A recipe of fewer iterations gets their steps: every stage 1 costs the same.
+        iterations = v.pretrain.get("iterations", args.stage1_iterations)
+        n1 = args.stage1_steps * args.stage1_iterations // iterations
         stage1 = PretrainConfig(
-            n1, warmup=max(1, n1 // 10), batch_seconds=24.0, iterations=args.stage1_iterations
+            n1,
+            warmup=max(1, n1 // 10),
+            batch_seconds=24.0,
+            **{"iterations": args.stage1_iterations, **v.pretrain},
         )
         grid = Grid(
             specs,
@@ -191,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             pretrain=stage1 if v.stage1 else None,
         )
         root = work / "variants" / slug(name)
-        exps[name] = SharedExperiment(work, root, grid, pool, heldout, measure, probed, progress=False)
+        recipe = "-".join(f"{k}={x}" for k, x in sorted(v.pretrain.items())) or "hubert"
+        exps[name] = SharedExperiment(
+            work, recipe, root, grid, pool, heldout, measure, probed, progress=False
+        )
     records = run_cells(exps, pool, args.workers)
     rows = {}
     for name, exp in exps.items():

@@ -14,9 +14,10 @@ from speechmimic.cli import pretrain as pretrain_cli
 from speechmimic.cli import score as score_cli
 from speechmimic.corpus import write_manifest
 from speechmimic.demo import demo_corpus
-from speechmimic.pretrain import PretrainConfig, load_pretrained, pretrain
+from speechmimic.pretrain import PretrainConfig, load_pretrained, mix_utterances, pretrain
 from speechmimic.score import Scores, checkpoint_accuracy, score_clips
 from speechmimic.student import PRESETS, Student, build_student
+from speechmimic.trainer import seed_all
 from speechmimic.units import MFCCSource, StudentSource, fit_units, frame_centre_offset, labels_for_student
 
 _RNG = random.Random(7)
@@ -244,3 +245,61 @@ def test_cli_pretrain_and_score(tmp_path, capsys):
     assert args.func(args) == 0
     scores = Scores.load(out)
     assert scores.ids == [c.id for c in heldout[:3]] and scores.embeddings.shape == (3, PRESETS["tiny"].dim)
+
+
+def test_utterance_mixing_adds_another_clip_where_drawn_and_draws_nothing_when_off():
+    wav = torch.randn(3, 16000)
+    wav[2, 8000:] = 0  # the third clip is half as long
+    lengths = torch.tensor([16000, 16000, 8000])
+    rng = random.Random(1)
+    assert mix_utterances(wav, lengths, 0.0, rng) is wav
+    assert rng.random() == random.Random(1).random()  # off: no number drawn, old runs replay alike
+    mixed = mix_utterances(wav, lengths, 1.0, random.Random(2))
+    for b, n in enumerate(lengths.tolist()):
+        changed = torch.nonzero(mixed[b] != wav[b]).flatten()
+        assert 0 < len(changed) <= n // 2  # one segment, at most half the clip, inside it
+        assert int(changed.max()) < n and int(changed.max() - changed.min()) < n // 2 + 1
+        # the added segment is a scaled piece of another clip, at -5..5 dB of this one's energy
+        added = (mixed[b] - wav[b])[changed]
+        ratio = 10 * torch.log10(wav[b, :n].square().mean() / added.square().mean())
+        assert -5.01 <= float(ratio) <= 5.01
+    assert not torch.equal(mixed, mix_utterances(wav, lengths, 1.0, random.Random(3)))
+
+
+def test_data2vec_stage1_regresses_its_ema_teacher_resumes_and_cannot_score(tmp_path):
+    pool, _ = demo_corpus()
+    clips = pool[:12]
+    with pytest.raises(ValueError, match="one iteration"):
+        PretrainConfig(objective="data2vec", iterations=2)
+    cfg = PretrainConfig(
+        steps=30, warmup=3, batch_seconds=6, checkpoint_every=10, seed=4, objective="data2vec", mix_prob=0.5
+    )
+    full = pretrain(clips, tmp_path / "full", cfg, preset="tiny", progress=False)
+
+    def crash_at_17(step, loss):
+        if step == 17:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(clips, tmp_path / "crashed", cfg, preset="tiny", progress=False, on_step=crash_at_17)
+    resumed = pretrain(clips, tmp_path / "crashed", cfg, preset="tiny", progress=False)
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), k
+    # The teacher followed the student (30 EMA updates) without becoming it; the loss fell.
+    state = torch.load(tmp_path / "full" / "iter1" / "train_state.pt", weights_only=False)["model"]
+    assert int(state["updates"]) == 30
+    seed_all(4)  # as pretrain does before building its student: the same initial weights
+    start = build_student("tiny").state_dict()
+    w = "blocks.0.linear1.weight"
+    assert not torch.equal(state[f"teacher.{w}"], start[w])
+    assert not torch.equal(state[f"teacher.{w}"], state[f"student.{w}"])
+    log = [json.loads(x) for x in (tmp_path / "full" / "iter1" / "train_log.jsonl").read_text().splitlines()]
+    assert np.mean([e["loss"] for e in log[-5:]]) < np.mean([e["loss"] for e in log[:5]])
+    assert not (tmp_path / "full" / "iter1" / "units.safetensors").exists()
+    with pytest.raises(ValueError, match="data2vec"):
+        load_pretrained(tmp_path / "full" / "iter1")
+
+    def no_training(step, loss):
+        raise AssertionError("a finished data2vec stage 1 was trained again")
+
+    pretrain(clips, tmp_path / "full", cfg, preset="tiny", progress=False, on_step=no_training)

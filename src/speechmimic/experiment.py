@@ -163,21 +163,24 @@ class Experiment:
         return self.root / "runs" / cell.name
 
     # -- stage 1, once per seed -------------------------------------------------------------------------
-    def stage1(self, seed: int) -> tuple[Path, Path]:
-        """The seed's stage-1 checkpoint and the file of its scores of the pool (made once; the file
-        is named by a hash of the pool and the weights, so a retrained stage 1 is scored anew and the
-        cells that ranked by the old scores run again)."""
+    def stage1(self, seed: int) -> tuple[Path, Path | None]:
+        """The seed's stage-1 checkpoint and the file of its scores of the pool, or None when no
+        strategy of the grid ranks by scores (made once; the file is named by a hash of the pool and
+        the weights, so a retrained stage 1 is scored anew and the cells that ranked by the old
+        scores run again)."""
         cfg = replace(self.grid.pretrain, seed=seed)
         out = self.stage1_dir(seed)
         last = out / f"iter{cfg.iterations}"
         pretrain(self.pool, out, cfg, preset=self.grid.preset, progress=self.progress)
+        if not any(STRATEGIES[s].needs for s in self.grid.strategies):
+            return last, None
         return last, scores_path(last, self.pool, out, seed, self.progress)
 
     def config(self, cell: Cell) -> ExtractConfig:
         init = scores = None
         if self.grid.pretrain is not None:
             last, path = self.stage1(cell.seed)
-            init, scores = (str(last) if cell.stage1 else None), str(path)
+            init, scores = (str(last) if cell.stage1 else None), (str(path) if path else None)
         return ExtractConfig(
             budget=cell.budget,
             strategy=cell.strategy,

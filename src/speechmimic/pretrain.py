@@ -1,4 +1,4 @@
-"""Stage 1: HuBERT-style masked prediction on unlabelled audio, no query spent.
+"""Stage 1: masked prediction on unlabelled audio, no query spent: HuBERT's, or data2vec's.
 
 Per iteration: fit k-means units (:mod:`speechmimic.units`; iteration 1 on MFCCs, iteration 2 on a
 layer of the iteration-1 student), label every student frame, then train a fresh student: spans of
@@ -7,11 +7,19 @@ frames at 50 Hz with probability ``mask_prob``), the last layer is projected to 
 cosine similarity to learned unit embeddings over a temperature gives the logits; cross-entropy on
 masked frames only. The student goes to ``out_dir/iterN`` (``Student.save``, no heads) with the unit
 head and k-means centroids in ``units.safetensors`` beside it, which :func:`score_clips` needs.
+
+``objective="data2vec"`` (one iteration, no units) regresses instead, at the masked frames, the
+average of an EMA teacher's top layers (each instance-normalised over time; the teacher reads the
+clean, unmasked clip): targets that keep what the teacher keeps, speaker included, not one unit per
+frame. ``mix_prob`` adds WavLM's utterance mixing to either: a clip gets a quieter segment of
+another clip of its batch laid over it and must still predict its own targets.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import random
 import time
 from collections.abc import Callable
@@ -34,6 +42,10 @@ from speechmimic.trainer import STATE_NAME, TrainConfig, crop_start, record_of, 
 from speechmimic.units import MIN_SAMPLES, MFCCSource, StudentSource, Units, fit_units, source_from_dict
 
 UNITS_NAME = "units.safetensors"
+OBJECTIVES = ("hubert", "data2vec")
+# Settings of one objective only: left out of the other's record, so that they do not retrain it.
+DATA2VEC_ONLY = ("ema_start", "ema_end")
+HUBERT_ONLY = ("k", "layer", "codebook_dim", "temperature", "kmeans_frames")
 
 
 @dataclass
@@ -52,6 +64,30 @@ class PretrainConfig(TrainConfig):
     codebook_dim: int = option(256, "width of the projected frames and unit embeddings")
     temperature: float = option(0.1, "cosine-logit temperature")
     kmeans_frames: int = option(200_000, "k-means is fitted on a seeded sample of about this many frames")
+    objective: str = option(
+        "hubert",
+        "hubert: predict k-means units; data2vec: regress an EMA teacher's averaged top layers (1 iteration)",
+        choices=OBJECTIVES,
+    )
+    ema_start: float = option(0.99, "data2vec: the teacher's EMA decay at the first step")
+    ema_end: float = option(0.999, "data2vec: ... at the last (linear in between)")
+    mix_prob: float = option(
+        0.0,
+        "chance that a clip gets a segment (<= half its length) of another clip of its batch mixed in "
+        "at -5..5 dB, its targets unchanged (WavLM's utterance mixing: to tell the speakers apart)",
+    )
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r}: choose from {OBJECTIVES}")
+        if self.objective == "data2vec" and self.iterations != 1:
+            raise ValueError("data2vec has no units to re-cluster: it runs one iteration")
+        if not 0.0 <= self.mix_prob <= 1.0:
+            raise ValueError(f"mix_prob is a chance, in [0, 1], got {self.mix_prob}")
+        if not 0.0 < self.ema_start <= self.ema_end < 1.0:
+            raise ValueError(
+                f"EMA decays need 0 < ema_start <= ema_end < 1, got {self.ema_start}, {self.ema_end}"
+            )
 
 
 class UnitHead(nn.Module):
@@ -80,6 +116,45 @@ class MaskedPredictor(nn.Module):
         return self.head(states[-1]), valid, states
 
 
+def instance_norm(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Each clip's frames normalised per dimension over its valid frames (data2vec's target norm)."""
+    m = valid[..., None].to(x.dtype)
+    n = m.sum(1, keepdim=True).clamp(min=1)
+    mean = (x * m).sum(1, keepdim=True) / n
+    var = ((x - mean).square() * m).sum(1, keepdim=True) / n
+    return (x - mean) / torch.sqrt(var + 1e-5)
+
+
+class Data2VecPredictor(nn.Module):
+    """Student, regression head and EMA teacher, one module so that checkpoints hold the teacher."""
+
+    def __init__(self, student: Student):
+        super().__init__()
+        self.student = student
+        self.teacher = copy.deepcopy(student).requires_grad_(False)
+        self.head = nn.Linear(student.cfg.dim, student.cfg.dim)
+        self.top = math.ceil(2 * student.cfg.layers / 3)  # data2vec: the top 8 of 12
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # no dropout in the targets
+        return self
+
+    @torch.no_grad()
+    def ema_update(self, decay: float) -> None:
+        for t, s in zip(self.teacher.parameters(), self.student.parameters(), strict=True):
+            t.lerp_(s.detach(), 1.0 - decay)
+        self.updates += 1
+
+    def forward(self, wav, clean, lengths, mask):
+        states, valid = self.student.encode(wav, lengths, mask)
+        with torch.no_grad():
+            layers, _ = self.teacher.encode(clean, lengths)
+            target = sum(instance_norm(x.float(), valid) for x in layers[-self.top :]) / self.top
+        return self.head(states[-1]), target, valid
+
+
 def span_frames(mask_length: int, student_cfg: StudentConfig) -> int:
     """A span of ``mask_length`` frames at 50 Hz (HuBERT's rate), in the student's frames."""
     return max(1, round(mask_length * student_cfg.frame_rate / 50.0))
@@ -102,27 +177,52 @@ def span_mask(frames: list[int], t: int, prob: float, span: int, rng: np.random.
 
 def collate_labelled(waves, labels, student_cfg: StudentConfig, crop_seconds: float, rng: random.Random):
     """Pad waveforms and labels (-100 beyond a clip); crop long clips at a student-frame boundary, so
-    frame j of the crop is frame ``m + j`` of the clip (same centre, same label)."""
+    frame j of the crop is frame ``m + j`` of the clip (same centre, same label). ``labels`` None:
+    waveforms only (the target is all -100)."""
     hop = student_cfg.hop
     crop = int(crop_seconds * SAMPLE_RATE) // hop * hop
     wavs, labs = [], []
-    for wav, lab in zip(waves, labels, strict=True):
+    for wav, lab in zip(waves, labels if labels is not None else [None] * len(waves), strict=True):
         m = 0
         if len(wav) > crop:
             m = crop_start(len(wav), crop, hop, rng)
             wav = wav[m * hop : m * hop + crop]
+        wavs.append(torch.from_numpy(wav))
+        if lab is None:
+            continue
         n = int(student_cfg.num_frames(len(wav)))
         if m + n > len(lab):
             raise AssertionError(f"labels ({len(lab)}) shorter than frames ({m} + {n})")
-        wavs.append(torch.from_numpy(wav))
         labs.append(torch.from_numpy(lab[m : m + n]))
     lengths = torch.tensor([len(w) for w in wavs])
     batch = torch.zeros(len(wavs), int(lengths.max()))
     target = torch.full((len(wavs), int(student_cfg.num_frames(batch.shape[1]))), -100, dtype=torch.long)
-    for i, (w, lab) in enumerate(zip(wavs, labs, strict=True)):
+    for i, w in enumerate(wavs):
         batch[i, : len(w)] = w
+    for i, lab in enumerate(labs):
         target[i, : len(lab)] = lab
     return batch, lengths, target
+
+
+def mix_utterances(wav: torch.Tensor, lengths: torch.Tensor, prob: float, rng: random.Random) -> torch.Tensor:
+    """WavLM's utterance mixing: with chance ``prob`` a clip gets a random segment (at most half its
+    length) of another clip of the batch added at a random place, scaled so that the clip's energy
+    over the segment's is 10^(r/10), r uniform in -5..5 dB. No number is drawn when ``prob`` is 0."""
+    if not prob or len(wav) < 2:
+        return wav
+    out = wav.clone()
+    for b in range(len(wav)):
+        if rng.random() >= prob:
+            continue
+        j = rng.choice([i for i in range(len(wav)) if i != b])
+        n_b, n_j = int(lengths[b]), int(lengths[j])
+        seg = rng.randint(1, max(1, min(n_b // 2, n_j)))
+        src, dst = rng.randrange(n_j - seg + 1), rng.randrange(n_b - seg + 1)
+        piece = wav[j, src : src + seg]
+        energy = lambda x: float(x.double().square().mean()) + 1e-10  # noqa: E731
+        scale = math.sqrt(energy(wav[b, :n_b]) / (energy(piece) * 10 ** (rng.uniform(-5, 5) / 10)))
+        out[b, dst : dst + seg] += scale * piece
+    return out
 
 
 def masked_cross_entropy(logits, valid, target, mask, count: int | None = None):
@@ -151,6 +251,8 @@ def pretrain(
     same config and units is loaded, not retrained; an interrupted one resumes from its train_state.
     """
     out_dir = Path(out_dir)
+    if cfg.objective == "data2vec":
+        return _train_iteration(clips, None, out_dir / "iter1", cfg, preset, 1, progress, resume, on_step)
     source = MFCCSource()
     student = None
     for it in range(1, cfg.iterations + 1):
@@ -166,7 +268,7 @@ def pretrain(
 
 def _train_iteration(
     clips: list[Clip],
-    units: Units,
+    units: Units | None,
     out_dir: Path,
     cfg: PretrainConfig,
     preset: str,
@@ -175,47 +277,69 @@ def _train_iteration(
     resume: bool,
     on_step: Callable[[int, float], None] | None,
 ) -> Student:
-    # What determines the result; device, checkpointing, the number of iterations and the iteration-2
-    # layer (already in the units' fingerprint) do not, and changing them must not retrain this one.
-    record = record_of(cfg, "iterations", "layer")
-    record.update(preset=preset, iteration=iteration, units=units.fingerprint())
+    # What determines the result; device, checkpointing, the number of iterations, the iteration-2
+    # layer (already in the units' fingerprint) and the other objective's settings do not, and
+    # changing them must not retrain this one. (Nor does mixing while off: older records lack it.)
+    other = DATA2VEC_ONLY if units is not None else HUBERT_ONLY
+    record = record_of(cfg, "iterations", "layer", *other, *(() if cfg.mix_prob else ("mix_prob",)))
+    if units is not None:
+        record.pop("objective")  # HuBERT's records predate the choice
+    record.update(preset=preset, iteration=iteration, units=units.fingerprint() if units else None)
     device = distributed.device_for(cfg.device)
     done = out_dir / "config.json"
-    if done.exists() and (out_dir / UNITS_NAME).exists():
+    if done.exists() and (units is None or (out_dir / UNITS_NAME).exists()):
         config = json.loads(done.read_text())
         if config.get("pretrain") == record:
             return Student.load(out_dir)[0].to(device)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_all(cfg.seed)
     student = build_student(preset)
-    model = MaskedPredictor(student, UnitHead(student.cfg.dim, units.k, cfg.codebook_dim, cfg.temperature))
-    with distributed.main_first():
-        labels = units.student_labels(clips, student.cfg, out_dir.parent / "units", progress)
-    clips = [c for c in clips if c.id in labels]  # a clip that does not decode is skipped, not fatal
-    warn_unusable(f"pretrain iter{iteration}", units.unusable)
+    if units is None:
+        model = Data2VecPredictor(student)
+        labels = None
+    else:
+        model = MaskedPredictor(
+            student, UnitHead(student.cfg.dim, units.k, cfg.codebook_dim, cfg.temperature)
+        )
+        with distributed.main_first():
+            labels = units.student_labels(clips, student.cfg, out_dir.parent / "units", progress)
+        clips = [c for c in clips if c.id in labels]  # a clip that does not decode is skipped, not fatal
+        warn_unusable(f"pretrain iter{iteration}", units.unusable)
     model.to(device).train()
     waves = ReadAhead(lambda i: clips[i].load(min_samples=MIN_SAMPLES))
     span = span_frames(cfg.mask_length, student.cfg)
+    per_step = cfg.accumulate  # step functions per optimiser step: the EMA moves once per step
 
-    def step(model: nn.Module, batch_idx: list[int], rng: random.Random):
+    def step(net: nn.Module, batch_idx: list[int], rng: random.Random):
         wav, lengths, target = collate_labelled(
             [waves[i] for i in batch_idx],
-            [labels[clips[i].id] for i in batch_idx],
+            [labels[clips[i].id] for i in batch_idx] if labels is not None else None,
             student.cfg,
             cfg.crop_seconds,
             rng,
         )
+        mixed = mix_utterances(wav, lengths, cfg.mix_prob, rng)
         frames = [int(student.cfg.num_frames(int(n))) for n in lengths]
         mask = span_mask(
             frames, target.shape[1], cfg.mask_prob, span, np.random.default_rng(rng.getrandbits(64))
         )
         # Every rank draws the whole batch's crops and masks; each runs the model on its rows.
         valid = torch.arange(target.shape[1])[None, :] < torch.tensor(frames)[:, None]
-        count = int((mask & valid & (target >= 0)).sum())
+        count = int((mask & valid & ((target >= 0) if labels is not None else True)).sum())
         rows, weight = distributed.my_share(len(batch_idx))
-        mask = mask[rows].to(device)
-        logits, valid, _ = model(wav[rows].to(device), lengths[rows].to(device), mask)
-        loss, correct, n_masked = masked_cross_entropy(logits, valid, target[rows].to(device), mask, count)
+        lengths, mask = lengths[rows].to(device), mask[rows].to(device)
+        if labels is None:
+            if int(model.updates) % per_step == 0:
+                done = int(model.updates) // per_step
+                model.ema_update(cfg.ema_start + (cfg.ema_end - cfg.ema_start) * done / max(1, cfg.steps - 1))
+            else:
+                model.updates += 1
+            pred, goal, ok = net(mixed[rows].to(device), wav[rows].to(device), lengths, mask)
+            sel = mask & ok
+            loss = F.mse_loss(pred[sel].float(), goal[sel], reduction="sum") / goal.shape[-1] / max(1, count)
+            return loss * weight, {}
+        logits, ok, _ = net(mixed[rows].to(device), lengths, mask)
+        loss, correct, n_masked = masked_cross_entropy(logits, ok, target[rows].to(device), mask, count)
         return loss * weight, {"masked_acc": round(correct / max(1, n_masked), 4)}
 
     t0 = time.time()
@@ -234,14 +358,15 @@ def _train_iteration(
     )
     model.eval()
     if distributed.is_main():  # one writer; the others wait until the checkpoint is on disk
-        _save_units(out_dir, model.head, units)
+        if units is not None:
+            _save_units(out_dir, model.head, units)
         student.save(
             out_dir,
             extra={
                 "pretrain": record,
-                "units_source": units.source.describe(out_dir),
+                "units_source": units.source.describe(out_dir) if units else None,
                 "clips": len(clips),
-                "unusable": units.unusable,
+                "unusable": units.unusable if units else {},
                 "train_seconds": round(time.time() - t0, 1),
             },
         )
@@ -263,7 +388,12 @@ def load_pretrained(directory: str | Path, device: str = "cpu") -> tuple[Student
     directory = Path(directory)
     student, config = Student.load(directory)
     if "pretrain" not in config or not (directory / UNITS_NAME).exists():
-        raise ValueError(f"{directory} is not a pretrained (stage-1) student: no unit head")
+        what = (
+            "a data2vec stage 1 predicts no units"
+            if config.get("pretrain", {}).get("objective") == "data2vec"
+            else "no unit head"
+        )
+        raise ValueError(f"{directory} is not a HuBERT stage-1 student ({what}): it cannot score clips")
     rec = config["pretrain"]
     tensors = load_file(directory / UNITS_NAME)
     centroids = tensors.pop("centroids").numpy()
