@@ -27,11 +27,12 @@ Each run is scored by held-out fidelity (mean r2 over the three layers) and by t
 under ``--out`` (a rerun resumes); the table goes to ``ablation.md`` and every number to
 ``ablation.json``.
 
-    python benchmarks/speaker_ablation.py       # 8 variants x 3 seeds at extract's 1000 steps
+    python benchmarks/speaker_ablation.py       # 11 variants x 3 seeds at extract's 1000 steps
     python benchmarks/speaker_ablation.py --steps 200 --variants baseline wide deep "2x steps"
 
 On 2 CPU cores, 21 runs (7 variants x 3 seeds, no stage 1) of 200 steps took 10 minutes; 1000 steps
-take about five times that, and stage 1 (2 x 800 steps) runs once per seed before them.
+take about five times that, and each stage-1 recipe (2 x 800 steps, or data2vec's 1 x 1600) runs
+once per seed before them (about 4 minutes each); semi-supervised steps cost about twice the others.
 """
 
 from __future__ import annotations
