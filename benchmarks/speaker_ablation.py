@@ -16,18 +16,22 @@ differ only in how the answers are used:
     wide              the same parameters as 2 layers of 304 (`small-wide`)
     deep              ... as 6 layers of 192 (`small-deep`)
     2x steps          twice the steps on the same answers
-    semi-supervised   + masked prediction of MFCC units on the clips not queried (--masked-weight 1)
+    semi-supervised   + masked prediction of MFCC units on the clips not queried (--masked-weight 1;
+                      "semi-supervised 0.1" at a tenth of that weight)
     mixing stage 1    stage 1 with WavLM's utterance mixing (--mix-prob 0.2, WavLM's share)
     data2vec stage 1  stage 1 regressing an EMA teacher's top layers, one iteration of the same
                       total steps as HuBERT's two
     all               utterance stats + augmented views + wide + 2x steps (stage 1 stays its own row)
+    wide + 2x steps   the two that cost nothing alone
+    everything        all + semi-supervised 0.1 + mixing stage 1 (stage 2 from it); data2vec is
+                      the other stage-1 objective, so it stays its own row
 
 Each run is scored by held-out fidelity (mean r2 over the three layers) and by the probes, as the
 **recovered share** of the target's advantage over MFCC, mean ± std over seeds. Every run is cached
 under ``--out`` (a rerun resumes); the table goes to ``ablation.md`` and every number to
 ``ablation.json``.
 
-    python benchmarks/speaker_ablation.py       # 11 variants x 3 seeds at extract's 1000 steps
+    python benchmarks/speaker_ablation.py       # 14 variants x 3 seeds at extract's 1000 steps
     python benchmarks/speaker_ablation.py --steps 200 --variants baseline wide deep "2x steps"
 
 On 2 CPU cores, 21 runs (7 variants x 3 seeds, no stage 1) of 200 steps took 10 minutes; 1000 steps
@@ -88,7 +92,16 @@ VARIANTS = {
     "semi-supervised": Variant(distill={"masked_weight": 1.0}),
     "mixing stage 1": Variant(stage1=True, pretrain={"mix_prob": 0.2}),
     "data2vec stage 1": Variant(stage1=True, pretrain={"objective": "data2vec", "iterations": 1}),
+    "semi-supervised 0.1": Variant(distill={"masked_weight": 0.1}),
     "all": Variant(preset="small-wide", steps_factor=2, distill={"stats_weight": 1.0, "augment": 0.5}),
+    "wide + 2x steps": Variant(preset="small-wide", steps_factor=2),
+    "everything": Variant(
+        preset="small-wide",
+        stage1=True,
+        steps_factor=2,
+        distill={"stats_weight": 1.0, "augment": 0.5, "masked_weight": 0.1},
+        pretrain={"mix_prob": 0.2},
+    ),
 }
 
 
@@ -129,7 +142,7 @@ def run_cells(exps: dict[str, Experiment], pool, workers: int) -> dict[str, list
 
 
 def slug(name: str) -> str:
-    return name.replace(" ", "-")
+    return "-".join(name.replace("+", " ").split())
 
 
 def table(rows: dict[str, dict]) -> str:
