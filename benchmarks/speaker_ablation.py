@@ -37,7 +37,7 @@ under ``--out`` (a rerun resumes); the table goes to ``ablation.md`` and every n
 On 2 CPU cores, 21 runs (7 variants x 3 seeds, no stage 1) of 200 steps took 10 minutes; 1000 steps
 take about five times that, and each stage-1 recipe (2 x 800 steps, or data2vec's 1 x 1600) runs
 once per seed before them (about 4 minutes each); semi-supervised steps cost about twice the others.
-The whole default table, from nothing, takes about 3 hours.
+The whole default table, from nothing, takes 3 to 4 hours.
 """
 
 from __future__ import annotations
