@@ -27,7 +27,7 @@ from speechmimic.audio import SAMPLE_RATE, AudioError
 from speechmimic.config import option
 from speechmimic.corpus import Clip, fingerprint, warn_unusable
 from speechmimic.ledger import Ledger
-from speechmimic.pretrain import UnitHead, collate_labelled, masked_cross_entropy, span_frames, span_mask
+from speechmimic.masked import UnitHead, collate_labelled, masked_cross_entropy, span_frames, span_mask
 from speechmimic.readahead import ReadAhead
 from speechmimic.student import (
     CONFIG_NAME,

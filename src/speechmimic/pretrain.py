@@ -33,12 +33,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from speechmimic import distributed
-from speechmimic.audio import SAMPLE_RATE
 from speechmimic.config import option
 from speechmimic.corpus import Clip, warn_unusable
+from speechmimic.masked import (
+    MaskedPredictor,
+    UnitHead,
+    collate_labelled,
+    masked_cross_entropy,
+    span_frames,
+    span_mask,
+)
 from speechmimic.readahead import ReadAhead
-from speechmimic.student import Student, StudentConfig, build_student
-from speechmimic.trainer import STATE_NAME, TrainConfig, crop_start, record_of, seed_all, train_loop
+from speechmimic.student import Student, build_student
+from speechmimic.trainer import STATE_NAME, TrainConfig, record_of, seed_all, train_loop
 from speechmimic.units import MIN_SAMPLES, MFCCSource, StudentSource, Units, fit_units, source_from_dict
 
 UNITS_NAME = "units.safetensors"
@@ -90,32 +97,6 @@ class PretrainConfig(TrainConfig):
             )
 
 
-class UnitHead(nn.Module):
-    """HuBERT's classifier: cosine between projected frames and learned unit embeddings / temperature."""
-
-    def __init__(self, dim: int, k: int, codebook_dim: int, temperature: float):
-        super().__init__()
-        self.proj = nn.Linear(dim, codebook_dim)
-        self.units = nn.Parameter(torch.randn(k, codebook_dim))
-        self.temperature = temperature
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.proj(x), dim=-1) @ F.normalize(self.units, dim=-1).T / self.temperature
-
-
-class MaskedPredictor(nn.Module):
-    """Student + unit head, one module so optimiser and checkpoints see both."""
-
-    def __init__(self, student: Student, head: UnitHead):
-        super().__init__()
-        self.student = student
-        self.head = head
-
-    def forward(self, wav, lengths, mask):
-        states, valid = self.student.encode(wav, lengths, mask)
-        return self.head(states[-1]), valid, states
-
-
 def instance_norm(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Each clip's frames normalised per dimension over its valid frames (data2vec's target norm)."""
     m = valid[..., None].to(x.dtype)
@@ -155,55 +136,6 @@ class Data2VecPredictor(nn.Module):
         return self.head(states[-1]), target, valid
 
 
-def span_frames(mask_length: int, student_cfg: StudentConfig) -> int:
-    """A span of ``mask_length`` frames at 50 Hz (HuBERT's rate), in the student's frames."""
-    return max(1, round(mask_length * student_cfg.frame_rate / 50.0))
-
-
-def span_mask(frames: list[int], t: int, prob: float, span: int, rng: np.random.Generator) -> torch.Tensor:
-    """(B, t) bool: each valid frame starts a span of ``span`` frames with probability ``prob``; spans
-    stop at the clip's end; every clip with frames gets at least one span."""
-    mask = np.zeros((len(frames), t), dtype=bool)
-    for b, n in enumerate(frames):
-        if n <= 0:
-            continue
-        starts = np.flatnonzero(rng.random(n) < prob)
-        if not len(starts):
-            starts = rng.integers(0, n, size=1)
-        for s in starts:
-            mask[b, s : min(s + span, n)] = True
-    return torch.from_numpy(mask)
-
-
-def collate_labelled(waves, labels, student_cfg: StudentConfig, crop_seconds: float, rng: random.Random):
-    """Pad waveforms and labels (-100 beyond a clip); crop long clips at a student-frame boundary, so
-    frame j of the crop is frame ``m + j`` of the clip (same centre, same label). ``labels`` None:
-    waveforms only (the target is all -100)."""
-    hop = student_cfg.hop
-    crop = int(crop_seconds * SAMPLE_RATE) // hop * hop
-    wavs, labs = [], []
-    for wav, lab in zip(waves, labels if labels is not None else [None] * len(waves), strict=True):
-        m = 0
-        if len(wav) > crop:
-            m = crop_start(len(wav), crop, hop, rng)
-            wav = wav[m * hop : m * hop + crop]
-        wavs.append(torch.from_numpy(wav))
-        if lab is None:
-            continue
-        n = int(student_cfg.num_frames(len(wav)))
-        if m + n > len(lab):
-            raise AssertionError(f"labels ({len(lab)}) shorter than frames ({m} + {n})")
-        labs.append(torch.from_numpy(lab[m : m + n]))
-    lengths = torch.tensor([len(w) for w in wavs])
-    batch = torch.zeros(len(wavs), int(lengths.max()))
-    target = torch.full((len(wavs), int(student_cfg.num_frames(batch.shape[1]))), -100, dtype=torch.long)
-    for i, w in enumerate(wavs):
-        batch[i, : len(w)] = w
-    for i, lab in enumerate(labs):
-        target[i, : len(lab)] = lab
-    return batch, lengths, target
-
-
 def mix_utterances(wav: torch.Tensor, lengths: torch.Tensor, prob: float, rng: random.Random) -> torch.Tensor:
     """WavLM's utterance mixing: with chance ``prob`` a clip gets a random segment (at most half its
     length) of another clip of the batch added at a random place, scaled so that the clip's energy
@@ -223,17 +155,6 @@ def mix_utterances(wav: torch.Tensor, lengths: torch.Tensor, prob: float, rng: r
         scale = math.sqrt(energy(wav[b, :n_b]) / (energy(piece) * 10 ** (rng.uniform(-5, 5) / 10)))
         out[b, dst : dst + seg] += scale * piece
     return out
-
-
-def masked_cross_entropy(logits, valid, target, mask, count: int | None = None):
-    """Cross-entropy over the masked, labelled frames, summed over those of these rows and divided by
-    ``count`` (default: their number; a rank's rows of a batch pass the batch's); also the number
-    predicted right and the number scored."""
-    sel = mask & valid & (target >= 0)
-    n = int(sel.sum())
-    loss = F.cross_entropy(logits[sel], target[sel], reduction="sum") / max(1, count or n)
-    correct = (logits[sel].argmax(-1) == target[sel]).sum()
-    return loss, int(correct), n
 
 
 def pretrain(

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from speechmimic.audio import AudioError
 from speechmimic.corpus import Clip, clips_fingerprint, warn_unusable
-from speechmimic.pretrain import MaskedPredictor, UnitHead, load_pretrained, span_frames, span_mask
+from speechmimic.masked import MaskedPredictor, UnitHead, span_frames, span_mask
+from speechmimic.pretrain import load_pretrained
 from speechmimic.student import CONFIG_NAME, WEIGHTS_NAME, Student
 from speechmimic.units import MIN_SAMPLES, Units
 
