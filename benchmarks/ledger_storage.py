@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from speechmimic.demo import demo_corpus
 from speechmimic.distill import PairedClips
 from speechmimic.ledger import Ledger, query_clips
+from speechmimic.recipes.demo import demo_corpus
 from speechmimic.targets import load_target
 
 

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from speechmimic.audio import SAMPLE_RATE
-from speechmimic.demo import demo_corpus
 from speechmimic.ledger import content_key
+from speechmimic.recipes.demo import demo_corpus
 from speechmimic.serve.process import ServerProcess
 from speechmimic.targets import load_target
 from speechmimic.targets.http import HTTPTarget

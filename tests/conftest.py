@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from speechmimic.demo import demo_corpus
 from speechmimic.distill import DistillConfig, distill
 from speechmimic.ledger import Ledger, query_clips
+from speechmimic.recipes.demo import demo_corpus
 from speechmimic.targets import load_target
 from speechmimic.testing import tiny_hf_model
 

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from speechmimic.cli import main
-from speechmimic.demo import demo_corpus, demo_tasks
 from speechmimic.evaluate import compare, evaluate
 from speechmimic.ledger import Ledger
+from speechmimic.recipes.demo import demo_corpus, demo_tasks
 from speechmimic.targets import load_target
 from speechmimic.testing import CountingTarget
 
@@ -86,6 +86,18 @@ def test_demo_tasks_never_share_speakers_or_clips(tmp_path):
         ids = [c.id for s in ("train", "dev", "test") for c in task.split(s)]
         assert len(ids) == len(set(ids)) and not (set(ids) & pool_ids)  # never a queried clip
     assert len(ks.classes) == 10 and len(sid.classes) == 24
+
+
+def test_the_demo_recipe_writes_the_demo_probe_tasks(tmp_path, capsys):
+    assert main(["recipe", "demo", "--out", str(tmp_path / "cli"), "--seed", "3", "--no-progress"]) == 0
+    assert "wrote 3 task(s)" in capsys.readouterr().out
+    expected = demo_tasks(demo_corpus()[1], tmp_path / "direct", seed=3)
+    for task in expected:
+        for split in ("train", "dev", "test"):
+            written = (tmp_path / "cli" / task.name / f"{split}.jsonl").read_text()
+            assert written == (task.root / f"{split}.jsonl").read_text()
+    assert main(["recipe", "demo", "somewhere", "--out", str(tmp_path / "x")]) == 2
+    assert "takes no ROOT" in capsys.readouterr().err
 
 
 def test_evaluating_twice_asks_the_target_nothing_the_second_time(tmp_path, tiny_student):

@@ -13,8 +13,8 @@ import torch
 from speechmimic.cli import pretrain as pretrain_cli
 from speechmimic.cli import score as score_cli
 from speechmimic.corpus import write_manifest
-from speechmimic.demo import demo_corpus
 from speechmimic.pretrain import PretrainConfig, load_pretrained, mix_utterances, pretrain
+from speechmimic.recipes.demo import demo_corpus
 from speechmimic.score import Scores, checkpoint_accuracy, score_clips
 from speechmimic.student import PRESETS, Student, build_student
 from speechmimic.trainer import seed_all

@@ -12,11 +12,11 @@ import torch
 
 from speechmimic.baselines import FbankUpstream, MFCCUpstream
 from speechmimic.cli import probe as probe_cli
-from speechmimic.demo import demo_corpus
 from speechmimic.probe import CTCHead, FeatureStore, Featurizer, UtteranceHead, probe
 from speechmimic.probe import features as features_mod
 from speechmimic.probe.metrics import accuracy, ctc_greedy_decode, edit_distance, error_rate, words
 from speechmimic.recipes import librispeech
+from speechmimic.recipes.demo import demo_corpus
 from speechmimic.tasks import write_task
 from speechmimic.upstream import load_upstream
 

@@ -14,9 +14,9 @@ from torch import nn
 
 from speechmimic.cli import main
 from speechmimic.corpus import write_manifest
-from speechmimic.demo import demo_corpus
 from speechmimic.proof import Secret, WatermarkConfig, dataset_inference, embed, verify
 from speechmimic.proof import watermark as wm
+from speechmimic.recipes.demo import demo_corpus
 from speechmimic.student import HeadSpec, build_student
 from speechmimic.upstream import StudentUpstream, load_upstream
 

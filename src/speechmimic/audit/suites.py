@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from speechmimic.corpus import Clip, hold_out_by_source, random_crops, scan
-from speechmimic.demo import demo_corpus
 from speechmimic.probe.pooled import ProbeSet
+from speechmimic.recipes.demo import demo_corpus
 
 SEGMENT_SECONDS = 4.0
 HELDOUT_SHARE = 0.10

@@ -15,6 +15,8 @@ per module:
                      ``asv``
 ``espeak``           synthetic phone-labelled speech from espeak-ng: ``pr_espeak``; takes no
                      root (``build(out, **options)``)
+``demo``             the corpus shipped in the package: ``keywords``, ``speakers``, ``verification``
+                     on its held-out clips (the demo's probes); takes no root
 """
 
 from __future__ import annotations
@@ -24,7 +26,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
-from speechmimic.recipes import espeak, fluent, fsdd, iemocap, librispeech, shared, speech_commands, voxceleb1
+from speechmimic.recipes import (
+    demo,
+    espeak,
+    fluent,
+    fsdd,
+    iemocap,
+    librispeech,
+    shared,
+    speech_commands,
+    voxceleb1,
+)
 from speechmimic.tasks import Task
 
 # Arguments every build takes (or may take) that are not recipe options.
@@ -68,5 +80,6 @@ RECIPES: dict[str, Recipe] = {
         Recipe.of(fsdd),
         Recipe.of(shared),
         Recipe.of(espeak, takes_root=False),
+        Recipe.of(demo, takes_root=False),
     )
 }
