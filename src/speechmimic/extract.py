@@ -31,7 +31,7 @@ from speechmimic.ledger import BudgetExhausted, Ledger, query_clips
 from speechmimic.pretrain import PretrainConfig, pretrain
 from speechmimic.score import Scores, cached_scores
 from speechmimic.select import STRATEGIES, select
-from speechmimic.student import PRESETS
+from speechmimic.student import PRESET_HELP, PRESETS
 from speechmimic.targets import Target
 
 RESULT_NAME = "result.json"
@@ -54,12 +54,7 @@ class ExtractConfig:
     )
     strategy: str = option("random", "clip selection strategy", choices=tuple(STRATEGIES))
     seed: int = option(0, "seed of the selection and the scores (on the command line: of both stages too)")
-    preset: str = option(
-        "small",
-        "student size: 'small' (~3 M params, CPU; 'small-wide' 2 x 304-d and 'small-deep' 6 x 192-d spend "
-        "them on width or depth), 'distilhubert' (2 x 768-d, 23 M), 'tiny' (tests)",
-        choices=tuple(PRESETS),
-    )
+    preset: str = option("small", PRESET_HELP, choices=tuple(PRESETS))
     init: str | None = option(
         None,
         "stage-1 checkpoint (from 'speechmimic pretrain'): it scores the pool for informed strategies "

@@ -116,6 +116,10 @@ PRESETS: dict[str, StudentConfig] = {
     "small-deep": StudentConfig(frontend="fbank", dim=192, layers=6, heads=4, ffn=768),
     "tiny": StudentConfig(frontend="fbank", dim=64, layers=1, heads=2, ffn=128),
 }
+PRESET_HELP = (
+    "student size: 'small' (~3 M params, CPU; 'small-wide' 2 x 304-d and 'small-deep' 6 x 192-d spend "
+    "them on width or depth), 'distilhubert' (2 x 768-d, 23 M), 'tiny' (tests)"
+)
 
 
 class FbankFrontend(nn.Module):

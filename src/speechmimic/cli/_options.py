@@ -15,7 +15,7 @@ import re
 import sys
 
 from speechmimic import budget, config
-from speechmimic.student import CHUNK_CONTEXT_SECONDS, CHUNK_SECONDS
+from speechmimic.student import CHUNK_CONTEXT_SECONDS, CHUNK_SECONDS, PRESET_HELP, PRESETS
 
 # Flags whose value may begin with '-' and a digit yet not be a number argparse recognises ("-5%").
 _SIGNED_VALUE_FLAGS = ("--budget", "--budgets")
@@ -124,6 +124,23 @@ def add_chunk_seconds(p: argparse.ArgumentParser) -> None:
 
 def add_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_preset(p) -> None:
+    p.add_argument(
+        "--preset", choices=tuple(PRESETS), default="small", help=PRESET_HELP + " (default: small)"
+    )
+
+
+def add_stage1(p) -> None:
+    p.add_argument(
+        "--stage1",
+        dest="init",
+        default=None,
+        metavar="DIR",
+        help="stage-1 checkpoint (from 'speechmimic pretrain'): the student starts from it (its "
+        "architecture replaces --preset, its trunk weights are loaded, heads are new)",
+    )
 
 
 def add_from_scratch(p) -> None:

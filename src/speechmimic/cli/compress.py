@@ -6,7 +6,6 @@ from speechmimic import config
 from speechmimic.cli import _options
 from speechmimic.compress import CompressConfig, compress
 from speechmimic.corpus import read_manifest
-from speechmimic.extract import ExtractConfig
 from speechmimic.targets import load_target
 
 
@@ -27,7 +26,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="folder for the student checkpoint")
     g = p.add_argument_group("compression (stage 2 training, teacher online)")
     _options.add_config_flags(g, CompressConfig)
-    _options.add_config_flags(g, ExtractConfig, only=("preset",))
+    _options.add_preset(g)
     _options.add_resume(g)
     _options.add_config_file(p, "compression")
     _options.add_progress(p)
@@ -45,7 +44,7 @@ def run(args) -> int:
         load_target(args.teacher, device=cfg.device),
         args.out,
         cfg,
-        preset=_options.value(args, ExtractConfig, "preset"),
+        preset=args.preset,
         resume=not args.no_resume,
         progress=not args.no_progress,
     )

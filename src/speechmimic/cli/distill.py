@@ -6,7 +6,6 @@ from speechmimic import config
 from speechmimic.cli import _options
 from speechmimic.corpus import read_manifest
 from speechmimic.distill import DistillConfig, distill
-from speechmimic.extract import ExtractConfig
 from speechmimic.ledger import Ledger
 
 
@@ -30,7 +29,8 @@ def register(sub) -> None:
     )
     g = p.add_argument_group("distillation (stage 2 training)")
     _options.add_config_flags(g, DistillConfig)
-    _options.add_config_flags(g, ExtractConfig, only=("preset", "init"))
+    _options.add_preset(g)
+    _options.add_stage1(g)
     _options.add_from_scratch(g)
     _options.add_resume(g)
     _options.add_config_file(p, "stage-2 training")
@@ -49,8 +49,8 @@ def run(args) -> int:
         Ledger(args.ledger),
         args.out,
         cfg,
-        preset=_options.value(args, ExtractConfig, "preset"),
-        init=None if args.from_scratch else _options.value(args, ExtractConfig, "init"),
+        preset=args.preset,
+        init=None if args.from_scratch else args.init,
         resume=not args.no_resume,
         progress=not args.no_progress,
         unpaid=read_manifest(args.unpaid) if args.unpaid else None,

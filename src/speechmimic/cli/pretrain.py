@@ -7,7 +7,6 @@ from pathlib import Path
 from speechmimic import config
 from speechmimic.cli import _options
 from speechmimic.corpus import read_manifest
-from speechmimic.extract import ExtractConfig
 from speechmimic.pretrain import PretrainConfig, pretrain
 from speechmimic.score import checkpoint_accuracy
 from speechmimic.trainer import TrainConfig
@@ -39,7 +38,7 @@ def register(sub) -> None:
     _options.add_config_flags(p.add_argument_group("units and masking"), PretrainConfig, only=_UNIT_FIELDS)
     t = p.add_argument_group("training")
     _options.add_config_flags(t, PretrainConfig, skip=_UNIT_FIELDS)
-    _options.add_config_flags(t, ExtractConfig, only=("preset",))
+    _options.add_preset(t)
     _options.add_resume(t)
     _options.add_config_file(p, "stage-1")
     _options.add_progress(p)
@@ -56,7 +55,7 @@ def run(args) -> int:
         read_manifest(args.manifest),
         args.out,
         cfg,
-        preset=_options.value(args, ExtractConfig, "preset"),
+        preset=args.preset,
         progress=progress,
         resume=not args.no_resume,
     )
