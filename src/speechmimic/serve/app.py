@@ -1,24 +1,15 @@
 """The embedding API: FastAPI endpoints over a target, a key store, rate limits and a batcher.
 
 ``POST /v1/embed`` takes one clip (an audio file, or raw samples) and answers the target's layers
-(:mod:`speechmimic.targets.wire`). In order, a request is: authenticated (401 missing or unknown
-key, 403 revoked), rate limited (429 with ``Retry-After``), size checked before it is read (413),
-typed (415), replayed from the store if its ``Idempotency-Key`` was answered before (free; 422 if the
-same key comes with another body, 409 while the first is still in flight), decoded by the audio
-layer (422 undecodable, non-finite, silent, too short; 413 too long), checked against the key's
-quota (429 without ``Retry-After``: waiting will not help), admitted by the defences of a defended
-spec (403 ``refused-by-defence``), answered in a dynamic batch, passed through the defences as the
-key's account, and charged: the charge and the stored answer are committed together before the
-answer is sent. Every error is an RFC 9457 problem document (``application/problem+json``).
+(:mod:`speechmimic.targets.wire`); its steps, from authentication to the charge, are in
+:mod:`speechmimic.serve.embed`. This module wires them to FastAPI: the routes, authentication (401
+missing or unknown key, 403 revoked), ``/v1/info``, ``/v1/usage``, ``/healthz`` and ``/metrics``, the
+OpenAPI schema, and every error as an RFC 9457 problem document (``application/problem+json``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import math
-import os
-import tempfile
 import time
 from typing import Literal
 
@@ -28,38 +19,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from speechmimic import audio, defences
-from speechmimic.serve.batcher import Batcher, Busy
+from speechmimic.serve import embed as pipeline
+from speechmimic.serve.batcher import Batcher
 from speechmimic.serve.config import ServeConfig
-from speechmimic.serve.keys import Key, KeyStore, QuotaExceeded
+from speechmimic.serve.keys import Key, KeyStore
 from speechmimic.serve.limits import RateLimiter
 from speechmimic.serve.metrics import Metrics
+from speechmimic.serve.problems import PROBLEM, Problem
 from speechmimic.targets import Target, wire
 
-PROBLEM = "application/problem+json"
 _ENDPOINTS = {"/v1/embed", "/v1/info", "/v1/usage", "/healthz", "/metrics"}
-# AudioError subclasses -> (status, problem kind); the first match wins, so subclasses come first.
-_AUDIO_PROBLEMS = (
-    (audio.TooLongAudioError, 413, "clip-too-long"),
-    (audio.UnsupportedAudioTypeError, 415, "unsupported-audio-type"),
-    (audio.EmptyAudioError, 422, "empty-audio"),
-    (audio.NonFiniteAudioError, 422, "non-finite-audio"),
-    (audio.SilentAudioError, 422, "silent-audio"),
-    (audio.TooShortAudioError, 422, "clip-too-short"),
-    (audio.UnreadableAudioError, 422, "undecodable-audio"),
-    (audio.AudioError, 422, "invalid-audio"),
-)
-
-
-class Problem(Exception):
-    """An error answer: ``status``, a short ``kind`` (its type is ``urn:speechmimic:problem:<kind>``)."""
-
-    def __init__(self, status: int, kind: str, detail: str, headers: dict[str, str] | None = None):
-        self.status, self.kind, self.detail, self.headers = status, kind, detail, headers or {}
-        super().__init__(detail)
 
 
 class ProblemDoc(BaseModel):
@@ -133,13 +105,11 @@ def create_app(
     to the batcher, so every key's requests share batches); ``on_ready()`` is called once it accepts
     requests."""
     metrics = Metrics()
-    limiter = RateLimiter()
     batcher = Batcher(
         target, metrics, cfg.max_batch_seconds, cfg.max_delay_ms / 1000, cfg.max_queue, cfg.model_workers
     )
+    service = pipeline.Service(target, store, cfg, batcher, RateLimiter(), metrics, chain)
     info = _describe(target, cfg, chain)
-    reserved: dict[int, list[int]] = {}  # key id -> [requests, samples] being answered now
-    in_flight: set[tuple[int, str]] = set()
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -161,14 +131,7 @@ def create_app(
 
     def problem_response(p: Problem) -> JSONResponse:
         metrics.rejections.labels(reason=p.kind).inc()
-        title = p.kind.replace("-", " ")
-        doc = {
-            "type": f"urn:speechmimic:problem:{p.kind}",
-            "title": title,
-            "status": p.status,
-            "detail": p.detail,
-        }
-        return JSONResponse(doc, status_code=p.status, headers=p.headers, media_type=PROBLEM)
+        return p.response()
 
     @app.exception_handler(Problem)
     async def _problem(_request, exc: Problem):
@@ -236,103 +199,8 @@ def create_app(
             description="raw bodies only",
         ),
     ) -> Response:
-        wait = limiter.take(key.id, key.rate, key.burst)
-        if wait is not None:
-            raise Problem(
-                429,
-                "rate-limited",
-                f"rate limit of {key.rate:g} requests/s",
-                {"Retry-After": str(math.ceil(wait))},
-            )
-        idem = request.headers.get("idempotency-key")
-        if idem is not None and not (0 < len(idem) <= 255 and idem.isascii() and idem.isprintable()):
-            raise Problem(
-                422, "invalid-idempotency-key", "an Idempotency-Key is 1 to 255 printable ASCII characters"
-            )
-        body = await _read_body(request, min(cfg.max_payload_bytes, key.max_bytes or math.inf))
-        kind = wire.media_type(request.headers.get("content-type"))
-        if kind != wire.RAW and kind not in wire.AUDIO_TYPES:
-            raise Problem(
-                415, "unsupported-media-type",
-                f"Content-Type {kind or 'missing'}; send {wire.RAW} (raw samples) or one of "
-                f"{sorted(wire.AUDIO_TYPES)}",
-            )  # fmt: skip
-        request_hash = hashlib.sha256(f"{kind}|{encoding}|{sample_rate}|".encode() + body).hexdigest()
-        if idem is not None:
-            stored = store.stored(key.id, idem)
-            if stored is not None:
-                return _replay(stored, request_hash, format, dtype, key, metrics)
-            if (key.id, idem) in in_flight:
-                raise Problem(
-                    409,
-                    "in-flight",
-                    "a request with this Idempotency-Key is being answered",
-                    {"Retry-After": "1"},
-                )
-        max_seconds = min(cfg.max_clip_seconds, key.max_seconds or math.inf)
-        args = (body, kind, encoding, sample_rate, max_seconds, target.min_samples)
-        # raw samples take microseconds to check; a file is decoded off the event loop
-        wav = _decode(*args) if kind == wire.RAW else await run_in_threadpool(_decode, *args)
-        samples = len(wav)
-        held = reserved.setdefault(key.id, [0, 0])
-        exceeded = key.over_quota(key.requests + held[0] + 1, key.samples + held[1] + samples)
-        if exceeded:
-            raise Problem(429, "quota-exhausted", exceeded)
-        held[0] += 1
-        held[1] += samples
-        if idem is not None:
-            in_flight.add((key.id, idem))
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                held[0] -= 1
-                held[1] -= samples
-                released = True
-
-        try:
-            query = None
-            if chain is not None:
-                # admitted after the reservation (inside the try, so a refusal releases it) and
-                # before the model runs: a refused clip costs neither model time nor the key's quota
-                try:
-                    query = await run_in_threadpool(_admit, chain, key.name, wav)
-                except defences.Refused as e:
-                    raise Problem(403, "refused-by-defence", e.reason) from None
-            try:
-                arrays = await batcher.embed(wav)
-            except Busy as e:
-                raise Problem(429, "busy", str(e), {"Retry-After": "1"}) from None
-            if query is not None:
-                # before encoding: the stored answer, and every replay of it, is the defended one
-                arrays = await run_in_threadpool(chain.apply, query, arrays)
-            keep = wire.encode_answer(arrays, samples)[0] if idem is not None else b""
-            # Released before the charge commits, never after: a request checked between the commit
-            # (in a thread) and a later release would count this one twice, in the key's usage and
-            # in its reservations, and be refused short of the quota. Checked in the gap, it may be
-            # admitted one too many; the charge itself then refuses it (nothing is charged).
-            release()
-            try:
-                earlier = await run_in_threadpool(store.charge, key.id, samples, idem, request_hash, keep)
-            except QuotaExceeded as e:
-                raise Problem(429, "quota-exhausted", e.what) from None
-        finally:
-            release()
-            in_flight.discard((key.id, idem))
-        if earlier is not None:
-            return _replay(earlier, request_hash, format, dtype, key, metrics)
-        metrics.audio_seconds.inc(samples / audio.SAMPLE_RATE)
-        metrics.key_requests.labels(key=key.name).inc()
-        metrics.key_seconds.labels(key=key.name).inc(samples / audio.SAMPLE_RATE)
-        if keep and (format, dtype) == ("safetensors", "float32"):  # the stored bytes are the answer
-            content, media = keep, wire.SAFETENSORS
-        else:
-            content, media = wire.encode_answer(arrays, samples, format, dtype)
-        seconds = f"{samples / audio.SAMPLE_RATE:g}"
-        return Response(
-            content, media_type=media, headers={"X-Audio-Seconds": seconds, "X-Charged-Seconds": seconds}
-        )
+        params = pipeline.Params(format, dtype, encoding, sample_rate)
+        return await pipeline.embed(service, request, key, params)
 
     @app.get("/v1/info", summary="What the API returns", response_model=Info,
              response_model_exclude_none=True,
@@ -388,75 +256,6 @@ def _describe(target: Target, cfg: ServeConfig, chain: defences.Chain | None = N
         "limits": {"max_payload_bytes": cfg.max_payload_bytes, "max_clip_seconds": cfg.max_clip_seconds},
     }
     return {k: v for k, v in full.items() if k not in hidden}
-
-
-def _admit(chain: defences.Chain, account: str, wav: np.ndarray) -> defences.Query:
-    """``wav`` asked by ``account``, admitted by ``chain`` (hashed here too: off the event loop)."""
-    query = defences.Query(account, wav, defences.digest(wav))
-    chain.admit(query)
-    return query
-
-
-async def _read_body(request: Request, limit: float) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise Problem(413, "payload-too-large", f"{declared} bytes; this key may send at most {int(limit)}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise Problem(
-                413, "payload-too-large", f"more than {int(limit)} bytes; this key may send at most that"
-            )
-        chunks.append(chunk)
-    if not size:
-        raise Problem(422, "empty-audio", "the request has no body: send one clip")
-    return b"".join(chunks)
-
-
-def _decode(
-    body: bytes, kind: str, encoding: str, rate: int, max_seconds: float, min_samples: int
-) -> np.ndarray:
-    """The clip as 16 kHz float32, through the same audio layer as every file of a corpus."""
-    limit = None if math.isinf(max_seconds) else max_seconds
-    try:
-        if kind == wire.RAW:
-            try:
-                wav = wire.decode_raw(body, encoding)
-            except wire.WireError as e:
-                raise Problem(422, "malformed-samples", str(e)) from None
-            if limit is not None and len(wav) > limit * rate:
-                raise audio.TooLongAudioError(
-                    "<request>", f"{len(wav) / rate:.1f} s, longer than the {limit:g} s allowed"
-                )
-            wav = audio.resample(wav, rate, audio.SAMPLE_RATE) if len(wav) else wav
-            return audio.validate_waveform(wav, "<request>", min_samples=min_samples)
-        with tempfile.TemporaryDirectory(prefix="speechmimic-upload-") as tmp:
-            path = os.path.join(tmp, "clip" + wire.AUDIO_TYPES[kind])
-            with open(path, "wb") as f:
-                f.write(body)
-            return audio.load_audio(path, min_samples=min_samples, max_seconds=limit)
-    except audio.AudioError as e:
-        status, problem = next((s, p) for cls, s, p in _AUDIO_PROBLEMS if isinstance(e, cls))
-        raise Problem(status, problem, e.reason) from None
-
-
-def _replay(stored, request_hash: str, fmt: str, dtype: str, key: Key, metrics: Metrics) -> Response:
-    if stored.request_hash != request_hash:
-        raise Problem(
-            422,
-            "idempotency-key-reused",
-            "this Idempotency-Key was used for another request; use a new key per clip",
-        )
-    arrays, _ = wire.decode_answer(stored.body, wire.SAFETENSORS)
-    content, media = wire.encode_answer(arrays, stored.samples, fmt, dtype)
-    metrics.replays.labels(key=key.name).inc()
-    headers = {
-        "X-Audio-Seconds": f"{stored.samples / audio.SAMPLE_RATE:g}",
-        "X-Charged-Seconds": "0",
-        "Idempotent-Replayed": "true",
-    }
-    return Response(content, media_type=media, headers=headers)
 
 
 class _Observe:

@@ -1,0 +1,257 @@
+"""``POST /v1/embed``, step by step: one clip in, the target's layers out, charged exactly once.
+
+:func:`embed` runs the steps in this order, each a function of its own that raises a
+:class:`~speechmimic.serve.problems.Problem` to refuse (nothing is charged for a refusal):
+
+1. :func:`check_rate`: the key's token bucket (429 with ``Retry-After``);
+2. :func:`idempotency_key`: the header, if any, is 1 to 255 printable ASCII characters (422);
+3. :func:`read_body`: at most the key's payload limit, checked before and while reading (413);
+4. :func:`media_kind`: raw samples or an audio type we decode (415);
+5. a stored answer to the same ``Idempotency-Key`` is replayed, free (:func:`replay`; 422 if it came
+   with another body), and one still being answered is 409;
+6. :func:`decode`: through the audio layer, as any untrusted file (413, 415, 422);
+7. :func:`answer`: the quota, counting what is reserved (:mod:`~speechmimic.serve.reservations`;
+   429 without ``Retry-After``), the defences' admission (403), a dynamic batch (429 when full),
+   the defences applied as the key's account, and the charge, committed with the stored answer
+   before anything is sent;
+8. :func:`respond`: the metrics, and the answer in the format and precision asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from speechmimic import audio, defences
+from speechmimic.serve.batcher import Batcher, Busy
+from speechmimic.serve.config import ServeConfig
+from speechmimic.serve.keys import Key, KeyStore, QuotaExceeded, StoredAnswer
+from speechmimic.serve.limits import RateLimiter
+from speechmimic.serve.metrics import Metrics
+from speechmimic.serve.problems import Problem
+from speechmimic.serve.reservations import Reservations
+from speechmimic.targets import Target, wire
+
+
+@dataclass
+class Service:
+    """What the steps work with: one per application."""
+
+    target: Target
+    store: KeyStore
+    cfg: ServeConfig
+    batcher: Batcher
+    limiter: RateLimiter
+    metrics: Metrics
+    chain: defences.Chain | None = None  # the defences, applied per key
+    reservations: Reservations = field(default_factory=Reservations)
+
+
+@dataclass(frozen=True)
+class Params:
+    """The request's query parameters."""
+
+    format: str = "safetensors"
+    dtype: str = "float32"
+    encoding: str = "f32le"  # raw bodies only
+    sample_rate: int = audio.SAMPLE_RATE  # raw bodies only
+
+
+async def embed(service: Service, request: Request, key: Key, params: Params) -> Response:
+    """Answer one authenticated request (the steps of the module's docstring, in order)."""
+    check_rate(service.limiter, key)
+    idem = idempotency_key(request.headers.get("idempotency-key"))
+    body = await read_body(request, min(service.cfg.max_payload_bytes, key.max_bytes or math.inf))
+    kind = media_kind(request.headers.get("content-type"))
+    digest = request_hash(kind, params, body)
+    if idem is not None:
+        stored = service.store.stored(key.id, idem)
+        if stored is not None:
+            return replay(stored, digest, params, key, service.metrics)
+        if service.reservations.in_flight(key.id, idem):
+            raise Problem(
+                409,
+                "in-flight",
+                "a request with this Idempotency-Key is being answered",
+                {"Retry-After": "1"},
+            )
+    max_seconds = min(service.cfg.max_clip_seconds, key.max_seconds or math.inf)
+    args = (body, kind, params.encoding, params.sample_rate, max_seconds, service.target.min_samples)
+    # raw samples take microseconds to check; a file is decoded off the event loop
+    wav = decode(*args) if kind == wire.RAW else await run_in_threadpool(decode, *args)
+    arrays, keep, earlier = await answer(service, key, wav, idem, digest)
+    if earlier is not None:
+        return replay(earlier, digest, params, key, service.metrics)
+    return respond(service.metrics, key, arrays, len(wav), keep, params)
+
+
+def check_rate(limiter: RateLimiter, key: Key) -> None:
+    wait = limiter.take(key.id, key.rate, key.burst)
+    if wait is not None:
+        raise Problem(
+            429,
+            "rate-limited",
+            f"rate limit of {key.rate:g} requests/s",
+            {"Retry-After": str(math.ceil(wait))},
+        )
+
+
+def idempotency_key(header: str | None) -> str | None:
+    if header is not None and not (0 < len(header) <= 255 and header.isascii() and header.isprintable()):
+        raise Problem(
+            422, "invalid-idempotency-key", "an Idempotency-Key is 1 to 255 printable ASCII characters"
+        )
+    return header
+
+
+async def read_body(request: Request, limit: float) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Problem(413, "payload-too-large", f"{declared} bytes; this key may send at most {int(limit)}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Problem(
+                413, "payload-too-large", f"more than {int(limit)} bytes; this key may send at most that"
+            )
+        chunks.append(chunk)
+    if not size:
+        raise Problem(422, "empty-audio", "the request has no body: send one clip")
+    return b"".join(chunks)
+
+
+def media_kind(content_type: str | None) -> str:
+    kind = wire.media_type(content_type)
+    if kind != wire.RAW and kind not in wire.AUDIO_TYPES:
+        raise Problem(
+            415, "unsupported-media-type",
+            f"Content-Type {kind or 'missing'}; send {wire.RAW} (raw samples) or one of "
+            f"{sorted(wire.AUDIO_TYPES)}",
+        )  # fmt: skip
+    return kind
+
+
+def request_hash(kind: str, params: Params, body: bytes) -> str:
+    """What an ``Idempotency-Key`` is bound to: the body and everything that says how to read it."""
+    return hashlib.sha256(f"{kind}|{params.encoding}|{params.sample_rate}|".encode() + body).hexdigest()
+
+
+def decode(
+    body: bytes, kind: str, encoding: str, rate: int, max_seconds: float, min_samples: int
+) -> np.ndarray:
+    """The clip as 16 kHz float32, through the same audio layer as every file of a corpus."""
+    limit = None if math.isinf(max_seconds) else max_seconds
+    try:
+        if kind == wire.RAW:
+            try:
+                wav = wire.decode_raw(body, encoding)
+            except wire.WireError as e:
+                raise Problem(422, "malformed-samples", str(e)) from None
+            if limit is not None and len(wav) > limit * rate:
+                raise audio.TooLongAudioError(
+                    "<request>", f"{len(wav) / rate:.1f} s, longer than the {limit:g} s allowed"
+                )
+            wav = audio.resample(wav, rate, audio.SAMPLE_RATE) if len(wav) else wav
+            return audio.validate_waveform(wav, "<request>", min_samples=min_samples)
+        with tempfile.TemporaryDirectory(prefix="speechmimic-upload-") as tmp:
+            path = os.path.join(tmp, "clip" + wire.AUDIO_TYPES[kind])
+            with open(path, "wb") as f:
+                f.write(body)
+            return audio.load_audio(path, min_samples=min_samples, max_seconds=limit)
+    except audio.AudioError as e:
+        raise Problem.of_audio(e) from None
+
+
+async def answer(
+    service: Service, key: Key, wav: np.ndarray, idem: str | None, digest: str
+) -> tuple[dict[str, np.ndarray], bytes, StoredAnswer | None]:
+    """The (defended) answer to ``wav``, charged to ``key``: its arrays, the bytes stored under
+    ``idem`` (empty without one), and the answer stored earlier if the same ``idem`` was answered
+    meanwhile (then nothing is charged and that one is the answer)."""
+    samples = len(wav)
+    try:
+        hold = service.reservations.reserve(key, samples, idem)
+    except QuotaExceeded as e:
+        raise Problem(429, "quota-exhausted", e.what) from None
+    with hold:
+        query = None
+        if service.chain is not None:
+            # admitted after the reservation (a refusal releases it) and before the model runs: a
+            # refused clip costs neither model time nor the key's quota
+            try:
+                query = await run_in_threadpool(admit, service.chain, key.name, wav)
+            except defences.Refused as e:
+                raise Problem(403, "refused-by-defence", e.reason) from None
+        try:
+            arrays = await service.batcher.embed(wav)
+        except Busy as e:
+            raise Problem(429, "busy", str(e), {"Retry-After": "1"}) from None
+        if query is not None:
+            # before encoding: the stored answer, and every replay of it, is the defended one
+            arrays = await run_in_threadpool(service.chain.apply, query, arrays)
+        keep = wire.encode_answer(arrays, samples)[0] if idem is not None else b""
+        # Released before the charge commits, never after: a request checked between the commit
+        # (in a thread) and a later release would count this one twice, in the key's usage and in
+        # its reservations, and be refused short of the quota. Checked in the gap, it may be
+        # admitted one too many; the charge itself then refuses it (nothing is charged).
+        hold.release()
+        try:
+            earlier = await run_in_threadpool(service.store.charge, key.id, samples, idem, digest, keep)
+        except QuotaExceeded as e:
+            raise Problem(429, "quota-exhausted", e.what) from None
+    return arrays, keep, earlier
+
+
+def admit(chain: defences.Chain, account: str, wav: np.ndarray) -> defences.Query:
+    """``wav`` asked by ``account``, admitted by ``chain`` (hashed here too: off the event loop)."""
+    query = defences.Query(account, wav, defences.digest(wav))
+    chain.admit(query)
+    return query
+
+
+def respond(
+    metrics: Metrics, key: Key, arrays: dict[str, np.ndarray], samples: int, keep: bytes, params: Params
+) -> Response:
+    seconds = samples / audio.SAMPLE_RATE
+    metrics.audio_seconds.inc(seconds)
+    metrics.key_requests.labels(key=key.name).inc()
+    metrics.key_seconds.labels(key=key.name).inc(seconds)
+    if keep and (params.format, params.dtype) == (
+        "safetensors",
+        "float32",
+    ):  # the stored bytes are the answer
+        content, media = keep, wire.SAFETENSORS
+    else:
+        content, media = wire.encode_answer(arrays, samples, params.format, params.dtype)
+    return Response(
+        content,
+        media_type=media,
+        headers={"X-Audio-Seconds": f"{seconds:g}", "X-Charged-Seconds": f"{seconds:g}"},
+    )
+
+
+def replay(stored: StoredAnswer, digest: str, params: Params, key: Key, metrics: Metrics) -> Response:
+    if stored.request_hash != digest:
+        raise Problem(
+            422,
+            "idempotency-key-reused",
+            "this Idempotency-Key was used for another request; use a new key per clip",
+        )
+    arrays, _ = wire.decode_answer(stored.body, wire.SAFETENSORS)
+    content, media = wire.encode_answer(arrays, stored.samples, params.format, params.dtype)
+    metrics.replays.labels(key=key.name).inc()
+    headers = {
+        "X-Audio-Seconds": f"{stored.samples / audio.SAMPLE_RATE:g}",
+        "X-Charged-Seconds": "0",
+        "Idempotent-Replayed": "true",
+    }
+    return Response(content, media_type=media, headers=headers)
