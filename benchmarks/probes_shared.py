@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from speechmimic.probe import probe
+from speechmimic.probe import ProbeConfig, probe
 from speechmimic.recipes import espeak, shared
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec,
                 task,
                 out_dir=out / "results" / task.name / name,
-                seed=args.seed,
+                cfg=ProbeConfig(seed=args.seed),
                 cache_dir=out / "cache",
                 progress=False,
                 ledger=out / "ledger",

@@ -143,7 +143,7 @@ def test_one_bad_clip_stops_no_reader(tmp_path, speech_clips, capsys):
     from speechmimic.fidelity import heldout_fidelity
     from speechmimic.ledger import Ledger, query_clips
     from speechmimic.pretrain import PretrainConfig, pretrain
-    from speechmimic.probe import probe
+    from speechmimic.probe import ProbeConfig, probe
     from speechmimic.targets import load_target
     from speechmimic.tasks import write_task
 
@@ -180,7 +180,7 @@ def test_one_bad_clip_stops_no_reader(tmp_path, speech_clips, capsys):
 
     splits = {"train": [*pool[:4], bad], "dev": pool[4:6], "test": pool[6:8]}
     task = write_task(tmp_path / "task", "t", "classify", "kind", splits)
-    result = probe("mfcc", task, progress=False, max_epochs=1)
+    result = probe("mfcc", task, cfg=ProbeConfig(max_epochs=1), progress=False)
     assert result["splits"]["train"] == 4 and list(result["unusable"]) == ["bad-clip"]
 
     good = tmp_path / "good.flac"

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from speechmimic import config
 from speechmimic.baselines import FbankUpstream, MFCCUpstream
 from speechmimic.cli import probe as probe_cli
-from speechmimic.probe import CTCHead, FeatureStore, Featurizer, UtteranceHead, probe
+from speechmimic.probe import CTCHead, FeatureStore, Featurizer, ProbeConfig, UtteranceHead, probe
 from speechmimic.probe import features as features_mod
 from speechmimic.probe.metrics import accuracy, ctc_greedy_decode, edit_distance, error_rate, words
 from speechmimic.recipes import librispeech
@@ -208,10 +209,10 @@ def test_ranks_share_the_request_not_what_each_found_on_disk(tasks, tmp_path, mo
 
 def test_probe_reuses_cache(tasks, tmp_path):
     up = CountingMFCC()
-    probe(up, tasks / "kw", cache_dir=tmp_path, max_epochs=2, progress=False)
+    probe(up, tasks / "kw", cfg=ProbeConfig(max_epochs=2), cache_dir=tmp_path, progress=False)
     n = up.calls
     assert n == 480
-    probe(up, tasks / "kw", cache_dir=tmp_path, max_epochs=2, seed=1, progress=False)
+    probe(up, tasks / "kw", cfg=ProbeConfig(seed=1, max_epochs=2), cache_dir=tmp_path, progress=False)
     assert up.calls == n
 
 
@@ -231,7 +232,12 @@ def test_probe_beats_majority(tasks, cache, ledger, upstream, task, tmp_path):
 def test_same_seed_same_result(tasks, cache, ledger):
     runs = [
         probe(
-            RESEMBLYZER, tasks / "kw", cache_dir=cache, seed=s, max_epochs=15, progress=False, ledger=ledger
+            RESEMBLYZER,
+            tasks / "kw",
+            cfg=ProbeConfig(seed=s, max_epochs=15),
+            cache_dir=cache,
+            progress=False,
+            ledger=ledger,
         )
         for s in (3, 3, 4)
     ]
@@ -241,14 +247,15 @@ def test_same_seed_same_result(tasks, cache, ledger):
 
 
 def test_ctc_phones_beat_baselines(tasks, cache):
-    result = probe("mfcc", tasks / "ph", cache_dir=cache, max_epochs=30, progress=False)
+    result = probe("mfcc", tasks / "ph", cfg=ProbeConfig(max_epochs=30), cache_dir=cache, progress=False)
     assert result["metric"] == "per" and result["head"] == "linear-ctc"
     assert result["baselines"]["blank"] == 1.0
     assert result["test"] < 0.85 and result["test"] < result["baselines"]["unigram"] - 0.2, result
 
 
 def test_chars_task_runs_with_bilstm(tasks, cache):
-    result = probe("mfcc", tasks / "asr", cache_dir=cache, max_epochs=1, lstm_hidden=16, progress=False)
+    cfg = ProbeConfig(max_epochs=1, lstm_hidden=16)
+    result = probe("mfcc", tasks / "asr", cfg=cfg, cache_dir=cache, progress=False)
     assert result["metric"] == "wer" and result["head"] == "bilstm-ctc" and result["test"] >= 0.0
     assert set(result["baselines"]) == {"blank", "unigram"}
 
@@ -263,6 +270,7 @@ def test_cli(tasks, cache, tmp_path, capsys):
     assert args.func(args) == 0
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["seed"] == 2 and result["epochs"] <= 5 and (tmp_path / "out" / "probe.safetensors").exists()
+    assert result["config"] == {**config.to_dict(ProbeConfig()), "seed": 2, "max_epochs": 5}
     assert "spk accuracy: test" in capsys.readouterr().out
 
 
@@ -309,7 +317,7 @@ def test_verification_probe_tells_a_speaker_encoder_from_mfcc(tmp_path, ledger, 
     assert target["test"] < 0.06 and mfcc["test"] > 0.12
     assert json.loads((tmp_path / "mfcc" / "result.json").read_text())["test"] == mfcc["test"]
     args = argparse.Namespace(
-        upstream="mfcc", task=str(asv.root), out=None, seed=0, device="cpu", epochs=None, lr=None,
+        upstream="mfcc", task=str(asv.root), out=None, seed=0, device="cpu", max_epochs=None, lr=None,
         batch_size=None, patience=None, cache=str(cache), no_progress=True, ledger=None,
     )  # fmt: skip
     probe_cli.run(args)

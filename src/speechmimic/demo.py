@@ -24,6 +24,7 @@ from speechmimic.distill import DistillConfig
 from speechmimic.experiment import Experiment, Grid
 from speechmimic.fidelity import mean_r2
 from speechmimic.ledger import Ledger
+from speechmimic.probe import ProbeConfig
 from speechmimic.recipes.demo import demo_corpus, demo_tasks
 from speechmimic.report import (
     evaluate_and_report,
@@ -141,7 +142,7 @@ def _run_demo(out_dir, budgets, steps, seed, preset, target_spec, probes, progre
             best["student"]["path"],
             tasks,
             out_dir / "probes",
-            seed=seed,
+            cfg=ProbeConfig(seed=seed),
             progress=progress,
             ledger=experiment.ledger_dir(name, "heldout"),
         )

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from speechmimic.ledger import Ledger
-from speechmimic.probe import probe
+from speechmimic.probe import ProbeConfig, probe
 from speechmimic.targets import Target
 from speechmimic.tasks import Task
 from speechmimic.upstream import TargetUpstream
@@ -40,12 +40,10 @@ def evaluate(
     tasks: list[Task],
     out_dir: str | Path,
     baseline: str = "mfcc",
-    seed: int = 0,
-    device: str = "cpu",
+    cfg: ProbeConfig | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
     ledger: Ledger | str | os.PathLike | None = None,
-    **probe_options,
 ) -> dict:
     """Probe the three upstreams on every task; returns ``{task: {target, student, baseline, ratio,
     recovered, metric, layer_weights}}`` and writes ``probes.json`` into ``out_dir``.
@@ -54,12 +52,13 @@ def evaluate(
     ``ledger`` (default ``out_dir/eval_ledger``): a clip it already answered, for fidelity or an
     earlier evaluation, is never asked again.
     """
+    cfg = cfg or ProbeConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "feature_cache"
     ledger = ledger if isinstance(ledger, Ledger) else Ledger(ledger or out_dir / "eval_ledger")
     upstreams = {
-        "target": TargetUpstream(target, ledger, device),
+        "target": TargetUpstream(target, ledger, cfg.device),
         "student": str(student),
         "baseline": baseline,
     }
@@ -70,11 +69,9 @@ def evaluate(
                 spec,
                 task,
                 out_dir=out_dir / task.name / role,
-                seed=seed,
-                device=device,
+                cfg=cfg,
                 cache_dir=cache_dir,
                 progress=progress,
-                **probe_options,
             )
             for role, spec in upstreams.items()
         }

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from speechmimic import config
 from speechmimic.cli import _options
+from speechmimic.probe import ProbeConfig
 from speechmimic.report import evaluate_and_report, probe_table
 from speechmimic.tasks import load_task
 
@@ -51,8 +53,7 @@ def register(sub) -> None:
         help="ledger of the target's answers to the task clips (default: OUT/eval_ledger); give an "
         "extraction's eval_ledger to reuse what its fidelity check already paid for",
     )
-    _options.add_device(p)
-    _options.add_seed(p)
+    _options.add_config_flags(p.add_argument_group("probe training"), ProbeConfig, skip=("layers",))
     _options.add_progress(p)
     p.set_defaults(func=run)
 
@@ -66,8 +67,7 @@ def run(args) -> int:
         args.out,
         report_dir=args.report,
         baseline=args.baseline,
-        seed=args.seed,
-        device=args.device,
+        cfg=config.from_dict(ProbeConfig, _options.given(args, ProbeConfig)),
         cache_dir=args.cache,
         progress=not args.no_progress,
         ledger=args.eval_ledger,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
+from speechmimic import config
 from speechmimic.cli import _options
-from speechmimic.probe import probe
+from speechmimic.probe import ProbeConfig, probe
 
 
 def register(sub) -> None:
@@ -29,27 +30,7 @@ def register(sub) -> None:
     p.add_argument("--task", required=True, metavar="TASK_DIR", help="task folder (task.json + splits)")
     _options.add_target_ledger(p, "--upstream")
     p.add_argument("--out", default=None, metavar="DIR", help="folder for result.json and the probe weights")
-    _options.add_seed(p)
-    _options.add_device(p)
-    p.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help="maximum epochs (default: 200 classify, 100 phones, 60 chars)",
-    )
-    p.add_argument(
-        "--lr", type=float, default=None, help="Adam learning rate (default: 1e-3; 1e-2 for phones)"
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=None, help="clips per batch (default: 32 classify, 16 CTC)"
-    )
-    p.add_argument(
-        "--patience",
-        type=int,
-        default=None,
-        help="stop after this many epochs without a better dev score (default: 30 classify, 15 phones, "
-        "10 chars)",
-    )
+    _options.add_config_flags(p.add_argument_group("probe training"), ProbeConfig, skip=("layers",))
     p.add_argument(
         "--cache",
         default=None,
@@ -65,12 +46,7 @@ def run(args) -> int:
         args.upstream,
         args.task,
         out_dir=args.out,
-        seed=args.seed,
-        device=args.device,
-        max_epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        patience=args.patience,
+        cfg=config.from_dict(ProbeConfig, _options.given(args, ProbeConfig)),
         cache_dir=args.cache,
         progress=not args.no_progress,
         ledger=args.ledger,

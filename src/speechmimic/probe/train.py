@@ -6,6 +6,7 @@ import json
 import os
 from collections import Counter
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from speechmimic import distributed
+from speechmimic import config, distributed
+from speechmimic.config import option
 from speechmimic.corpus import warn_unusable
 from speechmimic.probe.features import ClipFeatures, FeatureStore
 from speechmimic.probe.featurizer import Featurizer
@@ -34,6 +36,27 @@ DEFAULTS = {
 }
 RESULT_NAME = "result.json"
 STATE_NAME = "probe.safetensors"
+
+
+@dataclass
+class ProbeConfig:
+    """How a probe trains its head; ``None`` takes the task kind's default (:data:`DEFAULTS`)."""
+
+    seed: int = option(0, "seed of the head's initial weights and of the batch order")
+    device: str = option("cpu", "torch device, e.g. cpu, cuda, cuda:1")
+    max_epochs: int | None = option(
+        None, "maximum epochs (default: 200 classify, 100 phones, 60 chars)", flag="--epochs"
+    )
+    lr: float | None = option(None, "Adam learning rate (default: 1e-3; 1e-2 for phones)")
+    batch_size: int | None = option(None, "clips per batch (default: 32 classify, 16 CTC)")
+    patience: int | None = option(
+        None,
+        "stop after this many epochs without a better dev score (default: 30 classify, 15 phones, 10 chars)",
+    )
+    layers: list[str] | None = option(None, "the states to weigh (default: every state of one width)")
+    layer_norm: bool = option(False, "layer-normalise each state before the weighted sum (frame features)")
+    lstm: bool | None = option(None, "a 2-layer BiLSTM before the CTC head (default: chars tasks only)")
+    lstm_hidden: int = option(256, "units of that BiLSTM")
 
 
 def _choose_states(names: list[str], dims: list[int], layers: list[str] | None) -> list[int]:
@@ -160,18 +183,9 @@ def probe(
     upstream: str | os.PathLike | nn.Module,
     task: Task | str | os.PathLike,
     out_dir: str | os.PathLike | None = None,
-    seed: int = 0,
-    device: str = "cpu",
-    max_epochs: int | None = None,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    patience: int | None = None,
+    cfg: ProbeConfig | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
-    layers: list[str] | None = None,
-    layer_norm: bool = False,
-    lstm: bool | None = None,
-    lstm_hidden: int = 256,
     upstream_id: str | None = None,
     ledger=None,
 ) -> dict:
@@ -180,11 +194,11 @@ def probe(
     ``upstream``: anything :func:`speechmimic.upstream.load_upstream` accepts (a target spec with the
     ``ledger`` that records its answers), or an upstream module (cached on disk only if it has a
     ``spec`` or ``upstream_id`` names it). A softmax-weighted sum of its
-    states (``layers``, default all of one width) feeds a head: for ``classify`` tasks
+    states (``cfg.layers``, default all of one width) feeds a head: for ``classify`` tasks
     projection(256) -> mean pooling -> linear, trained on cached per-clip means; for ``phones`` /
-    ``chars`` a CTC head on frames, linear or, with ``lstm`` (default: chars tasks only), after a
-    2-layer BiLSTM of ``lstm_hidden`` units. Adam; dev scored every epoch; training stops after
-    ``patience`` epochs without a better dev score (ties broken by lower dev loss: a CTC head sits at
+    ``chars`` a CTC head on frames, linear or, with ``cfg.lstm`` (default: chars tasks only), after a
+    2-layer BiLSTM of ``cfg.lstm_hidden`` units. Adam; dev scored every epoch; training stops after
+    ``cfg.patience`` epochs without a better dev score (ties broken by lower dev loss: a CTC head sits at
     all-blank output, error rate 1.0, for a while before its loss turns into transcripts) and the
     best-dev state is scored once on test.
 
@@ -196,15 +210,17 @@ def probe(
 
     Deterministic for a seed on CPU (CUDA's CTC loss is not bit-exact).
     """
+    cfg = cfg or ProbeConfig()
     task = task if isinstance(task, Task) else load_task(task)
     d_epochs, d_lr, d_batch, d_patience = DEFAULTS[task.kind]
-    max_epochs = d_epochs if max_epochs is None else max_epochs
-    lr = d_lr if lr is None else lr
-    batch_size = d_batch if batch_size is None else batch_size
-    patience = d_patience if patience is None else patience
+    max_epochs = d_epochs if cfg.max_epochs is None else cfg.max_epochs
+    lr = d_lr if cfg.lr is None else cfg.lr
+    batch_size = d_batch if cfg.batch_size is None else cfg.batch_size
+    patience = d_patience if cfg.patience is None else cfg.patience
+    seed, device, layers = cfg.seed, cfg.device, cfg.layers
     classify = task.kind == "classify"
-    use_frames = task.kind in ("phones", "chars") or layer_norm
-    lstm = task.kind == "chars" if lstm is None else lstm
+    use_frames = task.kind in ("phones", "chars") or cfg.layer_norm
+    lstm = task.kind == "chars" if cfg.lstm is None else cfg.lstm
 
     store = FeatureStore(upstream, cache_dir, identity=upstream_id, device=device, ledger=ledger)
     clips = {s: task.split(s) for s in ("train", "dev", "test")}
@@ -217,6 +233,7 @@ def probe(
     if task.kind == "verify":
         result = _verify(task, clips, feats, names, layers) | {
             "seed": seed,
+            "config": config.to_dict(cfg),
             "upstream": store.identity or type(store.upstream).__name__,
             "unusable": store.unusable,
         }
@@ -246,8 +263,10 @@ def probe(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = UtteranceHead(dim, n_out) if classify else CTCHead(dim, n_out, lstm=lstm, hidden=lstm_hidden)
-        model = _Probe(Featurizer(len(chosen), layer_norm), head).to(device)
+        head = (
+            UtteranceHead(dim, n_out) if classify else CTCHead(dim, n_out, lstm=lstm, hidden=cfg.lstm_hidden)
+        )
+        model = _Probe(Featurizer(len(chosen), cfg.layer_norm), head).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
 
@@ -329,6 +348,7 @@ def probe(
         "layer_weights": {names[i]: w for i, w in zip(chosen, weights, strict=True)},
         "baselines": baselines,
         "seed": seed,
+        "config": config.to_dict(cfg),
         "upstream": store.identity or type(store.upstream).__name__,
         "head": "utterance" if classify else ("bilstm-ctc" if lstm else "linear-ctc"),
         "splits": {s: data[s].n for s in data},
