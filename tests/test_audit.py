@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from speechmimic import config
 from speechmimic.audit import ATTACKERS
 from speechmimic.audit.grid import Audit, AuditConfig
 from speechmimic.audit.report import summarise, write
@@ -88,8 +89,9 @@ def test_over_http_each_thief_pays_a_served_defence_and_the_server_charges_what_
         defences={"none": "", "strict prada": "prada?threshold=0.995&min_queries=5&action=refuse"},
         steps=3,
         streams=1,
+        http=True,
     )
-    audit = Audit(load_target("resemblyzer?layers=all"), suite, tmp_path, cfg, progress=False, http=True)
+    audit = Audit(load_target("resemblyzer?layers=all"), suite, tmp_path, cfg, progress=False)
     summary = summarise(audit.run(), cfg)
     rows = {r["defence"]: r for r in summary["rows"]}
     for r in rows.values():  # every paid clip was charged once by the API, and nothing more
@@ -110,3 +112,24 @@ def test_audit_refuses_bad_settings_before_running(tmp_path, capsys):
     assert "expected NAME=CHAIN" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing written
     assert set(ATTACKERS) >= {"naive", "sybils", "augment"}
+
+
+def test_audit_settings_come_from_flags_a_file_or_an_earlier_report(tmp_path, capsys):
+    out = str(tmp_path / "audit")
+    flags = ["--budgets", "5%,20%", "--attackers", "naive", "--steps", "7", "--defence", "noisy=noise?snr=5"]
+    assert main(["audit", "--out", out, *flags, "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg == {
+        **config.to_dict(AuditConfig()),
+        "budgets": ["5%", "20%"],
+        "attackers": ["naive"],
+        "steps": 7,
+        "defences": {"noisy": "noise?snr=5"},
+    }
+    report = tmp_path / "report.json"  # an audit's report.json records its config under "config"
+    report.write_text(json.dumps({"rows": [], "config": cfg}))
+    assert main(["audit", "--out", out, "--config", str(report), "--steps", "9", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out) == {**cfg, "steps": 9}  # flags beside the file win
+    assert main(["audit", "--out", out, "--budgets", "0%", "--print-config"]) == 2
+    assert "budget" in capsys.readouterr().err
+    assert not (tmp_path / "audit").exists()

@@ -283,7 +283,14 @@ def test_the_audit_tests_each_stolen_copy_and_prices_the_mark(marked, tmp_path):
     suite = demo_suite()
     suite.probes = {"keywords": suite.probes["keywords"]}
     suite.benign = {}
-    cfg = AuditConfig(budgets=["25%"], defences={"none": ""}, steps=5, streams=0, secret=summary["secret"])
+    cfg = AuditConfig(
+        target=summary["marked"],
+        budgets=["25%"],
+        defences={"none": ""},
+        steps=5,
+        streams=0,
+        secret=summary["secret"],
+    )
     audit = Audit(load_target(summary["marked"]), suite, tmp_path, cfg, progress=False)
     report = summarise(audit.run(), cfg)
     row = report["rows"][0]

@@ -23,7 +23,6 @@ the answers are paid for first, in this process, so that the workers only read t
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from speechmimic import config
+from speechmimic import config, records
 from speechmimic.budget import Budget
 from speechmimic.corpus import Clip
 from speechmimic.defences import load_target
@@ -193,17 +192,13 @@ class Experiment:
         )
 
     # -- cells ------------------------------------------------------------------------------------------
+    def made_by(self, cell: Cell, cfg: ExtractConfig) -> dict:
+        """What a cell's record is keyed by: the cell, its config and the measure."""
+        return {"cell": asdict(cell), "config": config.to_dict(cfg), "measure_id": self.measure_id}
+
     def done(self, cell: Cell, cfg: ExtractConfig) -> dict | None:
         """The stored record of ``cell`` if it was made by this config and measure, else None."""
-        path = self.run_dir(cell) / CELL_NAME
-        if not path.exists():
-            return None
-        record = json.loads(path.read_text())
-        wanted = {"cell": asdict(cell), "config": config.to_dict(cfg), "measure_id": self.measure_id}
-        # Compared as JSON stores them: tuples come back as lists.
-        if {k: record.get(k) for k in wanted} == json.loads(json.dumps(wanted)):
-            return record
-        return None
+        return records.read(self.run_dir(cell) / CELL_NAME, self.made_by(cell, cfg))
 
     def run(self, cell: Cell) -> dict:
         """One cell's record (``cell``, ``config``, ``result`` of extract, ``measures``), cached."""
@@ -222,16 +217,15 @@ class Experiment:
             eval_ledger_dir=self.ledger_dir(cell.target, "heldout"),
             progress=self.progress,
         )
-        record = {
-            "cell": asdict(cell),
-            "config": config.to_dict(cfg),
-            "measure_id": self.measure_id,
-            "result": result,
-            "measures": self.measure(cell, result) if self.measure else {},
-            "seconds": round(time.time() - t0, 1),
-        }
-        (self.run_dir(cell) / CELL_NAME).write_text(json.dumps(record, indent=2))
-        return record
+        return records.write(
+            self.run_dir(cell) / CELL_NAME,
+            self.made_by(cell, cfg),
+            {
+                "result": result,
+                "measures": self.measure(cell, result) if self.measure else {},
+                "seconds": round(time.time() - t0, 1),
+            },
+        )
 
     def prepare(self) -> None:
         """Stage 1 for every seed and the answers to the whole pool and held-out set, paid here."""

@@ -6,16 +6,14 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
+from speechmimic import config
 from speechmimic.audit.grid import ATTACKERS, CALIBRATION, Audit, AuditConfig
 from speechmimic.audit.report import summarise, write
 from speechmimic.audit.suites import Suite, load_suite
 from speechmimic.defences import load_target
-
-DEFAULT_TARGET = "resemblyzer?layers=all"
-DEFAULT_BUDGETS = ("10%", "40%")
-DEFAULT_ATTACKERS = ("naive", "sybils")
 
 
 def default_defences(suite: Suite) -> dict[str, str]:
@@ -33,45 +31,25 @@ def default_defences(suite: Suite) -> dict[str, str]:
     return defences
 
 
-def run_audit(
-    out: str | Path,
-    target: str = DEFAULT_TARGET,
-    corpus: str = "demo",
-    budgets: tuple[str, ...] = DEFAULT_BUDGETS,
-    defences: dict[str, str] | None = None,
-    attackers: tuple[str, ...] = DEFAULT_ATTACKERS,
-    steps: int = 100,
-    seed: int = 0,
-    preset: str = "small",
-    streams: int = 8,
-    progress: bool = True,
-    http: bool = False,
-    secret: str | None = None,
-    proof: bool = False,
-) -> dict:
-    """Run (or resume) the audit under ``out`` and write ``report.md``, ``report.json`` and plots."""
+def run_audit(out: str | Path, cfg: AuditConfig, progress: bool = True) -> dict:
+    """Run (or resume) the audit under ``out`` and write ``report.md``, ``report.json`` and plots.
+    ``cfg.defences`` empty: :func:`default_defences`; ``none`` is always added."""
     t0 = time.time()
-    suite = load_suite(corpus, seed)
-    encoder = load_target(target)
-    defences = defences or default_defences(suite)
-    if "none" not in defences:
-        defences = {"none": "", **defences}  # every defence is read against no defence
-    cfg = AuditConfig(
-        list(budgets), defences, list(attackers), steps, seed, preset, streams, secret=secret, proof=proof
-    )
-    audit = Audit(encoder, suite, out, cfg, progress, http)
-    result = audit.run()
+    suite = load_suite(cfg.corpus, cfg.seed)
+    encoder = load_target(cfg.target)
+    defences = cfg.defences or default_defences(suite)
+    cfg = replace(cfg, defences={"none": "", **defences})  # every defence is read against no defence
+    result = Audit(encoder, suite, out, cfg, progress).run()
     summary = summarise(result, cfg)
+    summary["config"] = config.to_dict(cfg)
     summary["setup"] = {
-        "target": target, "corpus": corpus, "pool_clips": len(suite.pool),
-        "pool_seconds": round(sum(c.duration for c in suite.pool), 1), "budgets": list(budgets),
-        "defences": defences, "attackers": {a: vars(ATTACKERS[a]) for a in attackers},
-        "steps": steps, "seed": seed, "preset": preset, "benign_streams_per_app": streams, "http": http,
-        "secret": secret,
+        "pool_clips": len(suite.pool),
+        "pool_seconds": round(sum(c.duration for c in suite.pool), 1),
+        "attackers": {a: vars(ATTACKERS[a]) for a in cfg.attackers},
         "seconds": round(time.time() - t0, 1),  # this run (cells read back cost nothing)
         "thief_seconds": round(sum(c["seconds"] for c in result["cells"]), 1),  # all thieves, when run
-    }  # fmt: skip
-    paths = write(summary, out, f"Extraction-risk audit of {target} on {corpus}")
+    }
+    paths = write(summary, out, f"Extraction-risk audit of {cfg.target} on {cfg.corpus}")
     (Path(out) / "report.json").write_text(json.dumps(summary, indent=2))
     summary["paths"] = {k: str(v) for k, v in paths.items()}
     return summary

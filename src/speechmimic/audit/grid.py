@@ -26,14 +26,16 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from speechmimic import budget, records
 from speechmimic.audio import SAMPLE_RATE
 from speechmimic.audit.suites import Suite
+from speechmimic.config import option
 from speechmimic.defences import (
     Chain,
     Defended,
@@ -52,6 +54,7 @@ from speechmimic.ledger import Ledger, content_key, query_clips
 from speechmimic.probe.pooled import ProbeSet, cv_by_state, state_scores, verification_eer
 from speechmimic.proof import Secret, examine
 from speechmimic.serve.process import ServerProcess
+from speechmimic.student import PRESETS
 from speechmimic.sybil import Sybils
 from speechmimic.targets import Target
 from speechmimic.upstream import load_upstream
@@ -76,23 +79,56 @@ ATTACKERS = {
 }
 
 
+DEFAULT_TARGET = "resemblyzer?layers=all"
+
+
 @dataclass
 class AuditConfig:
-    budgets: list[str]
-    defences: dict[str, str]  # name -> chain after the target ("" for none)
-    attackers: list[str] = field(default_factory=lambda: ["naive"])
-    steps: int = 300
-    seed: int = 0
-    preset: str = "small"
-    streams: int = 8  # honest streams per application, for the detector's false-positive rate
-    fpr: float = 0.05  # the false-positive rate at which the detector's true-positive rate is stated
-    secret: str | None = None  # the owner's watermark secret: each stolen copy is tested for the mark
-    proof: bool = False  # dataset inference on each stolen copy (always with a secret)
+    """Everything that decides an audit's result (``report.json`` records it under ``config``)."""
+
+    target: str = option(DEFAULT_TARGET, "target spec", metavar="SPEC")
+    corpus: str = option(
+        "demo",
+        "'demo' (the corpus shipped in the package) or a folder laid out as ../shared/data (FSDD, the "
+        "LibriSpeech subset, Speech Commands)",
+    )
+    budgets: list[str] = option(
+        help="budgets, comma-separated: N%, N clips or Ns/Nm", metavar="B,B", factory=lambda: ["10%", "40%"]
+    )
+    # name -> chain written after the target ("" for none); empty: the CPU-sized default grid
+    defences: dict[str, str] = option(help="defences by name", factory=dict)
+    attackers: list[str] = option(
+        help=f"comma-separated, of {', '.join(ATTACKERS)}: sybils pool 4 keys through 8 anchor clips, "
+        "augment trains on augmented views of half the clips",
+        metavar="A,A",
+        factory=lambda: ["naive", "sybils"],
+    )
+    steps: int = option(100, "stage-2 steps of every thief")
+    seed: int = option(0, "seed of every random choice")
+    preset: str = option("small", "the thieves' student preset", choices=tuple(PRESETS))
+    streams: int = option(8, "honest streams per application, for the detector's false-positive rate")
+    fpr: float = option(0.05, "the false-positive rate at which the detector's true-positive rate is stated")
+    secret: str | None = option(
+        None,
+        "the watermark secret of the target (from 'speechmimic watermark mark'): every stolen copy is "
+        "tested for the mark and by dataset inference, and the report adds what the mark costs on the probes",
+        metavar="FILE",
+    )
+    proof: bool = option(False, "dataset inference on every stolen copy (implied by --secret)")
+    http: bool = option(
+        False,
+        "thieves pay over the wire: each defence served by 'speechmimic serve' on a loopback port "
+        "(OUT/servers), each thief key an API key there; the report adds what the server charged",
+    )
 
     def __post_init__(self):
         unknown = [a for a in self.attackers if a not in ATTACKERS]
         if unknown:
             raise ValueError(f"unknown attackers {unknown}; choose from {sorted(ATTACKERS)}")
+        if not self.budgets:
+            raise ValueError("an audit needs at least one budget")
+        for b in self.budgets:
+            budget.check(b)
         for chain in self.defences.values():
             if chain:  # a typo fails now, not after hours of the grid (the calibration comes later)
                 parse_defences(uncalibrated(chain))
@@ -132,10 +168,9 @@ class _Replayed:
 
 
 class Audit:
-    def __init__(
-        self, target: Target, suite: Suite, root: str | Path, cfg: AuditConfig, progress=True, http=False
-    ):
-        self.suite, self.cfg, self.progress, self.http = suite, cfg, progress, http
+    def __init__(self, target: Target, suite: Suite, root: str | Path, cfg: AuditConfig, progress=True):
+        """``target``: the encoder ``cfg.target`` names, loaded."""
+        self.suite, self.cfg, self.progress, self.http = suite, cfg, progress, cfg.http
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.target = target
@@ -167,8 +202,11 @@ class Audit:
 
     def reference(self) -> dict:
         path = self.root / "reference.json"
-        if path.exists():
-            return json.loads(path.read_text())
+        made_by = {
+            "wanted": {"target": self.target.spec, "suite": self.suite.name, "secret": self.cfg.secret}
+        }
+        if (record := records.read(path, made_by)) is not None:
+            return record["scores"]
         clips = [c for ps in self.suite.probes.values() for c in ps.clips]
         led = self.clean("probes", clips)
         ref = {
@@ -179,8 +217,7 @@ class Audit:
             original = Secret.load(self.cfg.secret).original
             led = Ledger(self.root / "ledgers" / "original-probes", store="float32")
             ref["original"] = state_scores(load_upstream(original, ledger=led), self.suite.probes)
-        path.write_text(json.dumps(ref, indent=2))
-        return ref
+        return records.write(path, made_by, {"scores": ref})["scores"]
 
     # -- proof of theft on each stolen copy --------------------------------------------------------------
     def proof(self, budget: str, defence: str, attacker: str, cell: dict) -> dict | None:
@@ -197,7 +234,7 @@ class Audit:
             "student": cell["student"],
             "seed": self.cfg.seed,
         }
-        if path.exists() and (record := json.loads(path.read_text())).get("wanted") == wanted:
+        if (record := records.read(path, {"wanted": wanted})) is not None:
             return record["proof"]
         paid = Ledger(self.cell_dir(budget, defence, attacker) / "ledger")
         unpaid = [c for c in self.suite.pool if paid.key_of(c.id) is None]
@@ -212,8 +249,7 @@ class Audit:
             groups=[c.path for c in self.suite.heldout],
             seed=self.cfg.seed,
         )
-        path.write_text(json.dumps({"wanted": wanted, "proof": found}, indent=2))
-        return found
+        return records.write(path, {"wanted": wanted}, {"proof": found})["proof"]
 
     # -- one thief ------------------------------------------------------------------------------------
     def cell_dir(self, budget: str, defence: str, attacker: str) -> Path:
@@ -225,10 +261,8 @@ class Audit:
                   "attacker": attacker, "settings": asdict(ATTACKERS[attacker]),
                   "steps": self.cfg.steps, "seed": self.cfg.seed, "preset": self.cfg.preset}  # fmt: skip
         done, started = out / "cell.json", out / "wanted.json"
-        if done.exists():
-            record = json.loads(done.read_text())
-            if record.get("wanted") == wanted:
-                return record
+        if (record := records.read(done, {"wanted": wanted})) is not None:
+            return record
         if started.exists() and json.loads(started.read_text()) != wanted:
             shutil.rmtree(out)  # another thief was here: a fresh one (an interrupted same one resumes)
         out.mkdir(parents=True, exist_ok=True)
@@ -252,7 +286,7 @@ class Audit:
             preset=self.cfg.preset,
             distill=DistillConfig(steps=self.cfg.steps, seed=self.cfg.seed, augment=a.augment),
         )
-        record = {"wanted": wanted}
+        record = {}
         try:
             result = extract(target, self.suite.pool, out, cfg, progress=self.progress)
             student = result["student"]["path"]
@@ -278,8 +312,7 @@ class Audit:
                 sum(server.usage(acc).samples for acc in accounts) / SAMPLE_RATE, 2
             )
         gate.store.close()
-        done.write_text(json.dumps(record, indent=2))
-        return record
+        return records.write(done, {"wanted": wanted}, record)
 
     def server(self, defence: str) -> ServerProcess:
         """The defence served on a loopback port (kept across reruns, so the thieves' ledgers,
@@ -327,10 +360,8 @@ class Audit:
         done = out / "benign.json"
         chain = self.chain(defence)
         wanted = {"chain": self.cfg.defences[defence], "streams": self.cfg.streams, "seed": self.cfg.seed}
-        if done.exists():
-            record = json.loads(done.read_text())
-            if record.get("wanted") == wanted:
-                return record
+        if (record := records.read(done, {"wanted": wanted})) is not None:
+            return record
         shutil.rmtree(out, ignore_errors=True)  # a fresh server: no state of an interrupted run
         out.mkdir(parents=True)
         defences = parse_defences(chain)
@@ -371,9 +402,7 @@ class Audit:
                 "refused": len(refused),
                 "detector": detector or None,
             }
-        record = {"wanted": wanted, "apps": apps}
-        done.write_text(json.dumps(record, indent=2))
-        return record
+        return records.write(done, {"wanted": wanted}, {"apps": apps})
 
     # -- everything ------------------------------------------------------------------------------------
     def run(self) -> dict:

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import re
 import sys
+import typing
 
 from speechmimic import budget, config
 from speechmimic.student import CHUNK_CONTEXT_SECONDS, CHUNK_SECONDS, PRESET_HELP, PRESETS
@@ -178,6 +179,11 @@ def _dest(prefix: str, name: str) -> str:
     return (prefix + name).replace("-", "_")
 
 
+def comma_list(text: str) -> list[str]:
+    """The argparse type of a list setting: comma-separated values."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
 def _flags(cls, only=None, skip=()):
     for f in dataclasses.fields(cls):
         typ, _ = config.field_type(cls, f.name)
@@ -187,14 +193,17 @@ def _flags(cls, only=None, skip=()):
 
 
 def add_config_flags(group, cls, prefix: str = "", only=None, skip=()) -> None:
-    """A flag per scalar field of ``cls`` (``--<prefix><field-name>``); nested configs get their own
-    call with a prefix."""
+    """A flag per scalar or list field of ``cls`` (``--<prefix><field-name>``; a list as comma-separated
+    values); nested configs get their own call with a prefix."""
     for f, typ in _flags(cls, only, skip):
         meta = f.metadata
         default = config.default_of(f)
         shown = "none" if default is None else default
         kwargs = {"dest": _dest(prefix, f.name), "default": argparse.SUPPRESS}
-        if typ is bool:
+        if typing.get_origin(typ) is list:
+            kwargs.update(type=comma_list, metavar=meta.get("metavar") or "A,B")
+            shown = ",".join(default or []) or "none"
+        elif typ is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif meta.get("choices"):
             kwargs.update(type=typ, choices=meta["choices"])

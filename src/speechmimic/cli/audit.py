@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from speechmimic import config
 from speechmimic.cli import _options
 
 
 def register(sub) -> None:
-    from speechmimic.audit import DEFAULT_ATTACKERS, DEFAULT_BUDGETS, DEFAULT_TARGET
-    from speechmimic.audit.grid import ATTACKERS
+    from speechmimic.audit.grid import AuditConfig
     from speechmimic.defences import DEFENCES
 
     p = sub.add_parser(
@@ -23,19 +23,7 @@ def register(sub) -> None:
         "grid on the corpus shipped in the package against resemblyzer.",
     )
     p.add_argument("--out", required=True, help="output folder (cells/, benign/, report.md, report.json)")
-    p.add_argument("--target", default=DEFAULT_TARGET, help=f"target spec (default: {DEFAULT_TARGET})")
-    p.add_argument(
-        "--corpus",
-        default="demo",
-        help="'demo' (the corpus shipped in the package) or a folder laid out as ../shared/data "
-        "(FSDD, the LibriSpeech subset, Speech Commands) (default: demo)",
-    )
-    budgets = ",".join(DEFAULT_BUDGETS)
-    p.add_argument(
-        "--budgets",
-        default=budgets,
-        help="comma list of budgets: N%%, N clips or Ns/Nm (default: " + budgets.replace("%", "%%") + ")",
-    )
+    _options.add_config_flags(p.add_argument_group("audit settings"), AuditConfig, skip=("defences",))
     p.add_argument(
         "--defence",
         action="append",
@@ -48,34 +36,7 @@ def register(sub) -> None:
         "keys), a quota as large as the largest honest application's traffic; "
         "'none' is always added",
     )
-    p.add_argument(
-        "--attackers",
-        default=",".join(DEFAULT_ATTACKERS),
-        help=f"comma list of {', '.join(ATTACKERS)} (default: {','.join(DEFAULT_ATTACKERS)}): sybils pool 4 "
-        "keys through 8 anchor clips, augment trains on augmented views of half the clips",
-    )
-    p.add_argument("--steps", type=int, default=100, help="stage-2 steps of every thief (default: 100)")
-    p.add_argument("--preset", default="small", help="student preset (default: small)")
-    p.add_argument(
-        "--streams", type=int, default=8, help="honest streams per application for the detector (default: 8)"
-    )
-    p.add_argument(
-        "--http",
-        action="store_true",
-        help="thieves pay over the wire: each defence served by 'speechmimic serve' on a loopback port "
-        "(OUT/servers), each thief key an API key there; the report adds what the server charged",
-    )
-    p.add_argument(
-        "--secret",
-        default=None,
-        metavar="FILE",
-        help="the watermark secret of --target (from 'speechmimic watermark embed'): every stolen copy is "
-        "tested for the mark and by dataset inference, and the report adds what the mark costs on the probes",
-    )
-    p.add_argument(
-        "--proof", action="store_true", help="dataset inference on every stolen copy (implied by --secret)"
-    )
-    _options.add_seed(p)
+    _options.add_config_file(p, "audit")
     _options.add_progress(p)
     p.set_defaults(func=run)
 
@@ -96,23 +57,15 @@ def _defences(items: list[str]) -> dict[str, str] | None:
 
 def run(args) -> int:
     from speechmimic.audit import run_audit
+    from speechmimic.audit.grid import AuditConfig
 
-    summary = run_audit(
-        args.out,
-        target=args.target,
-        corpus=args.corpus,
-        budgets=tuple(b.strip() for b in args.budgets.split(",") if b.strip()),
-        defences=_defences(args.defence),
-        attackers=tuple(a.strip() for a in args.attackers.split(",") if a.strip()),
-        steps=args.steps,
-        seed=args.seed,
-        preset=args.preset,
-        streams=args.streams,
-        progress=not args.no_progress,
-        http=args.http,
-        secret=args.secret,
-        proof=args.proof,
-    )
+    values = {**_options.file_settings(args), **_options.given(args, AuditConfig)}
+    if args.defence:
+        values["defences"] = _defences(args.defence)
+    cfg = config.from_dict(AuditConfig, values)
+    if args.print_config:
+        return _options.print_config(cfg)
+    summary = run_audit(args.out, cfg, progress=not args.no_progress)
     for verdict in summary["verdicts"]:
         print(verdict)
     print(
