@@ -27,6 +27,7 @@ def test_every_option_of_every_command_is_explained():
     seen = []
     for path, parser in _parsers(build_parser()):
         assert parser.description or len(path) == 1, f"{' '.join(path)} has no description"
+        assert parser.format_help()  # every help text renders (a stray '%' would raise)
         for action in parser._actions:
             if isinstance(action, argparse._HelpAction):
                 continue

@@ -18,8 +18,11 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from speechmimic import config
+from speechmimic.config import option
 from speechmimic.distill import DistillConfig
 from speechmimic.experiment import Experiment, Grid
 from speechmimic.fidelity import mean_r2
@@ -35,6 +38,7 @@ from speechmimic.report import (
     write_report,
 )
 from speechmimic.serve.process import ServerProcess
+from speechmimic.student import PRESET_HELP, PRESETS
 
 DEMO_TARGET = "resemblyzer?layers=all"
 DEMO_KEY_ENV = "SPEECHMIMIC_DEMO_KEY"
@@ -68,41 +72,57 @@ def server_usage(server: ServerProcess, ledgers: dict[str, Ledger]) -> list[dict
     return rows
 
 
-def run_demo(
-    out_dir: str | Path,
-    budgets: tuple[str, ...] = ("10%", "100%"),
-    steps: int = 350,
-    seed: int = 0,
-    preset: str = "small",
-    target_spec: str = DEMO_TARGET,
-    probes: bool = True,
-    progress: bool = True,
-    http: bool = False,
-) -> dict:
+@dataclass
+class DemoConfig:
+    """What the demo runs (``report.json`` records it under ``config``)."""
+
+    target: str = option(DEMO_TARGET, "target spec", metavar="SPEC")
+    budgets: list[str] = option(
+        help="budgets, comma-separated: N% of the pool's seconds, N clips or Ns/Nm",
+        metavar="B,B",
+        factory=lambda: ["10%", "100%"],
+    )
+    steps: int = option(350, "training steps per budget, equal for all")
+    seed: int = option(0, "seed of every random choice")
+    preset: str = option("small", PRESET_HELP, choices=tuple(PRESETS))
+    probes: bool = option(
+        True, "probe target, student and MFCC on keywords, speaker ID and verification of held-out clips"
+    )
+    http: bool = option(
+        False,
+        "attack over the wire: serve the target with 'speechmimic serve' on a free loopback port "
+        "(OUT/server) and pay through an http:// target; the report adds the server's charges beside "
+        "the ledgers' payments",
+    )
+
+
+def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None, progress: bool = True) -> dict:
+    cfg = cfg or DemoConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    server = None
-    if http:
+    server, target_spec = None, cfg.target
+    if cfg.http:
         server, target_spec = start_demo_server(out_dir / "server", target_spec)
         print(f"serving the target on {server.url}; the attack pays through it", flush=True)
     try:
-        return _run_demo(out_dir, budgets, steps, seed, preset, target_spec, probes, progress, server)
+        return _run_demo(out_dir, cfg, target_spec, progress, server)
     finally:
         if server is not None:
             server.stop()
 
 
-def _run_demo(out_dir, budgets, steps, seed, preset, target_spec, probes, progress, server) -> dict:
+def _run_demo(out_dir: Path, cfg: DemoConfig, target_spec: str, progress: bool, server) -> dict:
     t_start = time.time()
     pool, heldout = demo_corpus()
     pool_seconds = sum(c.duration for c in pool)
     name = target_spec.partition("?")[0].partition(":")[0]  # "resemblyzer", "hf"
+    seed = cfg.seed
     grid = Grid(
         targets={name: target_spec},
-        budgets=list(budgets),
+        budgets=list(cfg.budgets),
         seeds=[seed],
-        preset=preset,
-        distill=DistillConfig(steps=steps, seed=seed),
+        preset=cfg.preset,
+        distill=DistillConfig(steps=cfg.steps, seed=seed),
     )
     experiment = Experiment(out_dir, grid, pool, heldout, progress=progress)
     runs = []
@@ -121,8 +141,9 @@ def _run_demo(out_dir, budgets, steps, seed, preset, target_spec, probes, progre
         "student": best["student"],
         "pool": {"clips": len(pool), "seconds": round(pool_seconds, 1)},
         "heldout_clips": len(heldout),
-        "steps_per_run": steps,
+        "steps_per_run": cfg.steps,
         "seed": seed,
+        "config": config.to_dict(cfg),
         "runs": [{k: r[k] for k in keep} for r in runs],
         "timings": {
             "total": round(time.time() - t_start, 1),
@@ -133,7 +154,7 @@ def _run_demo(out_dir, budgets, steps, seed, preset, target_spec, probes, progre
     print()
     print(fidelity_table(report["runs"]))
 
-    if probes:
+    if cfg.probes:
         t = time.time()
         tasks = demo_tasks(heldout, out_dir / "tasks", seed=seed)
         # The probe clips are held-out clips, whose answers the fidelity check already paid for.
@@ -157,7 +178,7 @@ def _run_demo(out_dir, budgets, steps, seed, preset, target_spec, probes, progre
         ledgers = {part: Ledger(experiment.ledger_dir(name, part)) for part in ("pool", "heldout")}
         report["usage"] = server_usage(server, ledgers)
         paths = write_report(report, out_dir)
-        if probes:
+        if cfg.probes:
             merge_into_report(results, out_dir, plots)
         print()
         print(usage_table(report["usage"]))

@@ -211,7 +211,7 @@ def add_config_flags(group, cls, prefix: str = "", only=None, skip=()) -> None:
             kwargs.update(type=typ, metavar=meta.get("metavar") or _METAVARS.get(typ, f.name.upper()))
         text = meta.get("help", "").replace("%", "%%")
         if default is not dataclasses.MISSING and "default" not in text:
-            text += f" (default: {shown})"
+            text += f" (default: {shown})".replace("%", "%%")
         flag = meta.get("flag") if not prefix else None
         group.add_argument(flag or "--" + (prefix + f.name).replace("_", "-"), help=text, **kwargs)
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from speechmimic import config
 from speechmimic.cli import _options
-from speechmimic.demo import DEMO_TARGET
+from speechmimic.demo import DemoConfig
 
 
 def register(sub) -> None:
@@ -16,29 +17,8 @@ def register(sub) -> None:
         "report.json, report.md and a plot in --out. Rerun to resume.",
     )
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument(
-        "--budgets",
-        default="10%,100%",
-        help="comma list of budgets: N%% of the pool's seconds, N clips or Ns/Nm (default: 10%%,100%%)",
-    )
-    p.add_argument(
-        "--steps", type=int, default=350, help="training steps per budget, equal for all (default: 350)"
-    )
-    p.add_argument("--preset", default="small", help="student preset (default: small)")
-    p.add_argument(
-        "--no-probes",
-        action="store_true",
-        help="skip the downstream probes (keywords, speaker ID) on held-out clips",
-    )
-    p.add_argument("--target", default=DEMO_TARGET, help=f"target spec (default: {DEMO_TARGET})")
-    p.add_argument(
-        "--http",
-        action="store_true",
-        help="attack over the wire: serve the target with 'speechmimic serve' on a free loopback port "
-        "(OUT/server) and pay through an http:// target; the report adds the server's charges beside "
-        "the ledgers' payments",
-    )
-    _options.add_seed(p)
+    _options.add_config_flags(p.add_argument_group("demo settings"), DemoConfig)
+    _options.add_config_file(p, "demo")
     _options.add_progress(p)
     p.set_defaults(func=run)
 
@@ -46,15 +26,8 @@ def register(sub) -> None:
 def run(args) -> int:
     from speechmimic.demo import run_demo
 
-    run_demo(
-        args.out,
-        budgets=tuple(b.strip() for b in args.budgets.split(",")),
-        steps=args.steps,
-        seed=args.seed,
-        preset=args.preset,
-        target_spec=args.target,
-        probes=not args.no_probes,
-        progress=not args.no_progress,
-        http=args.http,
-    )
+    cfg = config.from_dict(DemoConfig, {**_options.file_settings(args), **_options.given(args, DemoConfig)})
+    if args.print_config:
+        return _options.print_config(cfg)
+    run_demo(args.out, cfg, progress=not args.no_progress)
     return 0
