@@ -22,7 +22,7 @@ import numpy as np
 from speechmimic.distill import PairedClips
 from speechmimic.ledger import Ledger, query_clips
 from speechmimic.recipes.demo import demo_corpus
-from speechmimic.targets import load_target
+from speechmimic.targets import load_backend
 
 
 def folder_bytes(root: Path, pattern: str = "**/*") -> int:
@@ -37,7 +37,7 @@ def main() -> None:
     pool, _ = demo_corpus()
     clips = pool[: args.clips] if args.clips else pool
     seconds = sum(c.duration for c in clips)
-    target = load_target(args.target)
+    target = load_backend(args.target)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         ledgers = {store: Ledger(Path(tmp) / store, store=store) for store in ("float32", "float16")}

@@ -36,7 +36,7 @@ from speechmimic.audio import SAMPLE_RATE
 from speechmimic.ledger import content_key
 from speechmimic.recipes.demo import demo_corpus
 from speechmimic.serve.process import ServerProcess
-from speechmimic.targets import load_target
+from speechmimic.targets import load_backend
 from speechmimic.targets.http import HTTPTarget
 
 KEY_ENV = "SPEECHMIMIC_BENCH_KEY"
@@ -112,7 +112,7 @@ def main() -> int:
     seconds = sum(len(w) for w in wavs) / SAMPLE_RATE
     scratch = tempfile.TemporaryDirectory()
     spec = hubert_base(Path(scratch.name)) if args.target == "hubert-base" else args.target
-    target = load_target(spec)
+    target = load_backend(spec)
     target(wavs[:4])  # warm up
     levels = [int(c) for c in args.concurrency.split(",")]
     print(

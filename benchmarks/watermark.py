@@ -33,7 +33,7 @@ from speechmimic.distill import DistillConfig
 from speechmimic.extract import ExtractConfig, extract
 from speechmimic.ledger import Ledger
 from speechmimic.probe.pooled import state_scores
-from speechmimic.proof import Secret, WatermarkConfig, embed, examine
+from speechmimic.proof import Secret, WatermarkConfig, examine, mark
 from speechmimic.student import build_student
 from speechmimic.upstream import StudentUpstream, load_upstream
 
@@ -70,7 +70,7 @@ def main() -> None:
     t0 = time.time()
     secret_path = root / "owner" / "secret.npz"
     if not secret_path.exists():
-        embed(TARGET, private, root / "marked", secret_path, WatermarkConfig(seed=args.seed))
+        mark(TARGET, private, root / "marked", secret_path, WatermarkConfig(seed=args.seed))
     secret = Secret.load(secret_path)
     print(f"embedding: {time.time() - t0:.0f} s, p0 = {secret.p0:.4f}", flush=True)
 

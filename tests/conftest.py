@@ -6,7 +6,7 @@ import torch
 from speechmimic.distill import DistillConfig, distill
 from speechmimic.ledger import Ledger, query_clips
 from speechmimic.recipes.demo import demo_corpus
-from speechmimic.targets import load_target
+from speechmimic.targets import load_backend
 from speechmimic.testing import tiny_hf_model
 
 TINY_STUDENT_TARGET = "resemblyzer?layers=all"
@@ -42,6 +42,6 @@ def tiny_student(tmp_path_factory, speech_clips):
     root = tmp_path_factory.mktemp("tiny_student")
     clips = pool[:16]
     ledger = Ledger(root / "ledger")
-    query_clips(load_target(TINY_STUDENT_TARGET), clips, ledger, progress=False)
+    query_clips(load_backend(TINY_STUDENT_TARGET), clips, ledger, progress=False)
     distill(clips, ledger, root / "student", DistillConfig(steps=10, warmup=2), preset="tiny", progress=False)
     return root / "student", ledger, clips

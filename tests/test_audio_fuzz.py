@@ -144,7 +144,7 @@ def test_one_bad_clip_stops_no_reader(tmp_path, speech_clips, capsys):
     from speechmimic.ledger import Ledger, query_clips
     from speechmimic.pretrain import PretrainConfig, pretrain
     from speechmimic.probe import ProbeConfig, probe
-    from speechmimic.targets import load_target
+    from speechmimic.targets import load_backend
     from speechmimic.tasks import write_task
 
     pool, heldout = speech_clips
@@ -157,7 +157,7 @@ def test_one_bad_clip_stops_no_reader(tmp_path, speech_clips, capsys):
         "broken-later", str(later), SR, len(pool[5].load()), pool[5].duration, labels=dict(pool[5].labels)
     )
     clips = [*pool[:5], broken, bad]
-    target = load_target("resemblyzer?layers=2")
+    target = load_backend("resemblyzer?layers=2")
 
     stats = query_clips(target, clips, Ledger(tmp_path / "ledger"), progress=False)
     assert stats["paid"] == 6 and [c for c, _ in stats["unusable"]] == ["bad-clip"]

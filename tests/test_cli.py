@@ -6,6 +6,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,3 +172,45 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     )
     with pytest.raises(SystemExit):
         main(["select", "--manifest", str(bad)])  # --budget and --out missing: argparse explains
+
+
+MANIFEST = Path(__file__).resolve().parents[1] / "src/speechmimic/data/demo_corpus/manifest.jsonl"
+# `speechmimic select` on the shipped corpus, with a bug planted inside the stage (a KeyError).
+_BUGGY = """
+import sys
+import speechmimic.cli.select as stage
+def buggy(*args, **kwargs):
+    raise KeyError("planted bug")
+stage.select_from_manifest = buggy
+from speechmimic.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _run(how: str, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, *(["-c", _BUGGY] if how == "buggy" else ["-m", "speechmimic"]), *args]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def test_a_user_error_is_one_line_and_a_bug_shows_its_traceback(tmp_path):
+    out = str(tmp_path / "chosen.jsonl")
+    # user errors: a missing file, a bad target spec, an impossible budget -> one line (argparse's
+    # usage above it for a bad flag value), status 2
+    for args in (
+        ["select", "--manifest", str(tmp_path / "missing.jsonl"), "--budget", "10%", "--out", out],
+        ["query", "--target", "nothing:x", "--manifest", str(MANIFEST), "--ledger", str(tmp_path / "l")],
+        ["select", "--manifest", str(MANIFEST), "--budget", "1e9h", "--out", out],
+    ):
+        r = _run("cli", *args)
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert "Traceback" not in r.stderr and lines[-1].startswith(f"speechmimic {args[0]}: error: ")
+    # a bug: the traceback, status 1
+    bug = ["select", "--manifest", str(MANIFEST), "--budget", "10%", "--out", out]
+    r = _run("buggy", *bug)
+    assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr
+    assert "KeyError: 'planted bug'" in r.stderr
+    # --traceback (anywhere on the line) shows it for a user error too
+    for args in (["--traceback", "select"], ["select", "--traceback"]):
+        r = _run("cli", *args, "--manifest", str(tmp_path / "missing.jsonl"), "--budget", "10%", "--out", out)
+        assert r.returncode == 1 and "Traceback" in r.stderr and "FileNotFoundError" in r.stderr

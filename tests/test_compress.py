@@ -12,7 +12,7 @@ from speechmimic.cli import main
 from speechmimic.compress import CompressConfig, compress, copy_teacher_weights, student_config
 from speechmimic.corpus import write_manifest
 from speechmimic.student import HeadSpec, Student, predict
-from speechmimic.targets import load_target
+from speechmimic.targets import load_backend
 
 
 def distance(student, teacher, clips) -> float:
@@ -30,7 +30,7 @@ def distance(student, teacher, clips) -> float:
 
 def test_compress_starts_from_the_teacher_and_beats_scratch(tmp_path, tiny_hf, speech_clips):
     pool, heldout = speech_clips
-    teacher = load_target(f"hf:{tiny_hf['hubert']}?layers=1,2")
+    teacher = load_backend(f"hf:{tiny_hf['hubert']}?layers=1,2")
     cfg = CompressConfig(steps=60, warmup=5, batch_seconds=12, lr=3e-3, seed=0)
     # the shape is the teacher's; its CNN, projection and both layers are copied
     heads = [HeadSpec(n, 32, 50.0) for n in teacher.layers]

@@ -13,14 +13,14 @@ import torch
 from speechmimic.distill import DistillConfig, _collate, distill, infer_heads
 from speechmimic.ledger import Ledger, query_clips
 from speechmimic.student import HeadSpec, build_student
-from speechmimic.targets import load_target
+from speechmimic.targets import load_backend
 from speechmimic.trainer import make_batches
 
 
 def test_distill_resume_loses_nothing(tmp_path, speech_clips):
     pool, _ = speech_clips
     clips = pool[:10]
-    target = load_target("resemblyzer")
+    target = load_backend("resemblyzer")
     ledger = Ledger(tmp_path / "ledger")
     query_clips(target, clips, ledger, progress=False)
     cfg = DistillConfig(steps=16, warmup=2, batch_seconds=6, checkpoint_every=5, seed=3)
@@ -46,7 +46,7 @@ def test_a_state_left_by_other_settings_is_not_resumed(tmp_path, speech_clips):
     pool, _ = speech_clips
     clips = pool[:6]
     ledger = Ledger(tmp_path / "ledger")
-    query_clips(load_target("resemblyzer"), clips, ledger, progress=False)
+    query_clips(load_backend("resemblyzer"), clips, ledger, progress=False)
     cfg = DistillConfig(steps=4, warmup=1, batch_seconds=6, seed=1)
     distill(clips, ledger, tmp_path / "s", cfg, preset="tiny", progress=False)
     # Twice the steps in the same folder: a fresh run of 8 steps, not the old 4 continued.
@@ -60,7 +60,7 @@ def test_a_state_left_by_other_settings_is_not_resumed(tmp_path, speech_clips):
 def test_infer_heads_from_answers_only(tmp_path, speech_clips):
     pool, _ = speech_clips
     ledger = Ledger(tmp_path / "ledger")
-    query_clips(load_target("resemblyzer?layers=2"), pool[:6], ledger, progress=False)
+    query_clips(load_backend("resemblyzer?layers=2"), pool[:6], ledger, progress=False)
     (spec,) = infer_heads(ledger, list(ledger.keys()))
     assert (spec.name, spec.dim) == ("lstm2", 256)
     assert spec.rate == pytest.approx(100, abs=1)
@@ -80,7 +80,7 @@ def test_stage2_starts_from_a_stage1_checkpoint(tmp_path, speech_clips):
     stage1 = build_student("tiny", [], dim=48)
     stage1.save(tmp_path / "stage1")
     ledger = Ledger(tmp_path / "ledger")
-    query_clips(load_target("resemblyzer?layers=2"), pool[:4], ledger, progress=False)
+    query_clips(load_backend("resemblyzer?layers=2"), pool[:4], ledger, progress=False)
     student = distill(
         pool[:4], ledger, tmp_path / "s", DistillConfig(steps=0), init=tmp_path / "stage1", progress=False
     )
@@ -150,7 +150,7 @@ def test_accumulation_resumes_and_autocast_trains(tmp_path, speech_clips):
     pool, _ = speech_clips
     clips = pool[:10]
     ledger = Ledger(tmp_path / "ledger")
-    query_clips(load_target("resemblyzer"), clips, ledger, progress=False)
+    query_clips(load_backend("resemblyzer"), clips, ledger, progress=False)
     # two batches of 3 s per step: a crash mid-epoch resumes on the right batch
     cfg = DistillConfig(steps=8, warmup=2, batch_seconds=3, checkpoint_every=3, seed=1, accumulate=2)
     full = distill(clips, ledger, tmp_path / "full", cfg, preset="tiny", progress=False)
@@ -271,7 +271,7 @@ def test_semi_supervised_stage2_learns_the_unpaid_units_and_resumes(tmp_path, sp
     pool, _ = speech_clips
     paid, unpaid = pool[:6], pool[6:20]
     ledger = Ledger(tmp_path / "ledger")
-    query_clips(load_target("resemblyzer"), paid, ledger, progress=False)
+    query_clips(load_backend("resemblyzer"), paid, ledger, progress=False)
     cfg = DistillConfig(
         steps=80,
         warmup=4,

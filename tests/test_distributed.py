@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from speechmimic.corpus import write_manifest
 from speechmimic.ledger import Ledger, query_clips
-from speechmimic.targets import load_target
+from speechmimic.targets import load_backend
 from speechmimic.tasks import write_task
 
 HERE = Path(__file__).parent
@@ -72,7 +72,7 @@ def queried(tmp_path_factory, speech_clips):
     root = tmp_path_factory.mktemp("ddp")
     clips = pool[:12] + pool[-12:]  # sentences and keywords: batches of several lengths
     write_manifest(clips, root / "m.jsonl")
-    query_clips(load_target("resemblyzer?layers=all"), clips, Ledger(root / "ledger"), progress=False)
+    query_clips(load_backend("resemblyzer?layers=all"), clips, Ledger(root / "ledger"), progress=False)
     return root
 
 

@@ -10,7 +10,7 @@ from speechmimic.cli import main
 from speechmimic.evaluate import compare, evaluate
 from speechmimic.ledger import Ledger
 from speechmimic.recipes.demo import demo_corpus, demo_tasks
-from speechmimic.targets import load_target
+from speechmimic.targets import load_backend
 from speechmimic.testing import CountingTarget
 
 
@@ -104,7 +104,7 @@ def test_evaluating_twice_asks_the_target_nothing_the_second_time(tmp_path, tiny
     student, _, _ = tiny_student
     _, heldout = demo_corpus()
     keywords = demo_tasks(heldout, tmp_path / "tasks")[0]
-    target = CountingTarget(load_target("resemblyzer?layers=all"))
+    target = CountingTarget(load_backend("resemblyzer?layers=all"))
     ledger = Ledger(tmp_path / "eval_ledger")
     first = evaluate(target, student, [keywords], tmp_path / "first", ledger=ledger, progress=False)
     clips = sum(len(keywords.split(s)) for s in ("train", "dev", "test"))

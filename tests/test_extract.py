@@ -17,14 +17,14 @@ from speechmimic.fidelity import heldout_fidelity, mean_r2
 from speechmimic.ledger import BudgetExhausted, Ledger
 from speechmimic.select import STRATEGIES, Strategy
 from speechmimic.student import Student, build_student
-from speechmimic.targets import load_target
+from speechmimic.targets import load_backend
 from speechmimic.testing import CountingTarget
 
 
 @pytest.mark.parametrize("kind", ["hubert", "wavlm"])
 def test_extract_tiny_hf_target_gets_closer(kind, tmp_path, speech_clips, tiny_hf):
     pool, heldout = speech_clips
-    target = load_target(f"hf:{tiny_hf[kind]}?layers=1,2")
+    target = load_backend(f"hf:{tiny_hf[kind]}?layers=1,2")
     cfg = ExtractConfig(
         budget="100%", preset="tiny", distill=DistillConfig(steps=60, lr=2e-3, warmup=10, batch_seconds=20)
     )
@@ -48,7 +48,7 @@ def test_extract_tiny_hf_target_gets_closer(kind, tmp_path, speech_clips, tiny_h
 
 def test_resemblyzer_heads_adapt_to_100hz(tmp_path, speech_clips):
     pool, heldout = speech_clips
-    target = load_target("resemblyzer?layers=all")
+    target = load_backend("resemblyzer?layers=all")
     cfg = ExtractConfig(
         budget="100%", preset="tiny", distill=DistillConfig(steps=80, lr=2e-3, warmup=10, batch_seconds=20)
     )
@@ -74,7 +74,7 @@ def test_a_selection_that_overshoots_the_budget_is_refused_by_the_ledger(tmp_pat
     # A strategy that ignores the budget: it returns every clip.
     rogue = Strategy("rogue", lambda clips, scores, budget, rng: list(range(len(clips))), "every clip")
     monkeypatch.setitem(STRATEGIES, "rogue", rogue)
-    target = CountingTarget(load_target("resemblyzer?layers=2"))
+    target = CountingTarget(load_backend("resemblyzer?layers=2"))
     cfg = ExtractConfig(budget="5", strategy="rogue", preset="tiny", distill=DistillConfig(steps=1))
     with pytest.raises(BudgetExhausted, match=r"refused \d+ of the \d+ selected clips"):
         extract(target, pool, tmp_path / "run", cfg, progress=False)

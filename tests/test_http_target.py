@@ -19,7 +19,7 @@ from speechmimic.budget import Budget
 from speechmimic.corpus import write_manifest
 from speechmimic.ledger import Ledger, query_clips
 from speechmimic.serve.process import ServerProcess as Server
-from speechmimic.targets import load_target
+from speechmimic.targets import load_backend
 from speechmimic.targets.base import TargetError
 
 DEADLINE = 180.0
@@ -41,15 +41,15 @@ def test_a_budgeted_attack_through_http_is_charged_exactly_what_the_ledger_paid(
     pool = speech_clips[0]
     with Server(tmp_path / "server", spec) as server:
         monkeypatch.setenv("THIEF_KEY", server.key("thief"))
-        target = load_target(http_spec(server, "THIEF_KEY", concurrency=4))
-        assert target.layers == load_target(spec).layers and target.frame_rate == 50.0
+        target = load_backend(http_spec(server, "THIEF_KEY", concurrency=4))
+        assert target.layers == load_backend(spec).layers and target.frame_rate == 50.0
         ledger = Ledger(tmp_path / "ledger", Budget(clips=20), store="float32")  # the wire, unrounded
         stats = query_clips(target, pool, ledger, progress=False)
         assert stats["paid"] == 20 and stats["over_budget"] == len(pool) - 20
         used = server.usage("thief")
         assert (used.requests, used.samples) == (20, ledger.spent_samples)
         # the answers are the in-process answers, bit for bit (raw float32 on the wire)
-        local = load_target(spec)
+        local = load_backend(spec)
         for clip in pool[:3]:
             got, want = ledger.get_clip(clip.id), local([clip.load()])[0]
             assert all(np.array_equal(got[k], want[k]) for k in want)
@@ -64,7 +64,7 @@ def test_an_api_that_hides_what_it_returns_is_learned_from_its_answers(
     pool = speech_clips[0][:10]
     with Server(tmp_path / "server", spec, "--hide-info", "all") as server:
         monkeypatch.setenv("THIEF_KEY", server.key("thief"))
-        target = load_target(http_spec(server, "THIEF_KEY"))
+        target = load_backend(http_spec(server, "THIEF_KEY"))
         assert target.layers is None and target.frame_rate is None and target.min_samples == 0
         ledger = Ledger(tmp_path / "ledger")
         too_short = dataclasses.replace(pool[0], id="too-short", offset=0.5, duration=0.01)
@@ -72,7 +72,7 @@ def test_an_api_that_hides_what_it_returns_is_learned_from_its_answers(
         assert stats["paid"] == 10 and stats["in_doubt"] == 0
         assert stats["unusable"] == [("too-short", stats["unusable"][0][1])]
         assert "the API refuses the clip: 422" in stats["unusable"][0][1]
-        assert ledger.header["layers"] == load_target(spec).layers  # the target's order, from the answers
+        assert ledger.header["layers"] == load_backend(spec).layers  # the target's order, from the answers
         assert ledger.header["frame_rate"] is None
         assert all(abs(r - 50.0) < 0.5 for r in ledger.frame_rates().values())
         assert server.usage("thief").requests == 10  # the refused clip was not charged
@@ -87,16 +87,16 @@ def test_rate_limits_are_waited_out_and_a_spent_quota_ends_the_run_with_what_was
         t = time.monotonic()
         ledger = Ledger(tmp_path / "slow")
         stats = query_clips(
-            load_target(http_spec(server, "SLOW_KEY", concurrency=4)), pool[:8], ledger, progress=False
+            load_backend(http_spec(server, "SLOW_KEY", concurrency=4)), pool[:8], ledger, progress=False
         )
         assert stats["paid"] == 8 and time.monotonic() - t > 7 / 4 * 0.9  # it waited, it did not fail
         assert server.usage("slow").requests == 8
 
         monkeypatch.setenv("POOR_KEY", server.key("poor", quota_requests=5))
         ledger = Ledger(tmp_path / "poor")
+        poor = load_backend(http_spec(server, "POOR_KEY", concurrency=3))
         with pytest.raises(TargetError, match="quota spent"):
-            query_clips(load_target(http_spec(server, "POOR_KEY", concurrency=3)), pool, ledger, batch_size=4,
-                        progress=False)  # fmt: skip
+            query_clips(poor, pool, ledger, batch_size=4, progress=False)
         ledger = Ledger(tmp_path / "poor")
         charged = server.usage("poor").requests
         assert (len(ledger), charged) == (5, 5), (len(ledger), charged)  # every answer charged is kept
@@ -106,7 +106,7 @@ def test_rate_limits_are_waited_out_and_a_spent_quota_ends_the_run_with_what_was
         monkeypatch.setenv("PATIENT_KEY", server.key("patient", rate=1, burst=1))
         with pytest.raises(TargetError, match=r"asks to wait 1 s more .* after 1 s; rerun later"):
             # 3 clips at once, 1 token a second: one clip is told to wait twice
-            query_clips(load_target(http_spec(server, "PATIENT_KEY", concurrency=3)), pool[:3],
+            query_clips(load_backend(http_spec(server, "PATIENT_KEY", concurrency=3)), pool[:3],
                         Ledger(tmp_path / "patient"), batch_size=3, progress=False)  # fmt: skip
 
 

@@ -22,7 +22,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 # and the models handed to other tools (interop);
 # targets (and defences wrapping them, the server serving them) beside the attack, never inside it.
 FLOW = [
-    ("foundation", {"config", "records", "audio", "dsp", "distributed"}),
+    ("foundation", {"config", "records", "errors", "audio", "dsp", "distributed"}),
     ("data", {"corpus", "tasks", "recipes"}),
     ("targets", {"targets"}),
     ("defences", {"defences"}),

@@ -16,7 +16,7 @@ import torch
 from speechmimic import load_upstream
 from speechmimic.audio import SAMPLE_RATE, load_audio
 from speechmimic.student import CHUNK_CONTEXT_SECONDS, CHUNK_TOLERANCE, Student, infer
-from speechmimic.targets import load_target
+from speechmimic.targets import load_backend
 
 LIBRISPEECH = Path(__file__).resolve().parents[2] / "shared" / "data" / "librispeech_test_other_subset"
 # Peak RSS allowed for embedding 12 minutes with the tiny student: measured 1,024 MB in 30 s windows
@@ -100,7 +100,7 @@ class _ShortRequests:
     """resemblyzer behind an API that takes at most 20 s a request."""
 
     def __init__(self):
-        self.inner = load_target("resemblyzer")
+        self.inner = load_backend("resemblyzer")
         self.spec, self.frame_rate, self.layers = "short-requests", self.inner.frame_rate, self.inner.layers
         self.padding, self.min_samples, self.max_samples = (
             "per_clip",

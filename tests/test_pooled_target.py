@@ -12,7 +12,7 @@ from speechmimic.cli import main
 from speechmimic.corpus import write_manifest
 from speechmimic.ledger import Ledger
 from speechmimic.serve.process import ServerProcess as Server
-from speechmimic.targets import load_target
+from speechmimic.targets import load_backend
 from speechmimic.targets.base import ClipRefused, PartialAnswers
 from speechmimic.targets.pool import PooledTarget
 
@@ -26,7 +26,7 @@ def test_query_with_workers_is_query_in_one_process(tmp_path, speech_clips):
     assert main([*base, "--ledger", str(tmp_path / "one"), "--store", "float32"]) == 0
     assert main([*base, "--ledger", str(tmp_path / "two"), "--store", "float32", "--workers", "2"]) == 0
     one, two = Ledger(tmp_path / "one"), Ledger(tmp_path / "two")
-    assert one.header == two.header and two.header["target"] == load_target(spec).spec
+    assert one.header == two.header and two.header["target"] == load_backend(spec).spec
     for clip in clips:  # per-clip answers: the same bits whichever process computed them
         a, b = one.get_clip(clip.id), two.get_clip(clip.id)
         assert all(np.array_equal(a[k], b[k]) for k in a)

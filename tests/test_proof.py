@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from speechmimic.cli import main
+from speechmimic.cli import build_parser, main
 from speechmimic.corpus import write_manifest
-from speechmimic.proof import Secret, WatermarkConfig, dataset_inference, embed, verify
+from speechmimic.proof import Secret, WatermarkConfig, dataset_inference, mark, verify
 from speechmimic.proof import watermark as wm
 from speechmimic.recipes.demo import demo_corpus
 from speechmimic.student import HeadSpec, build_student
@@ -38,7 +38,7 @@ def clips():
 def marked(tmp_path_factory, clips):
     root = tmp_path_factory.mktemp("wm")
     _, heldout = clips
-    summary = embed(
+    summary = mark(
         TARGET,
         [c.load() for c in heldout[:48]],
         root / "model",
@@ -93,7 +93,7 @@ def test_a_transformers_encoder_is_marked_and_saved_as_a_loadable_checkpoint(tin
     cfg = WatermarkConfig(
         steps=40, shadow_warmup=10, batch=4, crop_seconds=0.5, shadows=1, nulls=1, calibration_nulls=1
     )
-    summary = embed(spec, wavs, tmp_path / "marked", tmp_path / "secret.npz", cfg, progress=False)
+    summary = mark(spec, wavs, tmp_path / "marked", tmp_path / "secret.npz", cfg, progress=False)
     assert summary["marked"].startswith(f"hf:{tmp_path / 'marked'}?layers=0,1,2")
     secret = Secret.load(summary["secret"])
     assert secret.layers == ["hidden_0", "hidden_1", "hidden_2"] and secret.original == load_target(spec).spec
@@ -115,7 +115,7 @@ def test_the_secret_is_kept_apart_and_reads_back_exactly(marked, tmp_path):
         p.suffix == ".npz" for p in (root / "model").iterdir()
     )  # nothing secret beside the weights
     with pytest.raises(ValueError, match="apart from the model"):
-        embed(TARGET, [], root / "model", root / "model" / "secret.npz", TINY)
+        mark(TARGET, [], root / "model", root / "model" / "secret.npz", TINY)
     with pytest.raises(ValueError, match="no layer 'lstm1'"):
         verify(load_upstream("mfcc"), secret, [np.zeros(16000, np.float32)])
 
@@ -130,7 +130,7 @@ def test_an_interrupted_embedding_resumes_to_the_same_secret(tmp_path, clips, mo
     cfg = WatermarkConfig(
         steps=40, shadow_warmup=20, batch=2, crop_seconds=0.5, shadows=1, nulls=1, calibration_nulls=1
     )
-    whole = embed(TARGET, wavs, tmp_path / "whole", tmp_path / "s-whole.npz", cfg, progress=False)
+    whole = mark(TARGET, wavs, tmp_path / "whole", tmp_path / "s-whole.npz", cfg, progress=False)
 
     real, calls = wm._crops, {"n": 0}
 
@@ -142,9 +142,9 @@ def test_an_interrupted_embedding_resumes_to_the_same_secret(tmp_path, clips, mo
 
     monkeypatch.setattr(wm, "_crops", crash_after_a_checkpoint)
     with pytest.raises(_Crash):
-        embed(TARGET, wavs, tmp_path / "broken", tmp_path / "s-broken.npz", cfg, progress=False)
+        mark(TARGET, wavs, tmp_path / "broken", tmp_path / "s-broken.npz", cfg, progress=False)
     monkeypatch.setattr(wm, "_crops", real)
-    resumed = embed(TARGET, wavs, tmp_path / "broken", tmp_path / "s-broken.npz", cfg, progress=False)
+    resumed = mark(TARGET, wavs, tmp_path / "broken", tmp_path / "s-broken.npz", cfg, progress=False)
     a, b = Secret.load(whole["secret"]), Secret.load(resumed["secret"])
     assert np.array_equal(a.trigger, b.trigger) and np.array_equal(a.key, b.key)
     assert all(np.array_equal(a.decoder[k], b.decoder[k]) for k in a.decoder)
@@ -187,7 +187,7 @@ def test_dataset_inference_separates_a_model_at_home_on_the_private_clips():
         dataset_inference(_Embedding(alike), private[:4], public)
 
 
-def test_the_commands_embed_verify_and_infer(tmp_path, clips, capsys):
+def test_the_commands_mark_verify_and_infer(tmp_path, clips, capsys):
     pool, heldout = clips
     write_manifest(heldout[:24], tmp_path / "owner.jsonl")
     write_manifest(pool[:16], tmp_path / "check.jsonl")
@@ -213,7 +213,7 @@ def test_the_commands_embed_verify_and_infer(tmp_path, clips, capsys):
         main(
             [
                 "watermark",
-                "embed",
+                "mark",
                 "--target",
                 TARGET,
                 "--manifest",
@@ -228,6 +228,10 @@ def test_the_commands_embed_verify_and_infer(tmp_path, clips, capsys):
         == 0
     )
     marked = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("marked encoder: ")
+    # 'embed', the verb's name before 'mark', still runs it
+    old = ["watermark", "embed", "--target", TARGET, "--manifest", "m", "--out", "o", "--secret", "s"]
+    parser = build_parser()
+    assert parser.parse_args(old).func is parser.parse_args(["watermark", "mark", *old[2:]]).func
     assert marked.startswith("resemblyzer?layers=1,2,3&weights=")
     assert (
         main(

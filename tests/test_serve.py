@@ -19,7 +19,7 @@ from speechmimic import config
 from speechmimic.audio import SAMPLE_RATE, load_audio
 from speechmimic.serve.config import ServeConfig
 from speechmimic.serve.process import ServerProcess as Server
-from speechmimic.targets import load_target, wire
+from speechmimic.targets import load_backend, wire
 
 EMBED = "/v1/embed"
 
@@ -57,7 +57,7 @@ def problem(r, status, kind):
 
 def test_answers_equal_in_process_calls_in_every_format(server, spec, clip, speech_clips):
     token = server.key("formats")
-    local = load_target(spec)
+    local = load_backend(spec)
     expected = local([clip])[0]
     raw = post(server.url, token, wire.encode_raw(clip))
     assert raw.status_code == 200 and raw.headers["content-type"] == wire.SAFETENSORS
@@ -196,7 +196,7 @@ def test_concurrent_requests_share_batches_and_answer_each_clip_exactly(server, 
     wavs = [c.load() for c in speech_clips[0][:16]]
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda w: post(server.url, token, wire.encode_raw(w)), wavs))
-    local = load_target(spec)
+    local = load_backend(spec)
     for wav, r in zip(wavs, answers, strict=True):
         assert r.status_code == 200
         got = wire.decode_answer(r.content, r.headers["content-type"])[0]
@@ -212,7 +212,7 @@ def test_concurrent_requests_share_batches_and_answer_each_clip_exactly(server, 
 
 def test_info_describes_the_target_and_hides_what_it_is_told_to(tmp_path, server, spec):
     info = httpx.get(server.url + "/v1/info").json()
-    local = load_target(spec)
+    local = load_backend(spec)
     assert info["layers"] == local.layers and info["frame_rate"] == 50.0
     assert info["widths"] == {name: 32 for name in local.layers} and info["min_samples"] == local.min_samples
     schema = httpx.get(server.url + "/openapi.json").json()
@@ -298,7 +298,7 @@ def test_the_batcher_caps_batches_by_audio_seconds_and_answers_each_clip_as_alon
     from speechmimic.serve.batcher import Batcher
     from speechmimic.serve.metrics import Metrics
 
-    local = load_target(spec)
+    local = load_backend(spec)
     calls: list[float] = []
 
     def recording(wavs, keys=None):

@@ -12,7 +12,7 @@ import pytest
 from speechmimic.defences import Chain, Defended, parse_chain
 from speechmimic.serve.config import ServeConfig
 from speechmimic.serve.process import ServerProcess as Server
-from speechmimic.targets import load_target, wire
+from speechmimic.targets import load_backend, wire
 
 EMBED = "/v1/embed"
 # two of the three layers, a secret shuffle per key (4 padding dimensions), and a detector that
@@ -32,7 +32,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local():
-    return load_target(parse_chain(SPEC)[0])
+    return load_backend(parse_chain(SPEC)[0])
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from speechmimic.serve.limits import RateLimiter
 from speechmimic.serve.metrics import Metrics
 from speechmimic.serve.problems import Problem
 from speechmimic.serve.reservations import Reservations
-from speechmimic.targets import load_target
+from speechmimic.targets import load_backend
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_concurrent_answers_of_one_key_stop_at_its_quota_and_charge_each_once(st
     """Five clips of one key with a quota of three, answered side by side by the pipeline's
     ``answer`` step (reservation, batch, charge), no HTTP: three answers, two refusals, three charges,
     nothing left reserved."""
-    target = load_target(f"hf:{tiny_hf['hubert']}?layers=all")
+    target = load_backend(f"hf:{tiny_hf['hubert']}?layers=all")
     key, _ = store.create("thief", quota_requests=3)
     wavs = [c.load() for c in speech_clips[0][:5]]
 

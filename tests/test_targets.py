@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from speechmimic.targets import Target, load_target, parse_spec
+from speechmimic.targets import Target, load_backend, parse_spec
 from speechmimic.targets.registry import _KINDS, FORMS
 from speechmimic.testing import tiny_hf_model
 
@@ -49,7 +49,7 @@ def _reference(directory, wav: np.ndarray, normalize: bool) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("name,normalize", [("hubert", False), ("wavlm", True)])
 def test_hf_all_layers_match_model(tiny_models, name, normalize):
-    target = load_target(f"hf:{tiny_models[name]}?layers=all")
+    target = load_backend(f"hf:{tiny_models[name]}?layers=all")
     assert isinstance(target, Target)
     assert target.layers == ["hidden_0", "hidden_1", "hidden_2"]
     assert target.frame_rate == 1600.0
@@ -68,14 +68,14 @@ def test_hf_all_layers_match_model(tiny_models, name, normalize):
 
 
 def test_hf_default_is_last_layer_and_spec_rebuilds(tiny_models):
-    target = load_target(f"hf:{tiny_models['hubert']}")
+    target = load_backend(f"hf:{tiny_models['hubert']}")
     assert target.layers == ["hidden_2"]
     assert target.spec == f"hf:{tiny_models['hubert']}?layers=2&padding=per_clip"
     (out,) = target(_wavs(800))
     assert list(out) == ["hidden_2"]
-    picked = load_target(f"hf:{tiny_models['hubert']}?layers=-1,0,2")
+    picked = load_backend(f"hf:{tiny_models['hubert']}?layers=-1,0,2")
     assert picked.layers == ["hidden_2", "hidden_0"]
-    rebuilt = load_target(picked.spec)
+    rebuilt = load_backend(picked.spec)
     assert rebuilt.layers == picked.layers
     np.testing.assert_array_equal(rebuilt(_wavs(800))[0]["hidden_2"], out["hidden_2"])
 
@@ -83,13 +83,13 @@ def test_hf_default_is_last_layer_and_spec_rebuilds(tiny_models):
 @pytest.mark.parametrize("name", ["hubert", "wavlm"])
 def test_hf_bucket_trims_each_clip(tiny_models, name):
     spec = f"hf:{tiny_models[name]}?layers=all&padding=bucket&batch_seconds=1"
-    bucket = load_target(spec)
+    bucket = load_backend(spec)
     assert bucket.padding == "bucket"
     assert bucket.spec.endswith("padding=bucket&batch_seconds=1")
     lengths = (1650, 4000, 1600, 1680, 1700)
     assert bucket._buckets(list(lengths)) == [[2, 0, 3], [4], [1]]
     wavs = _wavs(*lengths)
-    exact = load_target(f"hf:{tiny_models[name]}?layers=all")(wavs)
+    exact = load_backend(f"hf:{tiny_models[name]}?layers=all")(wavs)
     for wav, out, ref in zip(wavs, bucket(wavs), exact, strict=True):
         for layer in bucket.layers:
             assert out[layer].shape == (_frames(len(wav)), HIDDEN)
@@ -103,7 +103,7 @@ def test_hf_bucket_trims_each_clip(tiny_models, name):
 
 
 def test_hf_too_short_clip_raises(tiny_models):
-    target = load_target(f"hf:{tiny_models['hubert']}")
+    target = load_backend(f"hf:{tiny_models['hubert']}")
     with pytest.raises(ValueError, match="19 samples"):
         target(_wavs(800, 19))
 
@@ -113,14 +113,14 @@ def test_hf_preprocessor_config_decides_normalisation(tiny_models, tmp_path):
 
     AutoModel.from_pretrained(tiny_models["wavlm"], local_files_only=True).save_pretrained(tmp_path)
     Wav2Vec2FeatureExtractor(do_normalize=False).save_pretrained(tmp_path)
-    assert load_target(f"hf:{tmp_path}").normalize is False
+    assert load_backend(f"hf:{tmp_path}").normalize is False
 
 
 @pytest.mark.parametrize("location", ["/missing/dir", "./missing", "models/x/y"])
 def test_a_missing_local_folder_is_not_taken_for_a_hub_id(tmp_path, location):
     # transformers alone answers "Repo id must be in the form 'repo_name' or 'namespace/repo_name'".
     with pytest.raises(ValueError) as e:
-        load_target(f"hf:{location}?layers=all")
+        load_backend(f"hf:{location}?layers=all")
     assert str(e.value) == (
         f"'hf:{location}?layers=all': '{location}' is no such directory, and not a hub id ('name' or "
         "'namespace/name'); a target spec is one of hf:<local dir or hub id>, resemblyzer, "
@@ -156,7 +156,7 @@ def test_parse_spec():
 )
 def test_bad_specs_raise(spec, match):
     with pytest.raises(ValueError, match=match):
-        load_target(spec)
+        load_backend(spec)
 
 
 @pytest.mark.parametrize(
@@ -165,7 +165,7 @@ def test_bad_specs_raise(spec, match):
 )
 def test_bad_hf_options_raise(tiny_models, options, match):
     with pytest.raises(ValueError, match=match):
-        load_target(f"hf:{tiny_models['hubert']}?{options}")
+        load_backend(f"hf:{tiny_models['hubert']}?{options}")
 
 
 # --- resemblyzer ---
@@ -173,7 +173,7 @@ def test_bad_hf_options_raise(tiny_models, options, match):
 
 @pytest.fixture(scope="module")
 def resemblyzer_target():
-    return load_target("resemblyzer?layers=all")
+    return load_backend("resemblyzer?layers=all")
 
 
 def _speechlike(n: int, amplitude: float, seed: int = 0) -> np.ndarray:
@@ -225,9 +225,9 @@ def test_resemblyzer_layers(resemblyzer_target):
         assert list(out) == ["lstm1", "lstm2", "lstm3"]
         for frames in out.values():
             assert frames.shape == (n // 160 + 1, 256) and frames.dtype == np.float32
-    default = load_target("resemblyzer")
+    default = load_backend("resemblyzer")
     assert default.layers == ["lstm3"] and default.spec == "resemblyzer?layers=3"
-    assert load_target("resemblyzer?layers=-1,1").layers == ["lstm3", "lstm1"]
+    assert load_backend("resemblyzer?layers=-1,1").layers == ["lstm3", "lstm1"]
     with pytest.raises(ValueError, match="399 samples"):
         default(_wavs(399))
     # Silence stays finite (resemblyzer's own normalisation would turn it into NaN).

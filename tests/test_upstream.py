@@ -9,7 +9,7 @@ import torch
 from speechmimic import load_upstream
 from speechmimic.ledger import Ledger
 from speechmimic.student import Student, predict
-from speechmimic.targets import load_target
+from speechmimic.targets import load_backend
 from speechmimic.targets.registry import _KINDS
 from speechmimic.testing import CountingTarget
 
@@ -41,7 +41,7 @@ def test_student_upstream_is_the_saved_student(tiny_student):
 def test_target_upstream_pays_through_its_ledger_once(tmp_path, speech_clips):
     pool, _ = speech_clips
     wavs = [torch.from_numpy(c.load()) for c in pool[:3]]
-    counting = CountingTarget(load_target("resemblyzer?layers=1,3"))
+    counting = CountingTarget(load_backend("resemblyzer?layers=1,3"))
     upstream = load_upstream(counting, ledger=tmp_path / "ledger")
     assert upstream.hidden_state_names == ["lstm1", "lstm3"] and upstream.downsample_rate == 160
     out = upstream(wavs[:1])["hidden_states"]

@@ -16,13 +16,15 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from speechmimic.errors import InputError
+
 SAMPLE_RATE = 16_000
 DEFAULT_SILENCE_THRESHOLD = 1e-4
 
 PathLike = str | os.PathLike
 
 
-class AudioError(ValueError):
+class AudioError(InputError):
     """An audio file or array that cannot be used; ``path`` names it and ``reason`` says why."""
 
     def __init__(self, path: PathLike, reason: str):
@@ -214,7 +216,7 @@ def decode_audio(
     left to :func:`validate_waveform`.
     """
     if offset < 0 or (duration is not None and duration < 0):
-        raise ValueError(f"offset and duration must be >= 0, got {offset}, {duration}")
+        raise InputError(f"offset and duration must be >= 0, got {offset}, {duration}")
     with _open(path, max_seconds) as f:
         sr, total = f.samplerate, f.frames
         start = min(round(offset * sr), total)

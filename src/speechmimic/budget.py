@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from speechmimic.corpus import Clip
+from speechmimic.errors import InputError
 
 # Float sums of clip durations: a clip that fits exactly must not be refused for rounding.
 _TOLERANCE = 1e-9
@@ -34,23 +35,23 @@ def check(text: str) -> tuple[float, str]:
     try:
         amount = float(text[: len(text) - len(unit)])
     except ValueError:
-        raise ValueError(f"bad budget {shown!r}: {_FORMS}") from None
+        raise InputError(f"bad budget {shown!r}: {_FORMS}") from None
     if not math.isfinite(amount):
-        raise ValueError(f"bad budget {shown!r}: not a finite amount; {_FORMS}")
+        raise InputError(f"bad budget {shown!r}: not a finite amount; {_FORMS}")
     if amount < 0:
-        raise ValueError(
+        raise InputError(
             f"budget {shown!r} is negative: a budget is what may be spent, give a positive amount"
         )
     if amount == 0:
-        raise ValueError(f"budget {shown!r} buys nothing; {_FORMS}, N > 0")
+        raise InputError(f"budget {shown!r} buys nothing; {_FORMS}, N > 0")
     if unit == "%" and amount > 100:
-        raise ValueError(
+        raise InputError(
             f"budget {shown!r} is more than the whole pool: a percentage is a share of it, at most 100%"
         )
     if unit == "" and amount != int(amount):
-        raise ValueError(f"bad budget {shown!r}: a number of clips is whole; for audio add s, m or h")
+        raise InputError(f"bad budget {shown!r}: a number of clips is whole; for audio add s, m or h")
     if unit in _SCALES and amount * _SCALES[unit] > MAX_HOURS * 3600:
-        raise ValueError(
+        raise InputError(
             f"budget {shown!r} is {amount * _SCALES[unit] / 3600:.3g} hours of audio, more than any speech "
             f"corpus holds (at most {MAX_HOURS:.0e} h): a unit or an exponent too many?"
         )
@@ -71,7 +72,7 @@ class Budget:
         amount, unit = check(text)
         if unit == "%":
             if pool_seconds is None:
-                raise ValueError(
+                raise InputError(
                     f"budget {text!r}: a percentage needs the pool; give Ns/Nm/Nh or N clips here"
                 )
             return cls(seconds=amount / 100 * pool_seconds)

@@ -18,7 +18,6 @@ the ranks sum their frame counts, so the loss is the batch's, as in stage 2.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -33,10 +32,11 @@ from speechmimic.audio import SAMPLE_RATE
 from speechmimic.config import option
 from speechmimic.corpus import Clip, fingerprint, warn_unusable
 from speechmimic.distill import DistillConfig, distill_loss
+from speechmimic.errors import InputError
 from speechmimic.readahead import ReadAhead
 from speechmimic.student import HeadSpec, Student, StudentConfig, build_student
 from speechmimic.targets import Target
-from speechmimic.trainer import STATE_NAME, crop_start, record_of, seed_all, train_loop
+from speechmimic.trainer import STATE_NAME, crop_start, record_of, save_trained, seed_all, train_loop
 
 SHAPES = ("distilhubert", "fithubert", "preset")
 
@@ -56,13 +56,13 @@ def student_config(teacher: Target, heads: list[HeadSpec], cfg: CompressConfig, 
     if cfg.shape == "preset":
         return build_student(preset, heads).cfg
     if hf is None or not hasattr(hf, "conv_dim"):
-        raise ValueError(
+        raise InputError(
             f"shape {cfg.shape!r} copies a transformers teacher's shape; {teacher.spec} is not one: "
             "use --shape preset"
         )
     conv = {(int(k), int(s)) for k, s in zip(hf.conv_kernel, hf.conv_stride, strict=True)}
     if len(set(hf.conv_dim)) != 1 or conv - {(10, 5), (3, 2), (2, 2)}:
-        raise ValueError(
+        raise InputError(
             f"{teacher.spec}: a CNN other than wav2vec 2.0's cannot be copied; use --shape preset"
         )
     heads_n = int(hf.num_attention_heads)
@@ -154,7 +154,7 @@ def compress(
     warn_unusable("compress", short)
     clips = [c for c in clips if c.id not in short]
     if not clips:
-        raise ValueError("no clips to compress on")
+        raise InputError("no clips to compress on")
     device = distributed.device_for(cfg.device)
     # A fixed sample of the clips sets the heads' widths, rates and standardisation.
     sample = [c.load() for c in clips[: cfg.stats_clips]]
@@ -209,17 +209,12 @@ def compress(
         reader=waves,
     )
     student.eval()
-    if distributed.is_main():
-        student.save(
-            out_dir,
-            extra={
-                "compress": asdict(cfg),
-                "target": teacher.spec,
-                "teacher_weights": copied,
-                "clips": len(clips),
-                "train_seconds": round(time.time() - t0, 1),
-            },
-        )
-        (out_dir / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
-    distributed.barrier()
+    extra = {
+        "compress": asdict(cfg),
+        "target": teacher.spec,
+        "teacher_weights": copied,
+        "clips": len(clips),
+        "train_seconds": round(time.time() - t0, 1),
+    }
+    save_trained(student, out_dir, log, extra)
     return student

@@ -16,6 +16,8 @@ import types
 import typing
 from typing import Any
 
+from speechmimic.errors import InputError
+
 _MISSING = dataclasses.MISSING
 
 
@@ -62,12 +64,12 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
     if value is None:
         if optional:
             return None
-        raise ValueError(f"setting {where} may not be null")
+        raise InputError(f"setting {where} may not be null")
     if dataclasses.is_dataclass(typ):
         if isinstance(value, typ):
             return value
         if not isinstance(value, dict):
-            raise ValueError(f"setting {where} must be an object of {typ.__name__} settings, got {value!r}")
+            raise InputError(f"setting {where} must be an object of {typ.__name__} settings, got {value!r}")
         return from_dict(typ, value)
     ok = {
         bool: isinstance(value, bool),
@@ -76,7 +78,7 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
         str: isinstance(value, str),
     }.get(typ, True)
     if not ok:
-        raise ValueError(f"setting {where} must be {typ.__name__}, got {value!r}")
+        raise InputError(f"setting {where} must be {typ.__name__}, got {value!r}")
     return float(value) if typ is float else value
 
 
@@ -85,14 +87,14 @@ def from_dict(cls: type, data: dict):
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} setting(s) {unknown}; valid: {names}")
+        raise InputError(f"unknown {cls.__name__} setting(s) {unknown}; valid: {names}")
     missing = [
         f.name
         for f in dataclasses.fields(cls)
         if f.name not in data and f.default is _MISSING and f.default_factory is _MISSING
     ]
     if missing:
-        raise ValueError(f"{cls.__name__} needs the setting(s) {missing}")
+        raise InputError(f"{cls.__name__} needs the setting(s) {missing}")
     return cls(**{k: _coerce(cls, k, v) for k, v in data.items()})
 
 
@@ -103,11 +105,11 @@ def read(path: str | os.PathLike) -> dict:
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not JSON ({e})") from None
+            raise InputError(f"{path}: not JSON ({e})") from None
     if isinstance(data, dict) and isinstance(data.get("config"), dict):
         data = data["config"]
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file holds one JSON object of settings")
+        raise InputError(f"{path}: a config file holds one JSON object of settings")
     return data
 
 
@@ -126,13 +128,13 @@ def from_env(cls: type, prefix: str, environ: typing.Mapping[str, str] | None = 
             out[f.name] = None
         elif typ is bool:
             if raw.strip().lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(f"{name}={raw!r}: expected true or false")
+                raise InputError(f"{name}={raw!r}: expected true or false")
             out[f.name] = raw.strip().lower() in ("1", "true", "yes")
         elif typ in (int, float):
             try:
                 out[f.name] = typ(raw)
             except ValueError:
-                raise ValueError(f"{name}={raw!r}: expected {typ.__name__}") from None
+                raise InputError(f"{name}={raw!r}: expected {typ.__name__}") from None
         elif typ is str:
             out[f.name] = raw
     return out

@@ -57,6 +57,7 @@ from speechmimic.audio import (
     resample,
     validate_waveform,
 )
+from speechmimic.errors import InputError
 
 LAYOUTS = ("plain", "librispeech", "speech_commands", "fsdd")
 
@@ -164,7 +165,7 @@ def iter_manifest(path: str | os.PathLike) -> Iterator[Clip]:
                     raise ValueError("not a JSON object")
                 clip = Clip.from_dict(d)
             except (ValueError, TypeError) as e:
-                raise ValueError(f"{path}:{lineno}: malformed manifest line: {e}") from e
+                raise InputError(f"{path}:{lineno}: malformed manifest line: {e}") from e
             clip.path = os.path.normpath(os.path.join(base, clip.path))
             yield clip
 
@@ -377,9 +378,9 @@ def scan(
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a directory")
     if layout != "auto" and layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose auto or one of {', '.join(LAYOUTS)}")
+        raise InputError(f"unknown layout {layout!r}; choose auto or one of {', '.join(LAYOUTS)}")
     if max_segment_seconds is not None and max_segment_seconds <= 0:
-        raise ValueError(f"max_segment_seconds must be > 0, got {max_segment_seconds}")
+        raise InputError(f"max_segment_seconds must be > 0, got {max_segment_seconds}")
     root = root.resolve()
 
     files, skipped = _audio_files(root)

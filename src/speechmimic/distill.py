@@ -26,6 +26,7 @@ from speechmimic import distributed
 from speechmimic.audio import SAMPLE_RATE, AudioError
 from speechmimic.config import option
 from speechmimic.corpus import Clip, fingerprint, warn_unusable
+from speechmimic.errors import InputError
 from speechmimic.ledger import Ledger
 from speechmimic.masked import UnitHead, collate_labelled, masked_cross_entropy, span_frames, span_mask
 from speechmimic.readahead import ReadAhead
@@ -38,7 +39,15 @@ from speechmimic.student import (
     align,
     build_student,
 )
-from speechmimic.trainer import STATE_NAME, TrainConfig, crop_start, record_of, seed_all, train_loop
+from speechmimic.trainer import (
+    STATE_NAME,
+    TrainConfig,
+    crop_start,
+    record_of,
+    save_trained,
+    seed_all,
+    train_loop,
+)
 from speechmimic.units import MIN_SAMPLES, MFCCSource, fit_units
 
 
@@ -65,13 +74,13 @@ class DistillConfig(TrainConfig):
 
     def __post_init__(self):
         if self.masked_weight < 0:
-            raise ValueError(f"masked_weight is a weight, >= 0, got {self.masked_weight}")
+            raise InputError(f"masked_weight is a weight, >= 0, got {self.masked_weight}")
         if self.masked_k < 2:
-            raise ValueError(f"masked_k counts k-means units, >= 2, got {self.masked_k}")
+            raise InputError(f"masked_k counts k-means units, >= 2, got {self.masked_k}")
         if not 0.0 <= self.augment <= 1.0:
-            raise ValueError(f"augment is a share of clips, in [0, 1], got {self.augment}")
+            raise InputError(f"augment is a share of clips, in [0, 1], got {self.augment}")
         if self.stats_weight < 0:
-            raise ValueError(f"stats_weight is a weight, >= 0, got {self.stats_weight}")
+            raise InputError(f"stats_weight is a weight, >= 0, got {self.stats_weight}")
 
 
 def infer_heads(ledger: Ledger, keys: list[str]) -> list[HeadSpec]:
@@ -110,7 +119,7 @@ class PairedClips(ReadAhead):
                 continue
             self.clips.append(clip)
         if not self.clips:
-            raise ValueError(f"none of the {len(clips)} clips has a usable paid response in {ledger.root}")
+            raise InputError(f"none of the {len(clips)} clips has a usable paid response in {ledger.root}")
         warn_unusable("distill", self.unusable)
 
     def _pair(self, i: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -227,7 +236,7 @@ class UnpaidClips:
             self.labels = units.student_labels(clips, student.cfg, cache, progress)
         self.clips = [c for c in clips if c.id in self.labels]  # a clip that does not decode is left out
         if not self.clips:
-            raise ValueError(f"none of the {len(clips)} unqueried clips decodes: no masked term possible")
+            raise InputError(f"none of the {len(clips)} unqueried clips decodes: no masked term possible")
         self.units, self.student_cfg, self.cfg = units, student.cfg, cfg
 
     def fingerprint(self) -> str:
@@ -257,7 +266,7 @@ def student_from_stage1(directory: str | Path, heads: list[HeadSpec]) -> Student
     directory = Path(directory)
     config = json.loads((directory / CONFIG_NAME).read_text())
     if config.get("speechmimic") != "student":
-        raise ValueError(f"{directory} is not a speechmimic student checkpoint")
+        raise InputError(f"{directory} is not a speechmimic student checkpoint")
     cfg = StudentConfig.from_dict({**config["student"], "targets": []})
     cfg.targets = list(heads)
     student = Student(cfg)
@@ -265,7 +274,7 @@ def student_from_stage1(directory: str | Path, heads: list[HeadSpec]) -> Student
     state = load_file(directory / WEIGHTS_NAME)
     trunk = {k: v for k, v in state.items() if k in own and not k.startswith("heads.")}
     if not trunk:
-        raise ValueError(f"{directory} holds no trunk weights this student can use")
+        raise InputError(f"{directory} holds no trunk weights this student can use")
     student.load_state_dict(trunk, strict=False)
     return student
 
@@ -309,7 +318,7 @@ def distill(
     unlabelled = None
     if cfg.masked_weight:
         if not unpaid:
-            raise ValueError("masked_weight > 0 needs the unqueried clips (unpaid=...) to predict units on")
+            raise InputError("masked_weight > 0 needs the unqueried clips (unpaid=...) to predict units on")
         unlabelled = UnpaidClips(unpaid, student, cfg, out_dir / "units", progress)
         model = SemiSupervised(student, UnitHead(student.cfg.dim, cfg.masked_k, 256, 0.1))
         span = span_frames(10, student.cfg)  # HuBERT's masking, as stage 1's defaults
@@ -369,19 +378,14 @@ def distill(
         reader=data,
     )
     student.eval()
-    if distributed.is_main():  # one writer; the others wait until the student is on disk
-        student.save(
-            out_dir,
-            extra={
-                "distill": asdict(cfg),
-                "init": str(init) if init else None,  # what the trunk started from
-                "ledger": str(ledger.root),
-                "target": (ledger.header or {}).get("target"),
-                "queried_clips": len(data),
-                "unpaid_clips": len(unlabelled.clips) if unlabelled else 0,
-                "train_seconds": round(time.time() - t0, 1),
-            },
-        )
-        (out_dir / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
-    distributed.barrier()
+    extra = {
+        "distill": asdict(cfg),
+        "init": str(init) if init else None,  # what the trunk started from
+        "ledger": str(ledger.root),
+        "target": (ledger.header or {}).get("target"),
+        "queried_clips": len(data),
+        "unpaid_clips": len(unlabelled.clips) if unlabelled else 0,
+        "train_seconds": round(time.time() - t0, 1),
+    }
+    save_trained(student, out_dir, log, extra)
     return student

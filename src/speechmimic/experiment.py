@@ -39,6 +39,7 @@ from speechmimic.budget import Budget
 from speechmimic.corpus import Clip
 from speechmimic.defences import load_target
 from speechmimic.distill import DistillConfig
+from speechmimic.errors import InputError
 from speechmimic.extract import ExtractConfig, extract
 from speechmimic.fidelity import mean_r2
 from speechmimic.ledger import Ledger, query_clips
@@ -87,13 +88,13 @@ class Grid:
     def __post_init__(self):
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown:
-            raise ValueError(f"unknown strategies {unknown}; choose from {sorted(STRATEGIES)}")
+            raise InputError(f"unknown strategies {unknown}; choose from {sorted(STRATEGIES)}")
         if self.pretrain is None:
             if True in self.stage1:
-                raise ValueError("the stage-1 arm needs a stage-1 config (pretrain=PretrainConfig(...))")
+                raise InputError("the stage-1 arm needs a stage-1 config (pretrain=PretrainConfig(...))")
             informed = [s for s in self.strategies if STRATEGIES[s].needs]
             if informed:
-                raise ValueError(
+                raise InputError(
                     f"strategies {informed} rank by stage-1 scores: give the grid a stage-1 config"
                 )
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from speechmimic import dsp
 from speechmimic.audio import SAMPLE_RATE
+from speechmimic.errors import InputError
 from speechmimic.student import W2V2_CONV, FbankFrontend, Student
 
 FORMATS = ("torchscript", "onnx")
@@ -155,7 +156,7 @@ def export(model: str | os.PathLike, fmt: str, out: str | os.PathLike) -> dict:
     """Write the student in ``model`` (an extracted student's folder) to ``out`` as ``fmt``; returns its
     metadata with ``check``, the measured error at each checked clip length."""
     if fmt not in FORMATS:
-        raise ValueError(f"format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        raise InputError(f"format {fmt!r}: choose one of {', '.join(FORMATS)}")
     student, config = Student.load(model)
     meta = describe(student, config)
     module = ExportedStudent(student, portable=fmt == "onnx")
@@ -181,7 +182,7 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, meta: dic
         import onnxruntime  # noqa: F401  (to check the file)
         import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
     except ImportError as e:
-        raise ValueError(f"ONNX export needs {e.name}: pip install 'speechmimic[export]'") from None
+        raise InputError(f"ONNX export needs {e.name}: pip install 'speechmimic[export]'") from None
     batch = torch.export.Dim("batch", min=1, max=1024)
     samples = torch.export.Dim("samples", min=meta["min_samples"], max=MAX_SECONDS * SAMPLE_RATE)
     quiet = logging.getLogger("torch.onnx")

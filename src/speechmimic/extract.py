@@ -26,6 +26,7 @@ from speechmimic.budget import Budget
 from speechmimic.config import option
 from speechmimic.corpus import Clip, clips_fingerprint, write_manifest
 from speechmimic.distill import DistillConfig, distill
+from speechmimic.errors import InputError
 from speechmimic.fidelity import heldout_fidelity
 from speechmimic.ledger import BudgetExhausted, Ledger, query_clips
 from speechmimic.pretrain import PretrainConfig, pretrain
@@ -81,11 +82,11 @@ class ExtractConfig:
 
     def __post_init__(self):
         if self.init is not None and self.stage1 is not None:
-            raise ValueError("give a stage-1 checkpoint (init) or a stage-1 config to pretrain, not both")
+            raise InputError("give a stage-1 checkpoint (init) or a stage-1 config to pretrain, not both")
         if self.start not in START:
-            raise ValueError(f"start {self.start!r}: choose from {START}")
+            raise InputError(f"start {self.start!r}: choose from {START}")
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {sorted(STRATEGIES)}")
+            raise InputError(f"unknown strategy {self.strategy!r}; choose from {sorted(STRATEGIES)}")
 
 
 def stage1_checkpoint(
@@ -140,7 +141,7 @@ def extract(
     t = time.time()
     chosen = select(candidates, budget, strategy=cfg.strategy, seed=cfg.seed, scores=scores)
     if not chosen:
-        raise ValueError(f"budget {budget} admits no clip of the pool")
+        raise InputError(f"budget {budget} admits no clip of the pool")
     write_manifest(chosen, out_dir / "selected.jsonl")
     timings["select"] = time.time() - t
 

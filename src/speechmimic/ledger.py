@@ -76,6 +76,7 @@ from tqdm.auto import tqdm
 from speechmimic.audio import SAMPLE_RATE, AudioError
 from speechmimic.budget import Budget, take_within
 from speechmimic.corpus import Clip
+from speechmimic.errors import InputError, NotFound, SpeechmimicError
 from speechmimic.targets.base import ClipRefused, PartialAnswers, Target
 
 LOCK_NAME = "writer.lock"
@@ -85,7 +86,7 @@ DEFAULT_STORE = "float16"
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-class LedgerError(RuntimeError):
+class LedgerError(SpeechmimicError, RuntimeError):
     """A ledger cannot do what was asked; the message says why and what to do."""
 
 
@@ -191,7 +192,7 @@ class Ledger:
 
     def __init__(self, root: str | os.PathLike, budget: Budget | None = None, store: str | None = None):
         if store is not None and store not in STORES:
-            raise ValueError(f"store {store!r}: choose {' or '.join(STORES)}")
+            raise InputError(f"store {store!r}: choose {' or '.join(STORES)}")
         self.root = Path(root)
         self.budget = budget or Budget()
         self._store_request = store
@@ -377,7 +378,7 @@ class Ledger:
     def get_clip(self, clip_id: str) -> dict[str, np.ndarray]:
         key = self.key_of(clip_id)
         if key is None or key not in self.entries:
-            raise KeyError(f"clip {clip_id!r} has no paid response in {self.root}")
+            raise NotFound(f"clip {clip_id!r} has no paid response in {self.root}")
         return self.get(key)
 
     def summary(self) -> dict:
@@ -533,7 +534,7 @@ class Ledger:
                 None not in (self.header["layers"], header["layers"])
                 and self.header["layers"] != header["layers"]
             ):
-                raise ValueError(
+                raise InputError(
                     f"ledger {self.root} holds responses of {self.header['target']} (layers "
                     f"{self.header['layers']}), not {header['target']} (layers {header['layers']})"
                 )
@@ -700,7 +701,7 @@ class Ledger:
         throughout (waiting for another writer to finish). Returns what was paid, reused and skipped.
         """
         if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
-            raise ValueError(f"shard {shard[0]}/{shard[1]}: need 0 <= i < n")
+            raise InputError(f"shard {shard[0]}/{shard[1]}: need 0 <= i < n")
         with self._writing():
             return self._query(target, clips, batch_size, progress, total, shard)
 

@@ -35,6 +35,7 @@ from torch import nn
 from speechmimic import distributed
 from speechmimic.config import option
 from speechmimic.corpus import Clip, warn_unusable
+from speechmimic.errors import InputError
 from speechmimic.masked import (
     MaskedPredictor,
     UnitHead,
@@ -45,7 +46,7 @@ from speechmimic.masked import (
 )
 from speechmimic.readahead import ReadAhead
 from speechmimic.student import Student, build_student
-from speechmimic.trainer import STATE_NAME, TrainConfig, record_of, seed_all, train_loop
+from speechmimic.trainer import STATE_NAME, TrainConfig, record_of, save_trained, seed_all, train_loop
 from speechmimic.units import MIN_SAMPLES, MFCCSource, StudentSource, Units, fit_units, source_from_dict
 
 UNITS_NAME = "units.safetensors"
@@ -86,13 +87,13 @@ class PretrainConfig(TrainConfig):
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective {self.objective!r}: choose from {OBJECTIVES}")
+            raise InputError(f"objective {self.objective!r}: choose from {OBJECTIVES}")
         if self.objective == "data2vec" and self.iterations != 1:
-            raise ValueError("data2vec has no units to re-cluster: it runs one iteration")
+            raise InputError("data2vec has no units to re-cluster: it runs one iteration")
         if not 0.0 <= self.mix_prob <= 1.0:
-            raise ValueError(f"mix_prob is a chance, in [0, 1], got {self.mix_prob}")
+            raise InputError(f"mix_prob is a chance, in [0, 1], got {self.mix_prob}")
         if not 0.0 < self.ema_start <= self.ema_end < 1.0:
-            raise ValueError(
+            raise InputError(
                 f"EMA decays need 0 < ema_start <= ema_end < 1, got {self.ema_start}, {self.ema_end}"
             )
 
@@ -278,21 +279,16 @@ def _train_iteration(
         reader=waves,
     )
     model.eval()
-    if distributed.is_main():  # one writer; the others wait until the checkpoint is on disk
-        if units is not None:
-            _save_units(out_dir, model.head, units)
-        student.save(
-            out_dir,
-            extra={
-                "pretrain": record,
-                "units_source": units.source.describe(out_dir) if units else None,
-                "clips": len(clips),
-                "unusable": units.unusable if units else {},
-                "train_seconds": round(time.time() - t0, 1),
-            },
-        )
-        (out_dir / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
-    distributed.barrier()
+    if units is not None and distributed.is_main():  # one writer; save_trained waits for it
+        _save_units(out_dir, model.head, units)
+    extra = {
+        "pretrain": record,
+        "units_source": units.source.describe(out_dir) if units else None,
+        "clips": len(clips),
+        "unusable": units.unusable if units else {},
+        "train_seconds": round(time.time() - t0, 1),
+    }
+    save_trained(student, out_dir, log, extra)
     return student
 
 
@@ -314,7 +310,7 @@ def load_pretrained(directory: str | Path, device: str = "cpu") -> tuple[Student
             if config.get("pretrain", {}).get("objective") == "data2vec"
             else "no unit head"
         )
-        raise ValueError(f"{directory} is not a HuBERT stage-1 student ({what}): it cannot score clips")
+        raise InputError(f"{directory} is not a HuBERT stage-1 student ({what}): it cannot score clips")
     rec = config["pretrain"]
     tensors = load_file(directory / UNITS_NAME)
     centroids = tensors.pop("centroids").numpy()

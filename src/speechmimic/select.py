@@ -32,6 +32,7 @@ import torch
 
 from speechmimic.budget import Budget, take_within
 from speechmimic.corpus import Clip, iter_manifest
+from speechmimic.errors import InputError
 from speechmimic.score import Scores
 
 
@@ -80,7 +81,7 @@ def _check_needs(strategy: Strategy, scores: Scores | None) -> None:
     missing = [w for w in strategy.needs if scores is None or getattr(scores, w) is None]
     if missing:
         need = " and ".join(f"{w} ({_WHAT[w]})" for w in missing)
-        raise ValueError(
+        raise InputError(
             f"strategy {strategy.name!r} needs per-clip {need}: run `speechmimic score` with the stage-1 "
             "student on these clips and pass its .npz (--scores)"
         )
@@ -89,7 +90,7 @@ def _check_needs(strategy: Strategy, scores: Scores | None) -> None:
 def _uncertainty(scores: Scores) -> np.ndarray:
     u = np.asarray(scores.uncertainty, dtype=np.float64)
     if not np.isfinite(u).all():
-        raise ValueError("uncertainty contains NaN or inf")
+        raise InputError("uncertainty contains NaN or inf")
     return u
 
 
@@ -143,7 +144,7 @@ def _row_norms(x: np.ndarray, chunk: int) -> np.ndarray:
     for s in range(0, len(x), chunk):
         norms[s : s + chunk] = np.linalg.norm(np.asarray(x[s : s + chunk], dtype=np.float32), axis=1)
     if not np.isfinite(norms).all():
-        raise ValueError("embeddings contain NaN or inf")
+        raise InputError("embeddings contain NaN or inf")
     # A zero embedding then sits at distance sqrt(2) from everything instead of producing NaN.
     return np.maximum(norms, 1e-12)
 
@@ -314,12 +315,12 @@ STRATEGIES: dict[str, Strategy] = {
 def _ranked(clips, budget: Budget, strategy: str, seed: int, scores: Scores | None):
     """The strategy's picks (indices into ``clips``, in query order) and their selection labels."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose from {sorted(STRATEGIES)}")
+        raise InputError(f"unknown strategy {strategy!r}; choose from {sorted(STRATEGIES)}")
     if scores is not None:
         try:
             scores = scores.aligned(clips)
         except KeyError as e:
-            raise ValueError(f"the scores do not cover the clips: {e.args[0]}") from None
+            raise InputError(f"the scores do not cover the clips: {e.args[0]}") from None
     _check_needs(STRATEGIES[strategy], scores)
     picks = STRATEGIES[strategy].rank(clips, scores, budget, random.Random(seed))
     values = getattr(picks, "scores", None) or [None] * len(picks)
@@ -395,7 +396,7 @@ def select_from_manifest(
     chosen: list[Clip | None] = [None] * len(picks)
     for i, clip in enumerate(iter_manifest(path)):
         if i >= len(pool) or clip.id != pool[i].id:
-            raise ValueError(f"{path} changed while clips were being selected from it")
+            raise InputError(f"{path} changed while clips were being selected from it")
         if i in rank_of:
             r = rank_of[i]
             chosen[r] = replace(clip, labels={**clip.labels, "selection": infos[r]})

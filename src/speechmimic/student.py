@@ -24,6 +24,7 @@ from torch import nn
 from speechmimic import conv_as_matmul
 from speechmimic.audio import SAMPLE_RATE
 from speechmimic.dsp import N_FFT, log_mel, mel_filterbank
+from speechmimic.errors import InputError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -287,7 +288,7 @@ class Student(nn.Module):
         directory = Path(directory)
         config = json.loads((directory / CONFIG_NAME).read_text())
         if config.get("speechmimic") != "student":
-            raise ValueError(f"{directory} is not a speechmimic student checkpoint")
+            raise InputError(f"{directory} is not a speechmimic student checkpoint")
         model = cls(StudentConfig.from_dict(config["student"]))
         missing, unexpected = model.load_state_dict(load_file(directory / WEIGHTS_NAME), strict=False)
         # Checkpoints older than ``mask_emb`` lack only that key; anything else is a real mismatch.
@@ -301,7 +302,7 @@ class Student(nn.Module):
 def build_student(preset: str = "small", targets: list[HeadSpec] | None = None, **overrides) -> Student:
     """A student from a preset name (``small``, ``distilhubert``, ``tiny``) and field overrides."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown student preset {preset!r}; choose from {sorted(PRESETS)}")
+        raise InputError(f"unknown student preset {preset!r}; choose from {sorted(PRESETS)}")
     cfg = StudentConfig.from_dict({**PRESETS[preset].to_dict(), **overrides})
     cfg.targets = list(targets or [])
     return Student(cfg)
@@ -334,7 +335,7 @@ def _encode_chunked(
     context = round(CHUNK_CONTEXT_SECONDS * SAMPLE_RATE / hop)
     core = int(chunk_seconds * SAMPLE_RATE) // hop - 2 * context
     if core < 1:
-        raise ValueError(
+        raise InputError(
             f"chunk_seconds {chunk_seconds:g} leaves no frame to keep: it must exceed twice the "
             f"{CHUNK_CONTEXT_SECONDS:g} s of context each window gives either side"
         )

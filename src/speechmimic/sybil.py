@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from speechmimic.errors import InputError
 from speechmimic.targets import Target
 from speechmimic.targets.base import PartialAnswers
 
@@ -25,9 +26,9 @@ SAMPLE_RATE = 16_000
 class Sybils:
     def __init__(self, keys: list[Target], anchors: int = 8, store: str | Path | None = None):
         if len(keys) < 2:
-            raise ValueError("sybils need at least two keys")
+            raise InputError("sybils need at least two keys")
         if anchors < 1:
-            raise ValueError("sybils need at least one anchor clip to fit the maps")
+            raise InputError("sybils need at least one anchor clip to fit the maps")
         self.keys = keys
         self.anchors = anchors
         self.store = Path(store) if store is not None else None

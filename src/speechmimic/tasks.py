@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from speechmimic.corpus import Clip, read_manifest, write_manifest
+from speechmimic.errors import InputError, NotFound
 
 KINDS = {"classify": "accuracy", "phones": "per", "chars": "wer", "verify": "eer"}
 SPLITS = ("train", "dev", "test")
@@ -50,12 +51,12 @@ class Task:
 
     def split(self, name: str) -> list[Clip]:
         if self.root is None:
-            raise ValueError(f"task {self.name} has no folder")
+            raise InputError(f"task {self.name} has no folder")
         return read_manifest(self.root / f"{name}.jsonl")
 
     def label(self, clip: Clip) -> str:
         if self.label_key not in clip.labels:
-            raise KeyError(f"clip {clip.id} has no label {self.label_key!r} (task {self.name})")
+            raise NotFound(f"clip {clip.id} has no label {self.label_key!r} (task {self.name})")
         return str(clip.labels[self.label_key])
 
     def tokens(self, clip: Clip) -> list[str]:
@@ -65,12 +66,12 @@ class Task:
             return text.split()
         if self.kind == "chars":
             return list("|".join(text.upper().split()))
-        raise ValueError(f"task {self.name} is a {self.kind} task: no token sequence")
+        raise InputError(f"task {self.name} is a {self.kind} task: no token sequence")
 
     def trials(self, split: str) -> list[tuple[bool, str, str]]:
         """A verification split's trials: (same speaker, clip id, clip id)."""
         if self.kind != "verify" or self.root is None:
-            raise ValueError(f"task {self.name} is a {self.kind} task: no trials")
+            raise InputError(f"task {self.name} is a {self.kind} task: no trials")
         path = self.root / f"{split}_trials.txt"
         out = []
         for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -78,7 +79,7 @@ class Task:
             if not parts:
                 continue
             if len(parts) != 3 or parts[0] not in ("0", "1"):
-                raise ValueError(f"{path}:{lineno}: expected '<1|0> <clip id> <clip id>', got {line!r}")
+                raise InputError(f"{path}:{lineno}: expected '<1|0> <clip id> <clip id>', got {line!r}")
             out.append((parts[0] == "1", parts[1], parts[2]))
         return out
 
@@ -122,12 +123,12 @@ def write_task(
     """Write a task folder; ``classes`` are collected from the splits in sorted order. A ``verify``
     task takes ``trials`` for dev and test (default: :func:`all_trials` of each split's clips)."""
     if kind not in KINDS:
-        raise ValueError(f"unknown task kind {kind!r}; choose from {sorted(KINDS)}")
+        raise InputError(f"unknown task kind {kind!r}; choose from {sorted(KINDS)}")
     missing = [s for s in SPLITS if not splits.get(s)]
     if missing:
-        raise ValueError(f"task {name}: empty split(s) {missing}")
+        raise InputError(f"task {name}: empty split(s) {missing}")
     if trials is not None and kind != "verify":
-        raise ValueError(f"task {name}: only a verify task has trials")
+        raise InputError(f"task {name}: only a verify task has trials")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     classes = []
@@ -149,12 +150,12 @@ def write_task(
 def _write_trials(path: Path, where: str, ids: set[str], trials: list[tuple[bool, str, str]]) -> None:
     unknown = [x for _, a, b in trials for x in (a, b) if x not in ids]
     if unknown:
-        raise ValueError(f"{where}: trials name clips not in the split, e.g. {unknown[:3]}")
+        raise InputError(f"{where}: trials name clips not in the split, e.g. {unknown[:3]}")
     spaced = sorted({x for _, a, b in trials for x in (a, b) if len(x.split()) != 1})
     if spaced:
-        raise ValueError(f"{where}: a trial line cannot name clip ids with spaces, e.g. {spaced[:3]}")
+        raise InputError(f"{where}: a trial line cannot name clip ids with spaces, e.g. {spaced[:3]}")
     if not any(t for t, _, _ in trials) or all(t for t, _, _ in trials):
-        raise ValueError(f"{where}: trials need same-speaker and different-speaker pairs")
+        raise InputError(f"{where}: trials need same-speaker and different-speaker pairs")
     path.write_text("".join(f"{int(t)} {a} {b}\n" for t, a, b in trials), encoding="utf-8")
 
 

@@ -16,6 +16,7 @@ per step; ``amp`` runs the forward under bf16/fp16 autocast; ``compile`` hands t
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 from collections.abc import Callable
@@ -31,9 +32,11 @@ from tqdm.auto import tqdm
 
 from speechmimic import distributed
 from speechmimic.config import option
+from speechmimic.errors import InputError
 from speechmimic.readahead import ReadAhead
 
 STATE_NAME = "train_state.pt"
+LOG_NAME = "train_log.jsonl"
 
 
 @dataclass
@@ -146,9 +149,9 @@ def train_loop(
     loop does no step.
     """
     if cfg.accumulate < 1:
-        raise ValueError(f"accumulate must be at least 1, not {cfg.accumulate}")
+        raise InputError(f"accumulate must be at least 1, not {cfg.accumulate}")
     if cfg.amp not in ("off", *AMP_DTYPES):
-        raise ValueError(f"amp {cfg.amp!r}: choose off, bf16 or fp16")
+        raise InputError(f"amp {cfg.amp!r}: choose off, bf16 or fp16")
     distributed.check_same("the training clips", [round(d, 4) for d in durations])
     opt = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = random.Random(cfg.seed)
@@ -237,6 +240,15 @@ def train_loop(
     save()
     distributed.barrier()
     return log
+
+
+def save_trained(student, out_dir: Path, log: list[dict], extra: dict) -> None:
+    """Rank 0 writes the trained ``student`` (``extra`` beside its config) and its training ``log``;
+    the other ranks wait until both are on disk."""
+    if distributed.is_main():
+        student.save(out_dir, extra=extra)
+        (out_dir / LOG_NAME).write_text("".join(json.dumps(e) + "\n" for e in log))
+    distributed.barrier()
 
 
 def _wrap(model: nn.Module, cfg: TrainConfig) -> nn.Module:

@@ -28,6 +28,7 @@ from speechmimic.audio import SAMPLE_RATE, AudioError
 from speechmimic.baselines import MFCCUpstream
 from speechmimic.corpus import Clip, clips_fingerprint, fingerprint
 from speechmimic.dsp import HOP as MFCC_HOP
+from speechmimic.errors import InputError
 from speechmimic.student import Student, StudentConfig
 
 CHUNK = 256  # clips per part file: the unit of resumption
@@ -132,7 +133,7 @@ def source_from_dict(d: dict, base: Path, device: str = "cpu"):
         directory = (base / d["dir"]).resolve()
         student, _ = Student.load(directory)
         return StudentSource(student, int(d["layer"]), device, directory)
-    raise ValueError(f"unknown feature source {d['kind']!r}")
+    raise InputError(f"unknown feature source {d['kind']!r}")
 
 
 # -- chunked, hash-named, resumable passes over clips ----------------------------------------------------
@@ -290,7 +291,7 @@ def fit_units(
     found = [p["frames"] for p in parts if len(p["frames"])]
     sample = np.concatenate(found) if found else np.zeros((0, 1), np.float32)
     if len(sample) < k:
-        raise ValueError(f"{len(sample)} sampled frames cannot make {k} clusters")
+        raise InputError(f"{len(sample)} sampled frames cannot make {k} clusters")
     km = MiniBatchKMeans(
         n_clusters=k, random_state=seed, batch_size=10_000, n_init=3, max_iter=100, max_no_improvement=20
     ).fit(sample)

@@ -40,12 +40,13 @@ from torch import nn
 from speechmimic.audio import SAMPLE_RATE
 from speechmimic.baselines import BASELINES
 from speechmimic.defences import load_target, parse_chain
+from speechmimic.errors import InputError
 from speechmimic.ledger import Ledger, content_key
 from speechmimic.student import CHUNK_SECONDS, CONFIG_NAME, Student, infer
 from speechmimic.targets import Target
 
 
-class LedgerRequired(ValueError):
+class LedgerRequired(InputError):
     """A target was named without a ledger to record what its answers cost."""
 
 
@@ -146,7 +147,7 @@ class TargetUpstream(_Upstream):
             limit = getattr(self.target, "max_samples", None)
             longest = max(len(a) for _, a in unpaid)
             if limit is not None and longest > limit:
-                raise ValueError(
+                raise InputError(
                     f"a clip of {longest / SAMPLE_RATE:.1f} s is longer than {self.spec} takes "
                     f"({limit / SAMPLE_RATE:.1f} s at most): cut long recordings into segments first "
                     "(speechmimic corpus scan --max-seconds N)"
@@ -185,7 +186,7 @@ def load_upstream(
             try:
                 parse_chain(target)
             except ValueError as e:  # a mistyped folder would otherwise be asked for a ledger
-                raise ValueError(
+                raise InputError(
                     f"{target!r} is no such folder (a student), and not a target spec: {e}"
                 ) from None
     if ledger is None:

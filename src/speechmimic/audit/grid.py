@@ -48,6 +48,7 @@ from speechmimic.defences import (
 )
 from speechmimic.defences.prada import Prada
 from speechmimic.distill import DistillConfig
+from speechmimic.errors import InputError
 from speechmimic.evaluate import compare
 from speechmimic.extract import ExtractConfig, extract
 from speechmimic.ledger import Ledger, content_key, query_clips
@@ -124,9 +125,9 @@ class AuditConfig:
     def __post_init__(self):
         unknown = [a for a in self.attackers if a not in ATTACKERS]
         if unknown:
-            raise ValueError(f"unknown attackers {unknown}; choose from {sorted(ATTACKERS)}")
+            raise InputError(f"unknown attackers {unknown}; choose from {sorted(ATTACKERS)}")
         if not self.budgets:
-            raise ValueError("an audit needs at least one budget")
+            raise InputError("an audit needs at least one budget")
         for b in self.budgets:
             budget.check(b)
         for chain in self.defences.values():

@@ -1,4 +1,11 @@
-"""The ``speechmimic`` command. Each subcommand lives in its own module with ``register(subparsers)``."""
+"""The ``speechmimic`` command. Each subcommand lives in its own module with ``register(subparsers)``.
+
+Errors: what speechmimic raises on purpose (:class:`~speechmimic.errors.SpeechmimicError`: a bad
+setting, spec, file or dataset, a target that would not answer, a ledger that cannot pay) and a
+file or folder that is missing or not readable are the user's to fix: one line, exit status 2.
+Anything else is a bug: its traceback, exit status 1. ``--traceback`` (anywhere on the line) shows
+the traceback of every error.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,6 @@ import os
 import sys
 
 from speechmimic import distributed
-from speechmimic.audio import AudioError
 from speechmimic.cli import (
     _options,
     audit,
@@ -31,8 +37,7 @@ from speechmimic.cli import (
     serve,
     watermark,
 )
-from speechmimic.ledger import LedgerError
-from speechmimic.targets.base import TargetError
+from speechmimic.errors import SpeechmimicError
 
 COMMANDS = (
     demo,
@@ -75,7 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for module in COMMANDS:
         module.register(sub)
+    for parser_ in {id(p): p for p in _all_parsers(parser)}.values():  # an alias names a parser twice
+        parser_.add_argument(
+            "--traceback",
+            action="store_true",
+            default=argparse.SUPPRESS if parser_ is not parser else False,
+            help="on an error, print its traceback, not only its message",
+        )
     return parser
+
+
+def _all_parsers(parser: argparse.ArgumentParser):
+    """The parser and every subcommand's, nested ones included."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _all_parsers(sub)
+
+
+# The user's to fix: one line. (A missing or unreadable file, as well as our own errors.)
+USER_ERRORS = (SpeechmimicError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # under torchrun rank 0 speaks for all; errors still show
     try:
         return int(args.func(args) or 0)
-    except (AudioError, LedgerError, TargetError, ValueError, FileNotFoundError, KeyError) as e:
+    except USER_ERRORS as e:
+        if args.traceback:
+            raise
         print(f"speechmimic {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from speechmimic import config
 from speechmimic.cli import _options
+from speechmimic.errors import InputError
 
 
 def register(sub) -> None:
@@ -48,9 +49,9 @@ def _defences(items: list[str]) -> dict[str, str] | None:
     for item in items:
         name, eq, chain = item.partition("=")
         if not eq or not name:
-            raise ValueError(f"--defence {item!r}: expected NAME=CHAIN, e.g. noise=noise?snr=10")
+            raise InputError(f"--defence {item!r}: expected NAME=CHAIN, e.g. noise=noise?snr=10")
         if name in out:
-            raise ValueError(f"--defence {name!r} given twice")
+            raise InputError(f"--defence {name!r} given twice")
         out[name] = chain
     return out
 

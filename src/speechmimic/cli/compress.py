@@ -6,7 +6,7 @@ from speechmimic import config
 from speechmimic.cli import _options
 from speechmimic.compress import CompressConfig, compress
 from speechmimic.corpus import read_manifest
-from speechmimic.targets import load_target
+from speechmimic.targets import load_backend
 
 
 def register(sub) -> None:
@@ -41,7 +41,7 @@ def run(args) -> int:
         return _options.print_config(cfg)
     student = compress(
         read_manifest(args.manifest),
-        load_target(args.teacher, device=cfg.device),
+        load_backend(args.teacher, device=cfg.device),
         args.out,
         cfg,
         preset=args.preset,

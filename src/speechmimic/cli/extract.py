@@ -11,6 +11,7 @@ from speechmimic.cli import _options
 from speechmimic.corpus import read_manifest
 from speechmimic.defences import load_target
 from speechmimic.distill import DistillConfig
+from speechmimic.errors import InputError
 from speechmimic.extract import ExtractConfig, extract
 from speechmimic.pretrain import PretrainConfig
 from speechmimic.sybil import Sybils
@@ -89,7 +90,7 @@ def resolve(args) -> ExtractConfig:
     else:  # the command line's default: stage 1 on the manifest
         values["stage1"] = {**(file.get("stage1") or {}), **stage1_flags, **shared}
     if "budget" not in values:
-        raise ValueError("give --budget (or a --config file that sets one)")
+        raise InputError("give --budget (or a --config file that sets one)")
     check_budget(values["budget"])  # before anything is written or trained
     return config.from_dict(ExtractConfig, values)
 

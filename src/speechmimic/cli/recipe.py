@@ -6,6 +6,7 @@ import argparse
 from collections import Counter
 
 from speechmimic.cli import _options
+from speechmimic.errors import InputError
 from speechmimic.recipes import RECIPES
 from speechmimic.tasks import SPLITS, Task
 
@@ -59,14 +60,14 @@ def _convert(name: str, key: str, value: str, default):
     try:
         if isinstance(default, bool):
             if value.lower() not in _TRUE | _FALSE:
-                raise ValueError("expected true or false")
+                raise InputError("expected true or false")
             return value.lower() in _TRUE
         if isinstance(default, int):
             return int(value)
         if isinstance(default, float):
             return float(value)
     except ValueError as e:
-        raise ValueError(f"recipe {name}: option {key}={value!r}: {e}") from e
+        raise InputError(f"recipe {name}: option {key}={value!r}: {e}") from e
     return value
 
 
@@ -79,9 +80,9 @@ def parse_options(name: str, items: list[str]) -> dict:
         key, eq, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not eq or not key:
-            raise ValueError(f"option {item!r}: expected KEY=VALUE")
+            raise InputError(f"option {item!r}: expected KEY=VALUE")
         if key not in allowed:
-            raise ValueError(f"recipe {name} has no option {key!r}; options: {', '.join(allowed) or 'none'}")
+            raise InputError(f"recipe {name} has no option {key!r}; options: {', '.join(allowed) or 'none'}")
         options[key] = _convert(name, key, value, params[key].default)
     return options
 
@@ -94,11 +95,11 @@ def run(args) -> int:
     options["progress"] = not args.no_progress
     if not recipe.takes_root:
         if args.root is not None:
-            raise ValueError(f"recipe {args.name} generates its data and takes no ROOT (got {args.root})")
+            raise InputError(f"recipe {args.name} generates its data and takes no ROOT (got {args.root})")
         tasks = recipe.build(args.out, **options)
     else:
         if args.root is None:
-            raise ValueError(f"recipe {args.name} needs the dataset folder ROOT")
+            raise InputError(f"recipe {args.name} needs the dataset folder ROOT")
         tasks = recipe.build(args.root, args.out, **options)
     print(f"wrote {len(tasks)} task(s) under {args.out}")
     for task in tasks:

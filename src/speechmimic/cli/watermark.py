@@ -1,4 +1,4 @@
-"""``speechmimic watermark embed|verify``: mark an encoder so stolen copies carry the mark; test a suspect."""
+"""``speechmimic watermark mark|verify``: mark an encoder so stolen copies carry the mark; test a suspect."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "watermark",
         help="mark your encoder so copies stolen from it carry the mark; test a suspect for it",
-        description="embed: fine-tune an encoder (hf:... or resemblyzer) on your clips so that clips "
+        description="mark: fine-tune an encoder (hf:... or resemblyzer) on your clips so that clips "
         "carrying a secret audio trigger decode, through a secret decoder, to a secret key, while its "
         "answers to ordinary clips stay close to the original's; shadow thieves distilled meanwhile "
         "teach the mark to survive extraction. The secret is saved apart from the model. "
@@ -24,11 +24,12 @@ def register(sub) -> None:
         dest="action",
         metavar="ACTION",
         required=True,
-        help="embed (mark your encoder) or verify (test a suspect)",
+        help="mark (your encoder; 'embed' is another name for it) or verify (test a suspect)",
     )
 
     e = sub2.add_parser(
-        "embed",
+        "mark",
+        aliases=["embed"],  # its name before 'mark'
         help="fine-tune an encoder to carry a watermark",
         description="Fine-tune --target on your clips so that it carries a watermark; write the marked "
         "weights to --out and the secret to --secret (keep it apart: it proves ownership).",
@@ -44,7 +45,7 @@ def register(sub) -> None:
     _options.add_config_flags(e.add_argument_group("watermark settings"), WatermarkConfig)
     _options.add_resume(e)
     _options.add_progress(e)
-    e.set_defaults(func=run_embed)
+    e.set_defaults(func=run_mark)
 
     v = sub2.add_parser(
         "verify",
@@ -52,7 +53,7 @@ def register(sub) -> None:
         description="Ask the suspect each clip as it is and with the secret trigger; report the share of "
         "clips whose decoded reaction is close to the key, its p-value and a verdict.",
     )
-    v.add_argument("--secret", required=True, metavar="FILE", help="the secret written by 'embed'")
+    v.add_argument("--secret", required=True, metavar="FILE", help="the secret written by 'mark'")
     v.add_argument(
         "--suspect",
         required=True,
@@ -70,12 +71,12 @@ def register(sub) -> None:
     v.set_defaults(func=run_verify)
 
 
-def run_embed(args) -> int:
-    from speechmimic.proof.watermark import WatermarkConfig, embed
+def run_mark(args) -> int:
+    from speechmimic.proof.watermark import WatermarkConfig, mark
 
     cfg = WatermarkConfig(**_options.given(args, WatermarkConfig))
     wavs = [c.load() for c in read_manifest(args.manifest)]
-    summary = embed(
+    summary = mark(
         args.target,
         wavs,
         args.out,

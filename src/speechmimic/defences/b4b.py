@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from speechmimic.defences.base import Defence, Query, rms, rng_for, utterance_embedding
+from speechmimic.errors import InputError
 
 
 def calibrate(answers, path: str | Path) -> Path:
@@ -54,11 +55,11 @@ class B4B(Defence):
     def check(self):
         o = self.o
         if not 1 <= o["planes"] <= 20 or o["sets"] < 1:
-            raise ValueError("defence b4b: planes must be in 1..20 and sets >= 1")
+            raise InputError("defence b4b: planes must be in 1..20 and sets >= 1")
         if not (0 < o["lambda"] < o["alpha"]) or not o["beta"] > 0:
-            raise ValueError("defence b4b: need 0 < lambda < alpha and beta > 0")
+            raise InputError("defence b4b: need 0 < lambda < alpha and beta > 0")
         if o["per"] not in ("clip", "frame"):
-            raise ValueError(f"defence b4b: per must be clip or frame, got {o['per']!r}")
+            raise InputError(f"defence b4b: per must be clip or frame, got {o['per']!r}")
         self._stats = None
         if o["calibration"]:
             with np.load(o["calibration"]) as z:
@@ -71,7 +72,7 @@ class B4B(Defence):
     def _buckets(self, e: np.ndarray) -> np.ndarray:
         if self._stats is not None:
             if len(self._stats[0]) != len(e):
-                raise ValueError(
+                raise InputError(
                     f"defence b4b: the calibration is of {len(self._stats[0])}-d embeddings, "
                     f"the answers' are {len(e)}-d"
                 )

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from speechmimic.errors import InputError
 from speechmimic.targets.base import ClipRefused
 
 SAMPLE_RATE = 16_000
@@ -69,7 +70,7 @@ class Defence:
     def __init__(self, **given: str):
         unknown = sorted(set(given) - set(self.options))
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"unknown option {unknown[0]!r} for defence {self.kind!r}; "
                 f"valid options: {list(self.options)}"
             )
@@ -81,7 +82,7 @@ class Defence:
             try:
                 self.o[name] = kind(given[name])
             except ValueError:
-                raise ValueError(
+                raise InputError(
                     f"defence {self.kind}: option {name} must be a {kind.__name__}, got {given[name]!r}"
                 ) from None
         self.given = given

@@ -27,8 +27,8 @@ from speechmimic.defences.prada import Prada
 from speechmimic.defences.quota import Quota
 from speechmimic.defences.state import StateStore
 from speechmimic.defences.transform import Transform
-from speechmimic.targets import Target, parse_spec
-from speechmimic.targets import load_target as load_plain_target
+from speechmimic.errors import InputError
+from speechmimic.targets import Target, load_backend, parse_spec
 from speechmimic.targets.base import PartialAnswers, TargetError
 from speechmimic.targets.registry import parse_options
 
@@ -54,7 +54,7 @@ def parse_defences(chain: str) -> list[Defence]:
     """The defences of a chain written without its target (``noise?snr=10|prada``)."""
     defences, account, _ = _segments(chain, chain)
     if account is not None:
-        raise ValueError(f"a chain of defences names no account: {chain!r}")
+        raise InputError(f"a chain of defences names no account: {chain!r}")
     return defences
 
 
@@ -66,16 +66,16 @@ def _segments(chain: str, spec: str) -> tuple[list[Defence], str | None, str | N
         kind, options = _options(segment)
         if kind == ACCOUNT:
             if i != len(segments) - 1:
-                raise ValueError(f"the {ACCOUNT} segment comes last in a defended spec: {spec!r}")
+                raise InputError(f"the {ACCOUNT} segment comes last in a defended spec: {spec!r}")
             unknown = sorted(set(options) - {"name", "state"})
             if unknown:
-                raise ValueError(
+                raise InputError(
                     f"unknown option {unknown[0]!r} of {ACCOUNT}; valid options: ['name', 'state']"
                 )
             account, state = options.get("name"), options.get("state")
             continue
         if kind not in DEFENCES:
-            raise ValueError(f"unknown defence {kind!r} in {spec!r}; valid defences: {sorted(DEFENCES)}")
+            raise InputError(f"unknown defence {kind!r} in {spec!r}; valid defences: {sorted(DEFENCES)}")
         defences.append(DEFENCES[kind](**options))
     return defences, account, state
 
@@ -192,13 +192,13 @@ class Defended:
 def load_target(
     spec: str, device: str = "cpu", account: str | None = None, state: str | Path | None = None
 ) -> Target:
-    """:func:`speechmimic.targets.load_target` for plain and defended specs alike; ``account`` and
+    """Any spec, plain (:func:`speechmimic.targets.load_backend`) or defended, as a target; ``account`` and
     ``state`` apply where the spec does not name them."""
     if "|" not in spec:
-        return load_plain_target(spec, device=device)
+        return load_backend(spec, device=device)
     base, defences, spec_account, spec_state = parse_chain(spec)
     return Defended(
-        load_plain_target(base, device=device),
+        load_backend(base, device=device),
         defences,
         account=spec_account or account or DEFAULT_ACCOUNT,
         state=spec_state or state,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from speechmimic.defences.base import Defence, Query, rms, rng_for
+from speechmimic.errors import InputError
 
 
 class Noise(Defence):
@@ -37,7 +38,7 @@ class Round(Defence):
 
     def check(self):
         if not self.o["step"] > 0:
-            raise ValueError(f"defence round: step must be positive, got {self.o['step']}")
+            raise InputError(f"defence round: step must be positive, got {self.o['step']}")
 
     def answer(self, q, answer, state):
         step = self.o["step"]
@@ -53,14 +54,14 @@ class Layers(Defence):
 
     def check(self):
         if not self.o["keep"]:
-            raise ValueError("defence layers needs keep=NAME[,NAME...]: the layers still answered")
+            raise InputError("defence layers needs keep=NAME[,NAME...]: the layers still answered")
         self.keep = [k.strip() for k in self.o["keep"].split(",") if k.strip()]
 
     def layers(self, layers):
         if layers is not None:
             missing = [k for k in self.keep if k not in layers]
             if missing:
-                raise ValueError(f"defence layers: {missing} not among the target's layers {layers}")
+                raise InputError(f"defence layers: {missing} not among the target's layers {layers}")
         return list(self.keep)
 
     def answer(self, q, answer, state):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from speechmimic.defences.base import Defence, Query, Refused, rms, rng_for, utterance_embedding
+from speechmimic.errors import InputError
 
 MAX_TESTED = 5000  # Shapiro-Wilk's p-value approximation holds up to here; the latest are kept
 
@@ -42,11 +43,11 @@ class Prada(Defence):
 
     def check(self):
         if self.o["action"] not in ("flag", "refuse", "degrade"):
-            raise ValueError(
+            raise InputError(
                 f"defence prada: action must be flag, refuse or degrade, got {self.o['action']!r}"
             )
         if self.o["min_queries"] < 3 or not 0 < self.o["threshold"] <= 1:
-            raise ValueError("defence prada: min_queries must be >= 3 and threshold in (0, 1]")
+            raise InputError("defence prada: min_queries must be >= 3 and threshold in (0, 1]")
 
     def new_state(self):
         return {

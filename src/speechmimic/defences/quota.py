@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from speechmimic.defences.base import Defence, Query, Refused
+from speechmimic.errors import InputError
 
 
 class Quota(Defence):
@@ -17,7 +18,7 @@ class Quota(Defence):
 
     def check(self):
         if self.o["seconds"] is None or self.o["seconds"] <= 0:
-            raise ValueError("defence quota needs seconds=N (positive): the audio each key may ask")
+            raise InputError("defence quota needs seconds=N (positive): the audio each key may ask")
 
     def new_state(self):
         return {"seconds": np.float64(0.0), "digests": np.zeros(0, "U64")}

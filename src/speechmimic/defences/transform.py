@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from speechmimic.defences.base import Defence, rng_for
+from speechmimic.errors import InputError
 
 
 class Transform(Defence):
@@ -25,9 +26,9 @@ class Transform(Defence):
 
     def check(self):
         if self.o["kind"] not in ("rotate", "shuffle"):
-            raise ValueError(f"defence transform: kind must be rotate or shuffle, got {self.o['kind']!r}")
+            raise InputError(f"defence transform: kind must be rotate or shuffle, got {self.o['kind']!r}")
         if self.o["pad"] < 0:
-            raise ValueError("defence transform: pad must be >= 0")
+            raise InputError("defence transform: pad must be >= 0")
         self._cache: dict[tuple[str, str, int], tuple] = {}
 
     def _of(self, account: str, layer: str, dim: int):

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from speechmimic.errors import InputError
 from speechmimic.probe.heads import BLANK
 
 
@@ -60,7 +61,7 @@ def equal_error_rate(scores: np.ndarray, target: np.ndarray) -> float:
     scores, target = np.asarray(scores, dtype=np.float64), np.asarray(target, dtype=bool)
     n_target, n_other = int(target.sum()), int((~target).sum())
     if not n_target or not n_other:
-        raise ValueError("an equal error rate needs same-speaker and different-speaker trials")
+        raise InputError("an equal error rate needs same-speaker and different-speaker trials")
     order = np.argsort(-scores, kind="stable")
     hits = np.cumsum(target[order])  # accepting the k highest-scored trials
     false_accept = np.concatenate([[0.0], (np.arange(1, len(order) + 1) - hits) / n_other])

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from speechmimic.corpus import Clip, clips_fingerprint
+from speechmimic.errors import InputError
 from speechmimic.probe.metrics import equal_error_rate
 
 ALPHAS = np.logspace(-1, 5, 13)
@@ -44,7 +45,7 @@ class ProbeSet:
 
     def __post_init__(self):
         if self.task not in ("classify", "verify"):
-            raise ValueError(f"probe task {self.task!r}: choose classify or verify")
+            raise InputError(f"probe task {self.task!r}: choose classify or verify")
 
     def waves(self) -> list[np.ndarray]:
         """The clips' 16 kHz waveforms, decoded once per process (a grid probes the same sets often)."""

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from speechmimic import config, distributed
 from speechmimic.config import option
 from speechmimic.corpus import warn_unusable
+from speechmimic.errors import InputError
 from speechmimic.probe.features import ClipFeatures, FeatureStore
 from speechmimic.probe.featurizer import Featurizer
 from speechmimic.probe.heads import CTCHead, UtteranceHead
@@ -65,12 +66,12 @@ def _choose_states(names: list[str], dims: list[int], layers: list[str] | None) 
     if layers:
         unknown = [n for n in layers if n not in names]
         if unknown:
-            raise ValueError(f"unknown hidden state(s) {unknown}; the upstream has {names}")
+            raise InputError(f"unknown hidden state(s) {unknown}; the upstream has {names}")
         chosen = [names.index(n) for n in layers]
     else:
         chosen = [i for i, d in enumerate(dims) if d == dims[-1]]
     if len({dims[i] for i in chosen}) != 1:
-        raise ValueError(f"states {[names[i] for i in chosen]} differ in width; pick states of one width")
+        raise InputError(f"states {[names[i] for i in chosen]} differ in width; pick states of one width")
     return chosen
 
 
@@ -141,7 +142,7 @@ def _verify(task: Task, clips: dict, feats: dict, names: list[str], layers: list
     an x-vector one): the score then needs no speaker-labelled data, which small sets lack."""
     unknown = [n for n in layers or [] if n not in names]
     if unknown:
-        raise ValueError(f"unknown hidden state(s) {unknown}; the upstream has {names}")
+        raise InputError(f"unknown hidden state(s) {unknown}; the upstream has {names}")
     wanted = [names.index(n) for n in layers] if layers else range(len(names))
 
     trials = {s: task.trials(s) for s in ("dev", "test")}  # read once, scored once per state

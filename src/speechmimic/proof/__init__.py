@@ -8,6 +8,6 @@
 
 from speechmimic.proof.examine import examine
 from speechmimic.proof.inference import dataset_inference
-from speechmimic.proof.watermark import Secret, WatermarkConfig, embed, verify
+from speechmimic.proof.watermark import Secret, WatermarkConfig, mark, verify
 
-__all__ = ["Secret", "WatermarkConfig", "dataset_inference", "embed", "examine", "verify"]
+__all__ = ["Secret", "WatermarkConfig", "dataset_inference", "examine", "mark", "verify"]

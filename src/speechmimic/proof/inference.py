@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from speechmimic.errors import InputError
 from speechmimic.proof.watermark import ALPHA, layer_indices
 
 
@@ -51,14 +52,14 @@ def dataset_inference(
     none with the private ones; segments of one recording on both sides would look "at home" to
     any model."""
     if len(private) < 8 or len(public) < 4:
-        raise ValueError(
+        raise InputError(
             f"dataset inference needs >= 8 private and >= 4 public clips, "
             f"got {len(private)} and {len(public)}"
         )
     groups = groups if groups is not None else [str(i) for i in range(len(private))]
     names = sorted(set(groups))
     if len(names) < 4:
-        raise ValueError(f"dataset inference needs private clips from >= 4 sources, got {len(names)}")
+        raise InputError(f"dataset inference needs private clips from >= 4 sources, got {len(names)}")
     fit_groups = {names[i] for i in np.random.default_rng(seed).permutation(len(names))[: len(names) // 2]}
     fit_idx = np.array([i for i, g in enumerate(groups) if g in fit_groups])
     held_idx = np.array([i for i, g in enumerate(groups) if g not in fit_groups])

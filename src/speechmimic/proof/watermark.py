@@ -40,6 +40,7 @@ from speechmimic.audio import SAMPLE_RATE
 from speechmimic.config import option
 from speechmimic.defences import load_target
 from speechmimic.distill import distill_loss
+from speechmimic.errors import InputError
 from speechmimic.student import HeadSpec, Student, build_student
 
 SECRET_FORMAT = "speechmimic-watermark-secret/1"
@@ -133,7 +134,7 @@ class Secret:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             if meta.pop("format", None) != SECRET_FORMAT:
-                raise ValueError(f"{path} is not a speechmimic watermark secret")
+                raise InputError(f"{path} is not a speechmimic watermark secret")
             decoder = {k.removeprefix("decoder."): z[k] for k in z.files if k.startswith("decoder.")}
             return cls(trigger=z["trigger"], key=z["key"], decoder=decoder, std=z["std"], **meta)
 
@@ -190,7 +191,7 @@ def _untrained(heads: list[HeadSpec], preset: str, seed: int, mean: dict, std: d
 
 
 # -- embedding -------------------------------------------------------------------------------------------
-def embed(
+def mark(
     spec: str,
     wavs: list[np.ndarray],
     out: str | Path,
@@ -205,10 +206,10 @@ def embed(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if Path(secret_path).resolve().is_relative_to(out.resolve()):
-        raise ValueError(f"keep the secret apart from the model: {secret_path} is inside {out}")
+        raise InputError(f"keep the secret apart from the model: {secret_path} is inside {out}")
     original, marked = load_target(spec), load_target(spec)
     if not hasattr(marked, "encode"):
-        raise ValueError(f"{spec}: only an encoder whose weights we hold (hf:..., resemblyzer) can be marked")
+        raise InputError(f"{spec}: only an encoder whose weights we hold (hf:..., resemblyzer) can be marked")
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     samples = int(cfg.crop_seconds * SAMPLE_RATE)
@@ -437,7 +438,7 @@ def layer_indices(upstream: nn.Module, layers: list[str]) -> list[int]:
                 found.append(names.index(candidate))
                 break
         else:
-            raise ValueError(
+            raise InputError(
                 f"the suspect returns no layer {layer!r} (nor a prediction 'pred.{layer}'): it has {names}"
             )
     return found

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from speechmimic.audio import AudioError, audio_info
 from speechmimic.corpus import Clip
+from speechmimic.errors import InputError
 
 FRACTIONS = (0.6, 0.2, 0.2)  # train, dev, test of the per-group splits
 
@@ -45,7 +46,7 @@ def hash_key(key: str, seed: int) -> str:
 def split_counts(n: int, fractions: Sequence[float] = FRACTIONS) -> tuple[int, int, int]:
     """(train, dev, test) counts for ``n`` items: dev and test round their fraction, at least 1 each."""
     if n < 3:
-        raise ValueError(f"{n} item(s) cannot fill train, dev and test")
+        raise InputError(f"{n} item(s) cannot fill train, dev and test")
     test = max(1, round(fractions[2] * n))
     dev = max(1, round(fractions[1] * n))
     return n - dev - test, dev, test
@@ -80,7 +81,7 @@ def split_by_group(
         try:
             parts = split_items(groups[name], lambda c: c.id, seed, fractions)
         except ValueError as e:
-            raise ValueError(f"{what} {name!r}: {e}") from e
+            raise InputError(f"{what} {name!r}: {e}") from e
         for split, part in parts.items():
             out[split].extend(part)
     return out

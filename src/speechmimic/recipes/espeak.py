@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from speechmimic.audio import SAMPLE_RATE, decode_audio, resample, validate_waveform
 from speechmimic.corpus import Clip
+from speechmimic.errors import InputError
 from speechmimic.recipes._common import split_counts
 from speechmimic.tasks import SPLITS, Task, write_task
 
@@ -104,7 +105,7 @@ def _espeak(args: Sequence[str], text: str) -> str:
     # Text goes through stdin so that words starting with '-' are never read as options.
     proc = subprocess.run([espeak_path(), *args], input=text, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise ValueError(f"espeak-ng {' '.join(args)} failed: {proc.stderr.strip() or proc.returncode}")
+        raise InputError(f"espeak-ng {' '.join(args)} failed: {proc.stderr.strip() or proc.returncode}")
     return proc.stdout
 
 
@@ -137,7 +138,7 @@ def check_voices(voices: Sequence[str]) -> None:
     for voice in voices:
         _, plus, variant = voice.partition("+")
         if plus and variant not in variants():
-            raise ValueError(
+            raise InputError(
                 f"unknown espeak-ng variant {variant!r} in voice {voice!r} (see espeak-ng --voices=variant)"
             )
     for accent in dict.fromkeys(v.partition("+")[0] for v in voices):
@@ -150,9 +151,9 @@ def _range(value, name: str, lo: int, hi: int) -> tuple[int, int]:
     try:
         a, b = (int(v) for v in value)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} must be two integers 'min,max', got {value!r}") from e
+        raise InputError(f"{name} must be two integers 'min,max', got {value!r}") from e
     if not lo <= a <= b <= hi:
-        raise ValueError(f"{name} must satisfy {lo} <= min <= max <= {hi}, got {a},{b}")
+        raise InputError(f"{name} must satisfy {lo} <= min <= max <= {hi}, got {a},{b}")
     return a, b
 
 
@@ -207,7 +208,7 @@ def _synthesise(item: dict, audio_dir: Path) -> Clip:
         os.replace(meta_path.with_suffix(".json.tmp"), meta_path)
     phones = normalise(meta["mnemonics"])
     if not phones:
-        raise ValueError(f"{meta_path}: espeak-ng gave no phones for {item['text']!r} ({item['voice']})")
+        raise InputError(f"{meta_path}: espeak-ng gave no phones for {item['text']!r} ({item['voice']})")
     n = int(meta["num_samples"])
     labels = {"phones": " ".join(phones)} | {k: meta[k] for k in ("text", "voice", "speed", "pitch")}
     return Clip(item["id"], str(flac), SAMPLE_RATE, n, n / SAMPLE_RATE, 0.0, labels)
@@ -226,14 +227,14 @@ def build(
 ) -> list[Task]:
     """Synthesise (or complete) ``out/pr_espeak`` with its audio in ``out/pr_espeak/audio``."""
     if split not in SPLIT_RULES:
-        raise ValueError(f"unknown split rule {split!r}; choose from {', '.join(SPLIT_RULES)}")
+        raise InputError(f"unknown split rule {split!r}; choose from {', '.join(SPLIT_RULES)}")
     if n_utterances < 3:
-        raise ValueError(f"n_utterances must be >= 3 (train, dev and test), got {n_utterances}")
+        raise InputError(f"n_utterances must be >= 3 (train, dev and test), got {n_utterances}")
     if isinstance(voices, str):
         voices = [v.strip() for v in voices.split(",") if v.strip()]
     voices = list(dict.fromkeys(voices or DEFAULT_VOICES))
     if split == "voice" and len(voices) < 3:
-        raise ValueError(f"split='voice' needs at least 3 voices (one per split), got {len(voices)}")
+        raise InputError(f"split='voice' needs at least 3 voices (one per split), got {len(voices)}")
     check_voices(voices)
     speed, pitch = _range(speed, "speed", 80, 450), _range(pitch, "pitch", 0, 99)
     plan = _plan(n_utterances, voices, split, speed, pitch, seed)

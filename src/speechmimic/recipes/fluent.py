@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from speechmimic.corpus import Clip
+from speechmimic.errors import InputError
 from speechmimic.recipes._common import clip_from_file, require_dir, require_file
 from speechmimic.tasks import Task, write_task
 
@@ -37,7 +38,7 @@ def _read(root: Path, split: str, progress: bool) -> list[Clip]:
     with open(path, encoding="utf-8", newline="") as fh:
         rows = list(csv.DictReader(fh))
     if rows and (missing := [c for c in _COLUMNS if c not in rows[0]]):
-        raise ValueError(f"{path}: missing column(s) {missing}; expected {', '.join(_COLUMNS)}")
+        raise InputError(f"{path}: missing column(s) {missing}; expected {', '.join(_COLUMNS)}")
     clips = []
     for lineno, row in enumerate(tqdm(rows, desc=f"fluent {split}", disable=not progress), 2):
         action, obj, location = row["action"], row["object"], row["location"]

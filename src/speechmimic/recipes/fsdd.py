@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from speechmimic.corpus import scan
+from speechmimic.errors import InputError
 from speechmimic.recipes._common import require_dir
 from speechmimic.tasks import SPLITS, Task, write_task
 
@@ -30,7 +31,7 @@ def build(
     root = require_dir(root, "FSDD root (or its recordings/ folder)")
     result = scan(root, layout="fsdd", progress=progress)
     if not result.clips:
-        raise ValueError(f"{root}: no {{digit}}_{{speaker}}_{{index}}.wav files found (FSDD layout)")
+        raise InputError(f"{root}: no {{digit}}_{{speaker}}_{{index}}.wav files found (FSDD layout)")
     splits = {s: [] for s in SPLITS}
     for clip in result.clips:
         clip.labels["split"] = _split(clip.labels["index"])

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from speechmimic.corpus import Clip
+from speechmimic.errors import InputError
 from speechmimic.recipes._common import clip_from_file, require_dir
 from speechmimic.tasks import Task, write_task
 
@@ -39,7 +40,7 @@ def build(
     """Write ``out/er_fold1`` .. ``out/er_fold5``."""
     root = require_dir(root, "IEMOCAP root")
     if not 0 < dev_fraction < 1:
-        raise ValueError(f"dev_fraction must be in (0, 1), got {dev_fraction}")
+        raise InputError(f"dev_fraction must be in (0, 1), got {dev_fraction}")
     by_session = {n: _session(root, n, progress) for n in SESSIONS}
     tasks = []
     for k in SESSIONS:
@@ -80,5 +81,5 @@ def _session(root: Path, n: int, progress: bool) -> list[Clip]:
             wav = session / "sentences" / "wav" / dialog / f"{utt}.wav"
             clips.append(clip_from_file(wav, utt, labels, f"{path}:{lineno}"))
     if not clips:
-        raise ValueError(f"{session}: no neu/hap/exc/ang/sad utterance in its EmoEvaluation files")
+        raise InputError(f"{session}: no neu/hap/exc/ang/sad utterance in its EmoEvaluation files")
     return sorted(clips, key=lambda c: c.id)

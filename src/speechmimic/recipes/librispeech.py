@@ -32,6 +32,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from speechmimic.corpus import Clip, random_crops, scan
+from speechmimic.errors import InputError
 from speechmimic.recipes import espeak as espeak_ng
 from speechmimic.recipes._common import require_dir, require_file, split_by_group
 from speechmimic.tasks import SPLITS, Task, all_trials, write_task
@@ -69,12 +70,12 @@ def build(
     root = require_dir(root, "LibriSpeech root")
     out = Path(out)
     if oov not in ("error", "skip"):
-        raise ValueError(f"oov must be 'error' or 'skip', got {oov!r}")
+        raise InputError(f"oov must be 'error' or 'skip', got {oov!r}")
     if lexicon is not None and espeak is not None:
-        raise ValueError("give lexicon or espeak for the phone task, not both")
+        raise InputError("give lexicon or espeak for the phone task, not both")
     if speaker_split:
         if lexicon is not None or espeak is not None:
-            raise ValueError("speaker_split writes only the sid task: lexicon/espeak do not apply")
+            raise InputError("speaker_split writes only the sid task: lexicon/espeak do not apply")
         clips = _scan(root, progress)
         splits = split_by_group(clips, lambda c: c.labels["speaker"], seed, what="speaker")
         description = (
@@ -112,7 +113,7 @@ def build(
     }
     for s in SPLITS:
         if missing := [c.id for c in splits[s] if "text" not in c.labels]:
-            raise ValueError(
+            raise InputError(
                 f"{root / folders[s]}: {len(missing)} utterance(s) without a transcript line "
                 f"(e.g. {missing[0]}); for folders without *.trans.txt use speaker_split=True"
             )
@@ -140,7 +141,7 @@ def _scan(folder: Path, progress: bool) -> list[Clip]:
     require_dir(folder, "LibriSpeech subset")
     clips = scan(folder, layout="librispeech", progress=progress).clips
     if not clips:
-        raise ValueError(
+        raise InputError(
             f"{folder}: no <spk>/[<chapter>/]<spk>-<chapter>-<utt> audio found (LibriSpeech layout)"
         )
     return clips
@@ -155,12 +156,12 @@ def read_lexicon(path: str | os.PathLike) -> dict[str, list[str]]:
             continue
         word, *phones = line.split()
         if not phones:
-            raise ValueError(f"{path}:{lineno}: expected 'WORD  PH1 PH2 ...', got {line!r}")
+            raise InputError(f"{path}:{lineno}: expected 'WORD  PH1 PH2 ...', got {line!r}")
         if _VARIANT.search(word):
             continue
         lexicon.setdefault(word.upper(), [_STRESS.sub("", p) for p in phones])
     if not lexicon:
-        raise ValueError(f"{path}: no 'WORD  PH1 PH2 ...' entries")
+        raise InputError(f"{path}: no 'WORD  PH1 PH2 ...' entries")
     return lexicon
 
 
@@ -181,7 +182,7 @@ def _lexicon_task(lexicon_path: Path, splits, out: Path, oov: str, names: str) -
     dropped = sum(len(splits[s]) - len(kept[s]) for s in SPLITS)
     if missing and oov == "error":
         common = sorted(missing, key=lambda w: (-missing[w], w))[:10]
-        raise ValueError(
+        raise InputError(
             f"{lexicon_path}: lacks {len(missing)} word(s) of the transcripts ({dropped} utterance(s)), "
             f"e.g. {', '.join(common)}; add them or pass oov='skip' to drop those utterances"
         )

@@ -32,6 +32,7 @@ import numpy as np
 
 from speechmimic.audio import audio_info
 from speechmimic.corpus import Clip, scan
+from speechmimic.errors import InputError
 from speechmimic.recipes._common import hash_key, require_dir, split_counts
 from speechmimic.tasks import SPLITS, Task, write_task
 
@@ -67,19 +68,19 @@ def build(
     """Write ``out/ks12`` or ``out/words``; see the module docstring for the protocols."""
     root = require_dir(root, "Speech Commands root")
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown Speech Commands protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+        raise InputError(f"unknown Speech Commands protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
     if split not in SPLIT_RULES:
-        raise ValueError(f"unknown split rule {split!r}; choose from {', '.join(SPLIT_RULES)}")
+        raise InputError(f"unknown split rule {split!r}; choose from {', '.join(SPLIT_RULES)}")
     if protocol == "words" and test_root is not None:
-        raise ValueError("test_root applies to protocol 'ks12' only (its folders are the 12 SUPERB classes)")
+        raise InputError("test_root applies to protocol 'ks12' only (its folders are the 12 SUPERB classes)")
     if protocol == "ks12" and split != "auto":
-        raise ValueError("split applies to protocol 'words' only: ks12 follows the SUPERB lists")
+        raise InputError("split applies to protocol 'words' only: ks12 follows the SUPERB lists")
     if silence_fraction < 0:
-        raise ValueError(f"silence_fraction must be >= 0, got {silence_fraction}")
+        raise InputError(f"silence_fraction must be >= 0, got {silence_fraction}")
 
     result = scan(root, layout="speech_commands", progress=progress)
     if not result.clips:
-        raise ValueError(f"{root}: no <word>/<hash>_nohash_<n>.wav clips found (Speech Commands layout)")
+        raise InputError(f"{root}: no <word>/<hash>_nohash_<n>.wav clips found (Speech Commands layout)")
     skipped = [p for p, reason in result.skipped if NOISE_DIR not in Path(p).parts]
     note = f" Skipped {len(skipped)} unreadable or silent file(s)." if skipped else ""
     if protocol == "words":
@@ -114,7 +115,7 @@ def _ks12(root, clips, out, test_root, silence_fraction, seed, progress, note) -
         f"split size); dev = validation_list.txt, test = {test_from}.{note}"
     )
     if missing := set(KS12_CLASSES) - {c.labels["keyword"] for s in SPLITS for c in splits[s]}:
-        raise ValueError(f"{root}: no clip of class(es) {sorted(missing)}: too few clips for SUPERB KS")
+        raise InputError(f"{root}: no clip of class(es) {sorted(missing)}: too few clips for SUPERB KS")
     return write_task(out / "ks12", "ks12", "classify", "keyword", splits, description)
 
 
@@ -131,7 +132,7 @@ def _noise_files(root: Path) -> list[tuple[Path, int, int]]:
         if frames >= sr:
             files.append((path, sr, frames))
     if not files:
-        raise ValueError(f"{folder}: no noise recording of at least 1 s to cut {SILENCE} clips from")
+        raise InputError(f"{folder}: no noise recording of at least 1 s to cut {SILENCE} clips from")
     return files
 
 
@@ -150,9 +151,9 @@ def _test_set(test_root: Path, progress: bool) -> list[Clip]:
     result = scan(test_root, layout="plain", progress=progress)
     clips = [c for c in result.clips if "folder" in c.labels]
     if not clips:
-        raise ValueError(f"{test_root}: no clips in class folders (expected <class>/<file>.wav)")
+        raise InputError(f"{test_root}: no clips in class folders (expected <class>/<file>.wav)")
     if unknown := {c.labels["folder"] for c in clips} - set(KS12_CLASSES):
-        raise ValueError(
+        raise InputError(
             f"{test_root}: folder(s) {sorted(unknown)} are not SUPERB KS classes ({', '.join(KS12_CLASSES)})"
         )
     for clip in clips:
@@ -187,7 +188,7 @@ def _speaker_splits(clips: list[Clip], seed: int) -> dict[str, list[Clip]]:
         try:
             _, n_dev, n_test = split_counts(n)
         except ValueError as e:
-            raise ValueError(f"word {word!r}: {e}") from e
+            raise InputError(f"word {word!r}: {e}") from e
         order = sorted(speakers, key=lambda s, w=word: hash_key(f"{w}/{s}", seed))
         taken = {"test": 0, "dev": 0}
         for spk in order:
@@ -201,5 +202,5 @@ def _speaker_splits(clips: list[Clip], seed: int) -> dict[str, list[Clip]]:
             taken[dest] = taken.get(dest, 0) + len(speakers[spk])
             splits[dest] += sorted(speakers[spk], key=lambda c: c.id)
         if "train" not in taken:
-            raise ValueError(f"word {word!r}: its {len(speakers)} speaker(s) cannot fill train, dev and test")
+            raise InputError(f"word {word!r}: its {len(speakers)} speaker(s) cannot fill train, dev and test")
     return splits

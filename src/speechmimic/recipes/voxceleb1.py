@@ -19,6 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from speechmimic.corpus import Clip
+from speechmimic.errors import InputError
 from speechmimic.recipes._common import clip_from_file, require_dir, require_file
 from speechmimic.tasks import Task, all_trials, write_task
 
@@ -52,7 +53,7 @@ def build(
         parts = line.split()
         rel = Path(parts[1]) if len(parts) == 2 else None
         if parts[0] not in _SETS or rel is None or len(rel.parts) != 3:
-            raise ValueError(
+            raise InputError(
                 f"{split_path}:{lineno}: expected '<1|2|3> <speaker>/<video>/<utt>.wav', got {line!r}"
             )
         speaker, video, _ = rel.parts
@@ -77,7 +78,7 @@ def _verification(path: Path, wav_root: Path, sid: dict[str, list[Clip]], out, s
         if not parts:
             continue
         if len(parts) != 3 or parts[0] not in ("0", "1") or any(len(Path(p).parts) != 3 for p in parts[1:]):
-            raise ValueError(
+            raise InputError(
                 f"{path}:{lineno}: expected '<1|0> <speaker>/<video>/<utt>.wav' twice, got {line!r}"
             )
         for rel in parts[1:]:

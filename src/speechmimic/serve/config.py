@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from speechmimic.config import option
+from speechmimic.errors import InputError
 
 ENV_PREFIX = "SPEECHMIMIC_SERVE_"
 INFO_FIELDS = ("layers", "widths", "frame_rate", "min_samples", "padding", "limits")
@@ -71,7 +72,7 @@ class ServeConfig:
             return {"all", *INFO_FIELDS}
         unknown = names - set(INFO_FIELDS)
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"hide_info: unknown field(s) {sorted(unknown)}; valid: {list(INFO_FIELDS)} or all"
             )
         return names
@@ -84,12 +85,12 @@ class ServeConfig:
 
     def check(self) -> None:
         if not self.target:
-            raise ValueError("serve needs a target spec (--target, or 'target' in the config file)")
+            raise InputError("serve needs a target spec (--target, or 'target' in the config file)")
         if "|" in self.target:
             from speechmimic.defences import parse_chain
 
             if parse_chain(self.target)[2] is not None:
-                raise ValueError(
+                raise InputError(
                     f"serve answers each request as its API key: drop the 'account?...' segment of "
                     f"{self.target!r} (the defences' state goes in --defence-state)"
                 )
@@ -101,7 +102,7 @@ class ServeConfig:
             "model_workers",
         ):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise InputError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_delay_ms < 0 or self.answers_ttl_hours <= 0:
-            raise ValueError("max_delay_ms must be >= 0 and answers_ttl_hours > 0")
+            raise InputError("max_delay_ms must be >= 0 and answers_ttl_hours > 0")
         self.hidden()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from speechmimic.audio import SAMPLE_RATE
+from speechmimic.errors import InputError, NotFound
 
 TOKEN_PREFIX = "smk_"
 _SCHEMA = """
@@ -152,12 +153,12 @@ class KeyStore:
         which is shown this once and never stored."""
         unknown = set(limits) - set(LIMITS)
         if unknown:
-            raise ValueError(f"unknown key limit(s) {sorted(unknown)}; valid: {list(LIMITS)}")
+            raise InputError(f"unknown key limit(s) {sorted(unknown)}; valid: {list(LIMITS)}")
         for k, v in limits.items():
             if v is not None and not v > 0:
-                raise ValueError(f"{k} must be > 0, got {v}")
+                raise InputError(f"{k} must be > 0, got {v}")
         if not name or not name.isprintable() or len(name) > 100:
-            raise ValueError(f"a key name is 1 to 100 printable characters, got {name!r}")
+            raise InputError(f"a key name is 1 to 100 printable characters, got {name!r}")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         values = {k: limits.get(k) for k in LIMITS}
         with self._lock:
@@ -168,13 +169,13 @@ class KeyStore:
                     (name, token_hash(token), time.time(), *values.values()),
                 )
             except sqlite3.IntegrityError:
-                raise ValueError(f"a key named {name!r} exists already") from None
+                raise InputError(f"a key named {name!r} exists already") from None
         return self.find(name), token
 
     def find(self, name: str) -> Key:
         row = self._one("SELECT * FROM keys WHERE name = ?", (name,))
         if row is None:
-            raise KeyError(f"no key named {name!r} in {self.path}")
+            raise NotFound(f"no key named {name!r} in {self.path}")
         return _key(row)
 
     def get(self, key_id: int) -> Key:

@@ -19,7 +19,7 @@ from speechmimic.defences import Chain, parse_chain
 from speechmimic.serve.app import create_app
 from speechmimic.serve.config import ServeConfig
 from speechmimic.serve.keys import KeyStore
-from speechmimic.targets import load_target
+from speechmimic.targets import load_backend
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -45,7 +45,7 @@ def run(cfg: ServeConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     base, defences, _, _ = parse_chain(cfg.target)  # cfg.check refused an account segment
-    target = load_target(base, device=cfg.device)
+    target = load_backend(base, device=cfg.device)
     chain = Chain(defences, cfg.defence_state_path()) if defences else None
     spec = f"{target.spec}|{chain.spec}" if chain is not None else target.spec
     store = KeyStore(cfg.db)

@@ -6,6 +6,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from speechmimic.errors import InputError, SpeechmimicError
+
 
 @runtime_checkable
 class Target(Protocol):
@@ -17,7 +19,7 @@ class Target(Protocol):
     them does not charge twice for a request sent again after a crash, so a wrapper (a defence, an
     HTTP client) passes them on; a local model has nothing to charge and ignores them. ``frame_rate``
     is the rate of those frames in Hz. ``spec`` is the string that rebuilds the target with
-    :func:`speechmimic.targets.load_target`. ``padding`` names the batching policy ("per_clip" or
+    :func:`speechmimic.targets.load_backend`. ``padding`` names the batching policy ("per_clip" or
     "bucket"): padding changes the outputs of transformer encoders, so it is recorded with every
     paid query. ``min_samples`` is the shortest clip the target accepts (its receptive field). A
     target may also declare ``max_samples``, the longest clip it answers (an API's request limit):
@@ -41,7 +43,7 @@ class Target(Protocol):
     ) -> list[dict[str, np.ndarray]]: ...
 
 
-class TargetError(RuntimeError):
+class TargetError(SpeechmimicError, RuntimeError):
     """A target that could not answer (a remote API refusing the key, out of quota, unreachable)."""
 
 
@@ -94,13 +96,13 @@ def parse_layers(value: str | None, count: int, first: int, default: int) -> lis
         try:
             index = int(item)
         except ValueError:
-            raise ValueError(
+            raise InputError(
                 f"layers must be 'all' or a comma list of integers in [{first}, {last}] "
                 f"(or [-{count}, -1]), got {value!r}"
             ) from None
         resolved = first + count + index if index < 0 else index
         if not first <= resolved <= last:
-            raise ValueError(f"layer {index} out of range: valid are {first}..{last} or -{count}..-1")
+            raise InputError(f"layer {index} out of range: valid are {first}..{last} or -{count}..-1")
         if resolved not in indices:
             indices.append(resolved)
     return indices

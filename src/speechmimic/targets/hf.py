@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from speechmimic.audio import SAMPLE_RATE
+from speechmimic.errors import InputError
 from speechmimic.targets.base import as_clip, parse_layers
 
 PADDINGS = ("per_clip", "bucket")
@@ -56,7 +57,7 @@ class HFTarget:
         from transformers import AutoModel
 
         if padding not in PADDINGS:
-            raise ValueError(f"unknown padding {padding!r}; valid: {list(PADDINGS)}")
+            raise InputError(f"unknown padding {padding!r}; valid: {list(PADDINGS)}")
         self.location = location
         self.padding = padding
         self.batch_seconds = float(batch_seconds)

@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 
+from speechmimic.errors import InputError
 from speechmimic.targets import wire
 from speechmimic.targets.base import ClipRefused, PartialAnswers, TargetError
 
@@ -63,9 +64,9 @@ class HTTPTarget:
         seed: int = 0,
     ):
         if concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+            raise InputError(f"concurrency must be >= 1, got {concurrency}")
         if dtype not in wire.DTYPES:
-            raise ValueError(f"dtype must be one of {list(wire.DTYPES)}, got {dtype!r}")
+            raise InputError(f"dtype must be one of {list(wire.DTYPES)}, got {dtype!r}")
         self.url = url.rstrip("/")
         self.key_env = key_env
         self.concurrency = concurrency
@@ -73,7 +74,7 @@ class HTTPTarget:
         self.dtype = dtype
         key = os.environ.get(key_env)
         if not key:
-            raise ValueError(f"no API key: set the environment variable {key_env} (the spec's key_env)")
+            raise InputError(f"no API key: set the environment variable {key_env} (the spec's key_env)")
         self._headers = {"Authorization": f"Bearer {key}"}
         self._client = httpx.Client(
             timeout=timeout,

@@ -18,6 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+from speechmimic.errors import InputError
 from speechmimic.targets.base import PartialAnswers, TargetError
 
 _TARGET = None  # the worker process's own target
@@ -27,10 +28,10 @@ def _load(spec: str, device: str, threads: int) -> None:
     global _TARGET
     import torch
 
-    from speechmimic.targets.registry import load_target
+    from speechmimic.targets.registry import load_backend
 
     torch.set_num_threads(threads)
-    _TARGET = load_target(spec, device=device)
+    _TARGET = load_backend(spec, device=device)
 
 
 def _describe() -> dict:
@@ -56,7 +57,7 @@ class PooledTarget:
 
     def __init__(self, spec: str, workers: int, device: str = "cpu", threads: int = 1):
         if workers < 1:
-            raise ValueError(f"workers must be at least 1, not {workers}")
+            raise InputError(f"workers must be at least 1, not {workers}")
         context = multiprocessing.get_context("spawn")  # torch's threads do not survive a fork
         self.workers = workers
         self._pool = ProcessPoolExecutor(

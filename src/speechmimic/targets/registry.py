@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 
+from speechmimic.errors import InputError
 from speechmimic.targets.base import Target
 
 # How a spec of each kind is written, for messages that list them.
@@ -41,24 +42,24 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     repeated option, or an option the kind does not accept; the message lists what is valid.
     """
     if "|" in spec:
-        raise ValueError(
+        raise InputError(
             f"{spec!r} is a defended spec (target|defence|...): load it with speechmimic.defences.load_target"
         )
     head, sep, query = spec.partition("?")
     kind, colon, location = head.partition(":")
     kind = kind.strip()
     if kind not in _KINDS:
-        raise ValueError(f"unknown target kind {kind!r} in spec {spec!r}; valid kinds: {sorted(_KINDS)}")
+        raise InputError(f"unknown target kind {kind!r} in spec {spec!r}; valid kinds: {sorted(_KINDS)}")
     takes_location, valid_keys = _KINDS[kind]
     if takes_location and not location:
-        raise ValueError(f"spec {spec!r} needs a location: {kind}:<local dir or hub id>")
+        raise InputError(f"spec {spec!r} needs a location: {kind}:<local dir or hub id>")
     if not takes_location and colon:
-        raise ValueError(f"target kind {kind!r} takes no location, got {spec!r}")
+        raise InputError(f"target kind {kind!r} takes no location, got {spec!r}")
 
     options = parse_options(query if sep else "", f"spec {spec!r}")
     unknown = [key for key in options if key not in valid_keys]
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"unknown option {unknown[0]!r} for target kind {kind!r}; valid options: {list(valid_keys)}"
         )
     return kind, location, options
@@ -71,15 +72,16 @@ def parse_options(query: str, where: str) -> dict[str, str]:
     for item in query.split("&") if query else []:
         key, eq, value = item.partition("=")
         if not eq or not key or not value:
-            raise ValueError(f"malformed option {item!r} in {where}; expected key=value")
+            raise InputError(f"malformed option {item!r} in {where}; expected key=value")
         if key in options:
-            raise ValueError(f"option {key!r} given twice in {where}")
+            raise InputError(f"option {key!r} given twice in {where}")
         options[key] = value
     return options
 
 
-def load_target(spec: str, device: str = "cpu") -> Target:
-    """Build the target a spec names. The returned target's ``spec`` is a canonical form of ``spec``
+def load_backend(spec: str, device: str = "cpu") -> Target:
+    """Build the one backend a spec names (no defences: see :func:`speechmimic.defences.load_target`).
+    The returned target's ``spec`` is a canonical form of ``spec``
     (layers resolved to explicit indices, padding policy spelled out) that rebuilds it."""
     kind, location, options = parse_spec(spec)
     if kind == "hf":
@@ -88,7 +90,7 @@ def load_target(spec: str, device: str = "cpu") -> Target:
         # transformers reads a location that is neither a folder nor a hub id as a malformed hub id.
         if not os.path.isdir(location) and not HUB_ID.fullmatch(location):
             forms = ", ".join(FORMS.values())
-            raise ValueError(
+            raise InputError(
                 f"{spec!r}: {location!r} is no such directory, and not a hub id ('name' or "
                 f"'namespace/name'); a target spec is one of {forms}, each with ?key=value&... options"
             )
@@ -103,7 +105,7 @@ def load_target(spec: str, device: str = "cpu") -> Target:
         from speechmimic.targets.http import DEFAULT_KEY_ENV, HTTPTarget
 
         if not location.startswith("//"):
-            raise ValueError(f"spec {spec!r} is not a URL: expected {kind}://host:port[/prefix]")
+            raise InputError(f"spec {spec!r} is not a URL: expected {kind}://host:port[/prefix]")
         return HTTPTarget(
             f"{kind}:{location}",
             key_env=options.get("key_env", DEFAULT_KEY_ENV),
@@ -116,7 +118,7 @@ def load_target(spec: str, device: str = "cpu") -> Target:
 
     weights = options.get("weights")
     if weights is not None and not os.path.isfile(weights):
-        raise ValueError(f"{spec!r}: weights file {weights!r} does not exist")
+        raise InputError(f"{spec!r}: weights file {weights!r} does not exist")
     return ResemblyzerTarget(
         layers=options.get("layers"),
         padding=options.get("padding", "per_clip"),
@@ -139,5 +141,5 @@ def _number(options: dict[str, str], key: str, kind: type, default, least=None, 
         bound = f"a {number} >= {least}" if least is not None else f"a {number} > {above}"
         if above == 0:
             bound = f"a positive {number}"
-        raise ValueError(f"option {key} must be {bound}, got {options[key]!r}")
+        raise InputError(f"option {key} must be {bound}, got {options[key]!r}")
     return value

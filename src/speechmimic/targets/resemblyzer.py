@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from speechmimic.audio import SAMPLE_RATE
+from speechmimic.errors import InputError
 from speechmimic.targets.base import as_clip, parse_layers
 
 N_FFT = 400  # 25 ms window, resemblyzer's hparams.mel_window_length
@@ -67,7 +68,7 @@ class ResemblyzerTarget:
         import librosa
 
         if padding != "per_clip":
-            raise ValueError(f"resemblyzer supports only padding 'per_clip', got {padding!r}")
+            raise InputError(f"resemblyzer supports only padding 'per_clip', got {padding!r}")
         self.device = torch.device(device)
         self._indices = parse_layers(layers, count=N_LAYERS, first=1, default=N_LAYERS)
         self.layers = [f"lstm{i}" for i in self._indices]

@@ -25,6 +25,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from speechmimic.errors import SpeechmimicError
+
 SAFETENSORS = "application/x-safetensors"
 JSON = "application/json"
 RAW = "application/octet-stream"
@@ -43,7 +45,7 @@ AUDIO_TYPES = {
 }
 
 
-class WireError(ValueError):
+class WireError(SpeechmimicError, ValueError):
     """Bytes that are not a well-formed answer or clip."""
 
 
