@@ -21,14 +21,14 @@ from speechmimic.testing import S3PRL_SDIST_ENV, s3prl_sdist, unpack_s3prl
 from speechmimic.upstream import LedgerRequired
 
 NEEDED = ["s3prl/upstream/interfaces.py", "s3prl/utility/helper.py", "s3prl/upstream/example/hubconf.py"]
-# What the README tells a user to write into s3prl's customized upstream (upstream/example/expert.py).
+# What docs/interop.md tells a user to write into s3prl's customized upstream (upstream/example/expert.py).
 EXPERT_PY = "from speechmimic.s3prl_expert import UpstreamExpert  # noqa: F401\n"
 
 
 @pytest.fixture(scope="module")
 def s3prl(tmp_path_factory):
     """s3prl's ``upstream.interfaces`` module, imported from its sdist, beside its customized upstream
-    (``upstream.example.hubconf``) with ``expert.py`` as the README says to write it."""
+    (``upstream.example.hubconf``) with ``expert.py`` as docs/interop.md says to write it."""
     sdist = s3prl_sdist()
     if sdist is None:
         pytest.skip(

@@ -74,7 +74,7 @@ class ExtractConfig:
         "scratch",
         "what stage 2 trains from: 'scratch' (random weights; stage 1 then only scores the pool, and runs "
         "only for a strategy that needs scores) or 'stage1' (the stage-1 student's trunk, which costs the "
-        "copy speaker information: README 'Does the copy keep the speaker?')",
+        "copy speaker information: benchmarks/README.md, speaker_ablation.py)",
         choices=START,
     )
     stage1: PretrainConfig | None = None

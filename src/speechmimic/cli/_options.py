@@ -119,7 +119,7 @@ def add_chunk_seconds(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help=f"a student encodes clips longer than S seconds in overlapping windows of S s, so memory "
         f"stays bounded on hour-long recordings; frames match whole-clip encoding closely, not "
-        f"exactly (see README); 'none' encodes every clip whole (default: {CHUNK_SECONDS:g})",
+        f"exactly (see docs/targets.md); 'none' encodes every clip whole (default: {CHUNK_SECONDS:g})",
     )
 
 
