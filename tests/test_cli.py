@@ -187,30 +187,27 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _run(how: str, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, *(["-c", _BUGGY] if how == "buggy" else ["-m", "speechmimic"]), *args]
-    return subprocess.run(cmd, capture_output=True, text=True)
-
-
-def test_a_user_error_is_one_line_and_a_bug_shows_its_traceback(tmp_path):
+def test_a_user_error_is_one_line_and_a_bug_shows_its_traceback(tmp_path, capsys):
     out = str(tmp_path / "chosen.jsonl")
-    # user errors: a missing file, a bad target spec, an impossible budget -> one line (argparse's
-    # usage above it for a bad flag value), status 2
+    missing = ["select", "--manifest", str(tmp_path / "missing.jsonl"), "--budget", "10%", "--out", out]
+    # user errors: a missing file, a bad target spec -> one line, status 2
     for args in (
-        ["select", "--manifest", str(tmp_path / "missing.jsonl"), "--budget", "10%", "--out", out],
+        missing,
         ["query", "--target", "nothing:x", "--manifest", str(MANIFEST), "--ledger", str(tmp_path / "l")],
-        ["select", "--manifest", str(MANIFEST), "--budget", "1e9h", "--out", out],
     ):
-        r = _run("cli", *args)
-        assert r.returncode == 2, r.stderr
-        lines = r.stderr.strip().splitlines()
-        assert "Traceback" not in r.stderr and lines[-1].startswith(f"speechmimic {args[0]}: error: ")
-    # a bug: the traceback, status 1
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"speechmimic {args[0]}: error: "), err
+    # a bad flag value: argparse's usage, then one line of error, status 2
+    with pytest.raises(SystemExit) as e:
+        main(["select", "--manifest", str(MANIFEST), "--budget", "1e9h", "--out", out])
+    assert e.value.code == 2 and "error: argument --budget: budget '1e9h'" in capsys.readouterr().err
+    # --traceback (anywhere on the line) lets the error through, with its traceback
+    for args in (["--traceback", *missing], [*missing, "--traceback"]):
+        with pytest.raises(FileNotFoundError):
+            main(args)
+    # a bug, as a user meets it from the shell: the traceback, status 1
     bug = ["select", "--manifest", str(MANIFEST), "--budget", "10%", "--out", out]
-    r = _run("buggy", *bug)
+    r = subprocess.run([sys.executable, "-c", _BUGGY, *bug], capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr
     assert "KeyError: 'planted bug'" in r.stderr
-    # --traceback (anywhere on the line) shows it for a user error too
-    for args in (["--traceback", "select"], ["select", "--traceback"]):
-        r = _run("cli", *args, "--manifest", str(tmp_path / "missing.jsonl"), "--budget", "10%", "--out", out)
-        assert r.returncode == 1 and "Traceback" in r.stderr and "FileNotFoundError" in r.stderr
