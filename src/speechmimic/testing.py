@@ -8,10 +8,13 @@ benchmarks of what cannot be learned, not demos.
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import os
 import sys
 import tarfile
+import threading
+import time
 import types
 from pathlib import Path
 
@@ -110,3 +113,87 @@ class CountingTarget:
         self.calls += 1
         self.clips += len(wavs)
         return self.inner(wavs, keys=keys)
+
+
+HOSTILE_KINDS = ("idle", "slow-header", "slow-body")
+
+
+class HostileClients:
+    """Keyless clients holding connections to a server without finishing a request, for tests and
+    benchmarks on loopback. ``idle`` ones send nothing; ``slow-header`` ones send a request's headers a
+    byte every ``interval`` s; ``slow-body`` ones send whole headers announcing a 1 MB body, then a
+    byte of it every ``interval`` s. ``n`` connections are held, spread over ``kinds``: one the server
+    closes is opened again at once, until :meth:`stop` or ``seconds``. For each closed connection the
+    time the server kept it is recorded. Runs on an event loop in a thread of its own."""
+
+    def __init__(self, host: str, port: int, n: int, kinds=HOSTILE_KINDS, interval: float = 1.0,
+                 seconds: float = 60.0):  # fmt: skip
+        self.host, self.port, self.n, self.kinds = host, port, n, tuple(kinds)
+        self.interval, self.seconds = interval, seconds
+        self.lifetimes: list[float] = []  # seconds each connection lived before the server closed it
+        self.opened = self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> HostileClients:
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict:
+        """Stop, and what happened: connections opened, closed by the server, failed to open, and the
+        lifetimes of those the server closed (max and 99th percentile)."""
+        self._stop.set()
+        self._thread.join(timeout=self.seconds + 30)
+        life = sorted(self.lifetimes)
+        return {
+            "opened": self.opened,
+            "closed_by_server": len(life),
+            "failed_to_open": self.failed,
+            "max_lifetime": round(life[-1], 3) if life else None,
+            "p99_lifetime": round(life[int(0.99 * (len(life) - 1))], 3) if life else None,
+        }
+
+    def _run(self) -> None:
+        asyncio.run(self._hold_all())
+
+    async def _hold_all(self) -> None:
+        deadline = time.monotonic() + self.seconds
+        workers = [self._hold(self.kinds[i % len(self.kinds)], deadline) for i in range(self.n)]
+        await asyncio.gather(*workers)
+
+    async def _hold(self, kind: str, deadline: float) -> None:
+        head = f"POST /v1/embed HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: audio/wav\r\n"
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), 5)
+            except (OSError, asyncio.TimeoutError):
+                self.failed += 1
+                await asyncio.sleep(0.1)
+                continue
+            self.opened += 1
+            t0 = time.monotonic()
+            pending = {
+                "idle": b"",
+                "slow-header": (head + "X-Padding: " + "a" * 64).encode(),
+                "slow-body": b"",
+            }[kind]
+            if kind == "slow-body":
+                writer.write((head + "Content-Length: 1000000\r\n\r\n").encode())
+                pending = b"\0" * 1_000_000
+            closed = False
+            try:
+                while not self._stop.is_set() and time.monotonic() < deadline:
+                    if pending:
+                        writer.write(pending[:1])
+                        pending = pending[1:]
+                    try:
+                        if await asyncio.wait_for(reader.read(65536), self.interval) == b"":
+                            closed = True
+                            break
+                    except asyncio.TimeoutError:
+                        pass
+            except OSError:  # reset by the server
+                closed = True
+            if closed:
+                self.lifetimes.append(time.monotonic() - t0)
+            writer.close()

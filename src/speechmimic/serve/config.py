@@ -55,6 +55,32 @@ class ServeConfig:
         f"comma list of /v1/info fields to hide from clients, of {', '.join(INFO_FIELDS)}; 'all' hides it",
         metavar="FIELDS",
     )
+    header_timeout: float = option(
+        10.0,
+        "seconds a client has to send a request's line and headers, from connecting (or from its first "
+        "byte after an answer); then 408 and the connection is closed",
+    )
+    body_timeout: float = option(
+        10.0,
+        "seconds a request's body may take, plus one second per --body-min-rate bytes received; then 408 "
+        "and the connection is closed",
+    )
+    body_min_rate: float = option(16384.0, "bytes per second a slow body must keep up (see --body-timeout)")
+    keepalive_timeout: float = option(30.0, "seconds an idle connection stays open after an answer")
+    max_header_bytes: int = option(
+        16384, "largest request line and headers; beyond, 431 and the connection is closed"
+    )
+    max_connections: int = option(
+        0,
+        "open connections at most; beyond, the one waiting longest for a request is closed (0: the "
+        "process's descriptor limit less 64, at most 4096)",
+    )
+    max_inflight_bytes: int = option(
+        128 * 1024 * 1024, "request bodies held at once, all keys together; beyond, 503 with Retry-After"
+    )
+    max_key_inflight_bytes: int = option(
+        64 * 1024 * 1024, "request bodies held at once for one key; beyond, 429 with Retry-After"
+    )
     answers_ttl_hours: float = option(
         168.0, "how long answers stay stored under their Idempotency-Key (a resend within it is free)"
     )
@@ -100,9 +126,16 @@ class ServeConfig:
             "max_clip_seconds",
             "max_queue",
             "model_workers",
+            "header_timeout",
+            "body_timeout",
+            "body_min_rate",
+            "keepalive_timeout",
+            "max_header_bytes",
+            "max_inflight_bytes",
+            "max_key_inflight_bytes",
         ):
             if not getattr(self, name) > 0:
                 raise InputError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.max_delay_ms < 0 or self.answers_ttl_hours <= 0:
-            raise InputError("max_delay_ms must be >= 0 and answers_ttl_hours > 0")
+        if self.max_delay_ms < 0 or self.answers_ttl_hours <= 0 or self.max_connections < 0:
+            raise InputError("max_delay_ms and max_connections must be >= 0 and answers_ttl_hours > 0")
         self.hidden()

@@ -46,6 +46,13 @@ class Metrics:
         self.rejections = Counter(
             "speechmimic_rejections", "requests refused, by reason", ["reason"], registry=r
         )
+        self.connections_closed = Counter(
+            "speechmimic_connections_closed",
+            "connections the server closed itself, by reason (header-timeout, body-timeout, "
+            "header-too-large, evicted, over-capacity)",
+            ["reason"],
+            registry=r,
+        )
         self.queue = Gauge("speechmimic_queue_depth", "requests waiting for the model", registry=r)
 
     def render(self) -> bytes:

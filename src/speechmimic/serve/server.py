@@ -19,6 +19,7 @@ from speechmimic.defences import Chain, parse_chain
 from speechmimic.serve.app import create_app
 from speechmimic.serve.config import ServeConfig
 from speechmimic.serve.keys import KeyStore
+from speechmimic.serve.protocol import Guard, auto_max_connections, guarded
 from speechmimic.targets import load_backend
 
 
@@ -62,7 +63,24 @@ def run(cfg: ServeConfig) -> None:
             os.replace(tmp, path)
 
     app = create_app(target, store, cfg, on_ready=ready, chain=chain)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30))
+    closed = app.state.metrics.connections_closed
+    guard = Guard(
+        header_timeout=cfg.header_timeout,
+        body_timeout=cfg.body_timeout,
+        body_min_rate=cfg.body_min_rate,
+        max_header_bytes=cfg.max_header_bytes,
+        max_connections=cfg.max_connections or auto_max_connections(),
+        on_close=lambda reason: closed.labels(reason=reason).inc(),
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            http=guarded(guard),
+            log_level="warning",
+            access_log=False,
+            timeout_keep_alive=cfg.keepalive_timeout,
+        )
+    )
     try:
         server.run(sockets=[sock])
     finally:
