@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import httpx
 import numpy as np
 import pytest
 
@@ -181,7 +180,7 @@ def test_client_sigkilled_mid_attack_then_resumed_is_never_charged_twice(tmp_pat
         assert (
             len(ledger) == len(pool) and used.requests == len(pool) and used.samples == ledger.spent_samples
         )
-        metrics = httpx.get(server.url + "/metrics").text
+        metrics = server.metrics()
         replays = [ln for ln in metrics.splitlines() if ln.startswith("speechmimic_idempotent_replays_total")]
         replayed = float(replays[0].split()[-1]) if replays else 0.0
         # the kill left clips in doubt; those the server had answered came back free on the resend

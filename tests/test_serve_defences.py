@@ -80,15 +80,15 @@ def test_each_key_gets_its_own_defended_answer_as_in_process_and_the_same_again(
         expected = in_process(local, name, wavs[0])
         for layer in expected:
             np.testing.assert_allclose(got[layer], expected[layer], rtol=1e-4, atol=1e-5)
-    # the same key asking again gets the same answer: plain, then stored under an Idempotency-Key
-    # and replayed from the store
+    # the same key asking again gets the same answer: the same request again (replayed from the
+    # store, free), then under an Idempotency-Key (computed and charged) and again (replayed, free)
     again = answer(ask(server, alice, wavs[0]))
     first = ask(server, alice, wavs[0], **{"Idempotency-Key": "alice-0"})
     replay = ask(server, alice, wavs[0], **{"Idempotency-Key": "alice-0"})
     assert replay.headers["Idempotent-Replayed"] == "true" and "Idempotent-Replayed" not in first.headers
     for got in (again, answer(first), answer(replay)):
         assert all(np.array_equal(got[k], a[k]) for k in a)
-    assert usage(server, alice)["requests"] == 3  # the replay was free
+    assert usage(server, alice)["requests"] == 2  # the replays were free
 
 
 def test_a_flagged_key_is_refused_free_and_stays_refused_after_a_restart(server, wavs):
@@ -98,7 +98,7 @@ def test_a_flagged_key_is_refused_free_and_stays_refused_after_a_restart(server,
     refused(ask(server, thief, wavs[4]))
     refused(ask(server, thief, wavs[5], **{"Idempotency-Key": "t-5"}))
     assert usage(server, thief)["requests"] == 4  # the refusals were not charged
-    answer(ask(server, thief, wavs[0]))  # a clip it was answered before is no new information
+    answer(ask(server, thief, wavs[0]))  # what it was answered before it may have again, free
     for wav in wavs[:2]:
         answer(ask(server, honest, wav))
 
@@ -106,7 +106,7 @@ def test_a_flagged_key_is_refused_free_and_stays_refused_after_a_restart(server,
     server.start()  # same database, same defence state beside it
     assert (server.root / "serve.defences.sqlite").exists()
     refused(ask(server, thief, wavs[6]))
-    assert usage(server, thief)["requests"] == 5
+    assert usage(server, thief)["requests"] == 4
     answer(ask(server, honest, wavs[2]))  # three distinct clips: never tested, never flagged
     assert usage(server, honest)["requests"] == 3
 

@@ -54,7 +54,7 @@ def test_an_honest_client_gets_through_three_times_as_many_stalled_connections(s
     # the server closed the stalled connections itself (evicted, or at their deadline), never later
     assert stats["closed_by_server"] >= 120, stats
     assert stats["max_lifetime"] <= TIMEOUT + 1.5, stats
-    metrics = httpx.get(server.url + "/metrics").text
+    metrics = server.metrics()
     assert 'speechmimic_connections_closed_total{reason="evicted"}' in metrics
 
 

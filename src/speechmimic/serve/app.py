@@ -9,7 +9,11 @@ OpenAPI schema, and every error as an RFC 9457 problem document (``application/p
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hmac
+import logging
+import secrets
 import time
 from typing import Literal
 
@@ -19,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from speechmimic import audio, defences
@@ -31,6 +36,7 @@ from speechmimic.serve.metrics import Metrics
 from speechmimic.serve.problems import PROBLEM, Problem
 from speechmimic.targets import Target, wire
 
+log = logging.getLogger("speechmimic.serve")
 _ENDPOINTS = {"/v1/embed", "/v1/info", "/v1/usage", "/healthz", "/metrics"}
 
 
@@ -111,20 +117,39 @@ def create_app(
     service = pipeline.Service(target, store, cfg, batcher, RateLimiter(), metrics, chain)
     info = _describe(target, cfg, chain)
 
+    async def purge() -> None:
+        stats = await run_in_threadpool(
+            store.purge, cfg.answers_ttl_hours * 3600, cfg.resend_ttl_seconds, cfg.max_store_bytes
+        )
+        metrics.stored_answers.set(stats["answers"])
+        metrics.stored_bytes.set(stats["bytes"])
+
+    async def purge_every_while() -> None:
+        while True:
+            await asyncio.sleep(cfg.purge_seconds)
+            try:
+                await purge()
+            except Exception:  # a failed purge is retried at the next; the server goes on
+                log.exception("purging stored answers failed")
+
     @contextlib.asynccontextmanager
     async def lifespan(_app):
-        store.forget_answers(cfg.answers_ttl_hours)
+        await purge()
+        purger = asyncio.create_task(purge_every_while())
         await batcher.start()
         if on_ready is not None:
             on_ready()
         yield
+        purger.cancel()
         await batcher.stop()
 
+    docs = {} if cfg.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(
         title="speechmimic embedding API",
         version="1",
         description="Frame-level representations of a speech encoder, per API key with quotas and limits.",
         lifespan=lifespan,
+        **docs,
     )
     app.state.metrics = metrics
     app.add_middleware(_Observe, metrics=metrics)
@@ -149,13 +174,19 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _crash(_request, exc: Exception):
-        return problem_response(Problem(500, "internal-error", f"{type(exc).__name__}: {exc}"))
+        # the details (paths, code) go to the server's log, never to the client
+        incident = secrets.token_hex(6)
+        log.error("internal error %s", incident, exc_info=exc)
+        return problem_response(
+            Problem(500, "internal-error", f"internal error {incident} (in the server's log)")
+        )
 
     async def authenticate(
-        bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),
-        api_key: str | None = Depends(_api_key),
+        request: Request,
+        bearer_scheme: HTTPAuthorizationCredentials | None = Depends(_bearer),  # (the schema's)
+        key_scheme: str | None = Depends(_api_key),
     ) -> Key:
-        token = bearer.credentials if bearer is not None else api_key
+        token = credential(request.headers)
         if not token:
             raise Problem(
                 401, "missing-key", "send your API key as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
@@ -180,7 +211,7 @@ def create_app(
                     "X-Charged-Seconds": {"schema": {"type": "number"}, "description": "0 for a replay"},
                 },
             },
-            **_problems(401, 403, 409, 413, 415, 422, 429),
+            **_problems(400, 401, 403, 413, 415, 422, 429, 503),
         },
         openapi_extra=_EMBED_BODY,
     )
@@ -211,7 +242,10 @@ def create_app(
         return info
 
     @app.get(
-        "/v1/usage", summary="What your key has used", response_model=Usage, responses=_problems(401, 403)
+        "/v1/usage",
+        summary="What your key has used",
+        response_model=Usage,
+        responses=_problems(400, 401, 403),
     )
     async def get_usage(key: Key = Depends(authenticate)) -> dict:
         return key.public()
@@ -220,12 +254,38 @@ def create_app(
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
-             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})  # fmt: skip
-    async def get_metrics() -> Response:
+    @app.get("/metrics", summary="Prometheus metrics (with the metrics token)", response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+                        **_problems(401, 404)})  # fmt: skip
+    async def get_metrics(request: Request) -> Response:
+        if not cfg.metrics_token:
+            raise Problem(404, "not-found", "metrics are off: the server was started without --metrics-token")
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {cfg.metrics_token}".encode()):
+            raise Problem(401, "missing-key", "metrics need 'Authorization: Bearer <metrics token>'")
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def credential(headers) -> str | None:
+    """The API key of a request: ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``. Two of a header,
+    or both headers with different keys, are refused: a server must not pick one silently (a proxy
+    may have added one, or a client mixed two accounts)."""
+    bearers = headers.getlist("authorization")
+    keys = headers.getlist("x-api-key")
+    if len(bearers) > 1 or len(keys) > 1:
+        raise Problem(400, "conflicting-credentials", "send one Authorization or one X-API-Key header")
+    bearer = None
+    if bearers:
+        scheme, _, value = bearers[0].partition(" ")
+        bearer = value.strip() if scheme.lower() == "bearer" else None
+    key = keys[0].strip() if keys else None
+    if bearer and key and not hmac.compare_digest(bearer.encode(), key.encode()):
+        raise Problem(
+            400, "conflicting-credentials", "the Authorization and X-API-Key headers name different keys"
+        )
+    return bearer or key
 
 
 def _describe(target: Target, cfg: ServeConfig, chain: defences.Chain | None = None) -> dict | None:

@@ -84,6 +84,24 @@ class ServeConfig:
     answers_ttl_hours: float = option(
         168.0, "how long answers stay stored under their Idempotency-Key (a resend within it is free)"
     )
+    resend_ttl_seconds: float = option(
+        600.0,
+        "how long an answer to a request without an Idempotency-Key stays stored under the request's "
+        "content: the same request sent again within it is answered from the store, free",
+    )
+    max_store_bytes: int = option(
+        1024**3,
+        "stored answers at most; beyond, the oldest are dropped, those without an Idempotency-Key first "
+        "(checked every minute)",
+    )
+    purge_seconds: float = option(60.0, "how often stored answers past their time (or the cap) are dropped")
+    metrics_token: str | None = option(
+        None,
+        "a token that GET /metrics must bring as 'Authorization: Bearer TOKEN' (metrics name every key); "
+        "without one /metrics is off. Prefer SPEECHMIMIC_SERVE_METRICS_TOKEN: flags show in ps",
+        metavar="TOKEN",
+    )
+    docs: bool = option(True, "serve /docs and /openapi.json (the API's schema)")
     device: str = option("cpu", "torch device of the served model")
     threads: int = option(0, "torch threads of the model (0: torch's default)")
     model_workers: int = option(
@@ -133,6 +151,9 @@ class ServeConfig:
             "max_header_bytes",
             "max_inflight_bytes",
             "max_key_inflight_bytes",
+            "resend_ttl_seconds",
+            "max_store_bytes",
+            "purge_seconds",
         ):
             if not getattr(self, name) > 0:
                 raise InputError(f"{name} must be > 0, got {getattr(self, name)}")

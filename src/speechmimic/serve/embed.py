@@ -5,20 +5,27 @@
 
 1. :func:`check_rate`: the key's token bucket (429 with ``Retry-After``);
 2. :func:`idempotency_key`: the header, if any, is 1 to 255 printable ASCII characters (422);
-3. :func:`read_body`: at most the key's payload limit, checked before and while reading (413);
-4. :func:`media_kind`: raw samples or an audio type we decode (415);
-5. a stored answer to the same ``Idempotency-Key`` is replayed, free (:func:`replay`; 422 if it came
-   with another body), and one still being answered is 409;
+3. :func:`media_kind`: raw samples or an audio type we decode (415);
+4. :func:`read_body`: at most the key's payload limit, checked before and while reading (413), and
+   within the bytes in flight allowed per key (429) and in all (503);
+5. the answer's name in the store: its ``Idempotency-Key``, or, without one, the request's content
+   hash. A stored answer is replayed, free and byte for byte (:func:`replay`; 422 if an
+   ``Idempotency-Key`` comes with another body); a duplicate of a request being answered waits for it
+   and is then replayed: the model runs once;
 6. :func:`decode`: through the audio layer, as any untrusted file (413, 415, 422);
-7. :func:`answer`: the quota, counting what is reserved (:mod:`~speechmimic.serve.reservations`;
-   429 without ``Retry-After``), the defences' admission (403), a dynamic batch (429 when full),
-   the defences applied as the key's account, and the charge, committed with the stored answer
-   before anything is sent;
+7. :func:`answer`: the quota, counting what is reserved (429 without ``Retry-After``), the defences'
+   admission (403), a dynamic batch (429 when full), the defences applied as the key's account, and
+   the charge, committed with the stored answer before anything is sent;
 8. :func:`respond`: the metrics, and the answer in the format and precision asked for.
+
+The rule that follows: **no charge without a deliverable answer.** Every charged answer is stored
+with its charge; if the connection breaks before it arrives, the same request sent again (within
+``answers_ttl_hours`` under an ``Idempotency-Key``, ``resend_ttl_seconds`` without) gets it, free.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import os
@@ -29,16 +36,19 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from speechmimic import audio, defences
 from speechmimic.serve.batcher import Batcher, Busy
 from speechmimic.serve.config import ServeConfig
-from speechmimic.serve.keys import Key, KeyStore, QuotaExceeded, StoredAnswer
+from speechmimic.serve.keys import IMPLICIT, Key, KeyStore, QuotaExceeded, StoredAnswer
 from speechmimic.serve.limits import RateLimiter
 from speechmimic.serve.metrics import Metrics
 from speechmimic.serve.problems import Problem
 from speechmimic.serve.reservations import Reservations
 from speechmimic.targets import Target, wire
+
+RETRY = {"Retry-After": "1"}
 
 
 @dataclass
@@ -69,25 +79,31 @@ async def embed(service: Service, request: Request, key: Key, params: Params) ->
     """Answer one authenticated request (the steps of the module's docstring, in order)."""
     check_rate(service.limiter, key)
     idem = idempotency_key(request.headers.get("idempotency-key"))
-    body = await read_body(request, min(service.cfg.max_payload_bytes, key.max_bytes or math.inf))
     kind = media_kind(request.headers.get("content-type"))
-    digest = request_hash(kind, params, body)
-    if idem is not None:
-        stored = service.store.stored(key.id, idem)
-        if stored is not None:
-            return replay(stored, digest, params, key, service.metrics)
-        if service.reservations.in_flight(key.id, idem):
-            raise Problem(
-                409,
-                "in-flight",
-                "a request with this Idempotency-Key is being answered",
-                {"Retry-After": "1"},
-            )
-    max_seconds = min(service.cfg.max_clip_seconds, key.max_seconds or math.inf)
-    args = (body, kind, params.encoding, params.sample_rate, max_seconds, service.target.min_samples)
-    # raw samples take microseconds to check; a file is decoded off the event loop
-    wav = decode(*args) if kind == wire.RAW else await run_in_threadpool(decode, *args)
-    arrays, keep, earlier = await answer(service, key, wav, idem, digest)
+    body, taken = await read_body(service, request, key)
+    try:
+        digest = request_hash(kind, params, body)
+        name = idem if idem is not None else IMPLICIT + digest
+        while True:  # nothing awaits between the store's answer and the claim: no duplicate slips in
+            stored = service.store.stored(key.id, name)
+            if stored is not None:
+                return replay(stored, digest, params, key, service.metrics)
+            first = service.reservations.answering(key.id, name)
+            if first is None:
+                break
+            await asyncio.shield(first)  # then its answer is stored (or it failed: this one tries)
+        with service.reservations.claim(key.id, name):
+            max_seconds = min(service.cfg.max_clip_seconds, key.max_seconds or math.inf)
+            args = (body, kind, params.encoding, params.sample_rate, max_seconds, service.target.min_samples)
+            # raw samples take microseconds to check; a file is decoded off the event loop
+            wav = decode(*args) if kind == wire.RAW else await run_in_threadpool(decode, *args)
+            del body, args
+            service.reservations.give_bytes(key.id, taken)
+            taken = 0
+            arrays, keep, earlier = await answer(service, key, wav, name, digest)
+    finally:
+        if taken:
+            service.reservations.give_bytes(key.id, taken)
     if earlier is not None:
         return replay(earlier, digest, params, key, service.metrics)
     return respond(service.metrics, key, arrays, len(wav), keep, params)
@@ -112,21 +128,55 @@ def idempotency_key(header: str | None) -> str | None:
     return header
 
 
-async def read_body(request: Request, limit: float) -> bytes:
+async def read_body(service: Service, request: Request, key: Key) -> tuple[bytes, int]:
+    """The body, and the bytes of it held in the key's and the server's budgets of bytes in flight
+    (the caller gives them back once the body is decoded)."""
+    limit = min(service.cfg.max_payload_bytes, key.max_bytes or math.inf)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise Problem(413, "payload-too-large", f"{declared} bytes; this key may send at most {int(limit)}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
+    taken = 0
+
+    def hold(n: int) -> None:
+        nonlocal taken
+        over = service.reservations.take_bytes(
+            key.id, n, service.cfg.max_key_inflight_bytes, service.cfg.max_inflight_bytes
+        )
+        if over == "key":
             raise Problem(
-                413, "payload-too-large", f"more than {int(limit)} bytes; this key may send at most that"
+                429, "busy", "this key's uploads in flight are at their limit", {"Retry-After": "1"}
             )
-        chunks.append(chunk)
-    if not size:
-        raise Problem(422, "empty-audio", "the request has no body: send one clip")
-    return b"".join(chunks)
+        if over == "total":
+            raise Problem(
+                503, "server-busy", "uploads in flight are at the server's limit", {"Retry-After": "1"}
+            )
+        taken += n
+
+    chunks, size = [], 0
+    try:
+        if declared is not None and declared.isdigit():
+            hold(int(declared))
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise Problem(
+                        413,
+                        "payload-too-large",
+                        f"more than {int(limit)} bytes; this key may send at most that",
+                    )
+                if size > taken:
+                    hold(size - taken)
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise Problem(400, "incomplete-body", "the connection closed before the body ended") from None
+        if not size:
+            raise Problem(422, "empty-audio", "the request has no body: send one clip")
+    except BaseException:
+        if taken:
+            service.reservations.give_bytes(key.id, taken)
+        raise
+    return b"".join(chunks), taken
 
 
 def media_kind(content_type: str | None) -> str:
@@ -166,20 +216,24 @@ def decode(
             path = os.path.join(tmp, "clip" + wire.AUDIO_TYPES[kind])
             with open(path, "wb") as f:
                 f.write(body)
-            return audio.load_audio(path, min_samples=min_samples, max_seconds=limit)
+            try:
+                return audio.load_audio(path, min_samples=min_samples, max_seconds=limit)
+            except audio.AudioError as e:  # the decoder's words may name the file: never a server path
+                e.reason = e.reason.replace(path, "<upload>").replace(tmp, "<upload>")
+                raise
     except audio.AudioError as e:
         raise Problem.of_audio(e) from None
 
 
 async def answer(
-    service: Service, key: Key, wav: np.ndarray, idem: str | None, digest: str
+    service: Service, key: Key, wav: np.ndarray, name: str, digest: str
 ) -> tuple[dict[str, np.ndarray], bytes, StoredAnswer | None]:
-    """The (defended) answer to ``wav``, charged to ``key``: its arrays, the bytes stored under
-    ``idem`` (empty without one), and the answer stored earlier if the same ``idem`` was answered
+    """The (defended) answer to ``wav``, charged to ``key`` and stored under ``name``: its arrays, the
+    bytes stored (safetensors, float32), and the answer stored earlier under ``name`` if one was
     meanwhile (then nothing is charged and that one is the answer)."""
     samples = len(wav)
     try:
-        hold = service.reservations.reserve(key, samples, idem)
+        hold = service.reservations.reserve(key, samples)
     except QuotaExceeded as e:
         raise Problem(429, "quota-exhausted", e.what) from None
     with hold:
@@ -198,16 +252,19 @@ async def answer(
         if query is not None:
             # before encoding: the stored answer, and every replay of it, is the defended one
             arrays = await run_in_threadpool(service.chain.apply, query, arrays)
-        keep = wire.encode_answer(arrays, samples)[0] if idem is not None else b""
+        keep = wire.encode_answer(arrays, samples)[0]
         # Released before the charge commits, never after: a request checked between the commit
         # (in a thread) and a later release would count this one twice, in the key's usage and in
         # its reservations, and be refused short of the quota. Checked in the gap, it may be
         # admitted one too many; the charge itself then refuses it (nothing is charged).
         hold.release()
         try:
-            earlier = await run_in_threadpool(service.store.charge, key.id, samples, idem, digest, keep)
+            earlier = await run_in_threadpool(service.store.charge, key.id, samples, name, digest, keep)
         except QuotaExceeded as e:
             raise Problem(429, "quota-exhausted", e.what) from None
+    if earlier is None:
+        service.metrics.stored_answers.inc()
+        service.metrics.stored_bytes.inc(len(keep))
     return arrays, keep, earlier
 
 
@@ -246,8 +303,7 @@ def replay(stored: StoredAnswer, digest: str, params: Params, key: Key, metrics:
             "idempotency-key-reused",
             "this Idempotency-Key was used for another request; use a new key per clip",
         )
-    arrays, _ = wire.decode_answer(stored.body, wire.SAFETENSORS)
-    content, media = wire.encode_answer(arrays, stored.samples, params.format, params.dtype)
+    content, media = _encoded(stored.body, None, stored.samples, params)
     metrics.replays.labels(key=key.name).inc()
     headers = {
         "X-Audio-Seconds": f"{stored.samples / audio.SAMPLE_RATE:g}",
@@ -255,3 +311,14 @@ def replay(stored: StoredAnswer, digest: str, params: Params, key: Key, metrics:
         "Idempotent-Replayed": "true",
     }
     return Response(content, media_type=media, headers=headers)
+
+
+def _encoded(stored: bytes, arrays: dict[str, np.ndarray] | None, samples: int, params: Params):
+    """The answer as asked for: the stored bytes themselves for safetensors in float32 (so a replay
+    is byte for byte the first answer), else encoded from ``arrays`` (read back from ``stored`` when
+    not given; the encoding is deterministic)."""
+    if (params.format, params.dtype) == ("safetensors", "float32"):
+        return stored, wire.SAFETENSORS
+    if arrays is None:
+        arrays, _ = wire.decode_answer(stored, wire.SAFETENSORS)
+    return wire.encode_answer(arrays, samples, params.format, params.dtype)

@@ -3,10 +3,13 @@ file (WAL, ``synchronous=FULL``), so what was committed survives a restart or a 
 
 A key is shown once, when it is created; only its SHA-256 is stored (keys are 256 random bits, so a
 fast hash is enough). Usage is counted in requests and in samples at 16 kHz (exact integers: the
-server's charged seconds can be compared with a ledger's to the sample). The charge for an answer,
-and the answer itself when the request had an ``Idempotency-Key``, are committed in one
-transaction before the answer is sent: an answer that was charged can always be fetched again for
-free, and one that was not committed was never charged.
+server's charged seconds can be compared with a ledger's to the sample). The charge for an answer
+and the answer itself are committed in one transaction before the answer is sent: an answer that was
+charged can be fetched again for free (under its ``Idempotency-Key``, or, without one, by sending the
+same request again within a short time), and one that was not committed was never charged.
+
+Stored answers are bounded: :meth:`KeyStore.purge` drops those past their time (answers without an
+``Idempotency-Key`` go first) and then the oldest, until the store is under its size cap.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ CREATE TABLE IF NOT EXISTS answers (
 CREATE INDEX IF NOT EXISTS answers_created ON answers(created);
 """
 LIMITS = ("quota_requests", "quota_seconds", "rate", "burst", "max_bytes", "max_seconds")
+# The store key of an answer given without an Idempotency-Key: this prefix and the request's hash. A
+# tab is not printable, so no client's Idempotency-Key can take the same name.
+IMPLICIT = "\tsha256:"
 
 
 class QuotaExceeded(Exception):
@@ -110,7 +116,7 @@ class StoredAnswer:
 class _Charge:
     key_id: int
     samples: int
-    idempotency_key: str | None
+    store_key: str
     request_hash: str
     body: bytes
     done: bool = False
@@ -216,23 +222,18 @@ class KeyStore:
         return None if row is None else StoredAnswer(row["request_hash"], row["samples"], bytes(row["body"]))
 
     def charge(
-        self,
-        key_id: int,
-        samples: int,
-        idempotency_key: str | None = None,
-        request_hash: str = "",
-        body: bytes = b"",
+        self, key_id: int, samples: int, store_key: str, request_hash: str, body: bytes
     ) -> StoredAnswer | None:
-        """Charge one request of ``samples`` and store its answer under ``idempotency_key``, committed
-        before this returns. Returns the answer stored before if that key was answered meanwhile
-        (nothing is charged then); raises :class:`QuotaExceeded` (nothing charged) if the quota does
-        not allow it.
+        """Charge one request of ``samples`` and store its answer under ``store_key`` (its
+        Idempotency-Key, or :data:`IMPLICIT` + ``request_hash``), committed before this returns.
+        Returns the answer stored before if that key was answered meanwhile (nothing is charged then);
+        raises :class:`QuotaExceeded` (nothing charged) if the quota does not allow it.
 
         Group commit: charges that arrive while a commit is being written wait for it and are then
         committed together, one transaction and one fsync for all of them, by whichever caller comes
         first. Each caller still returns only once its own charge is on disk; a full fsync per request
         would cap the server at the disk's fsync rate."""
-        item = _Charge(key_id, samples, idempotency_key, request_hash, body)
+        item = _Charge(key_id, samples, store_key, request_hash, body)
         with self._group:
             self._queue.append(item)
             while not item.done and self._committing:
@@ -271,32 +272,52 @@ class KeyStore:
                     item.done = True
 
     def _apply(self, item: _Charge) -> None:
-        if item.idempotency_key is not None:
-            item.earlier = self._stored(item.key_id, item.idempotency_key)
-            if item.earlier is not None:
-                return
+        item.earlier = self._stored(item.key_id, item.store_key)
+        if item.earlier is not None:
+            return
         key = _key(self._db.execute("SELECT * FROM keys WHERE id = ?", (item.key_id,)).fetchone())
         exceeded = key.over_quota(key.requests + 1, key.samples + item.samples)
         if exceeded:
             item.error = QuotaExceeded(exceeded)
             return
-        if item.idempotency_key is not None:
-            self._db.execute(
-                "INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?)",
-                (item.key_id, item.idempotency_key, item.request_hash, item.samples, item.body, time.time()),
-            )
+        self._db.execute(
+            "INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?)",
+            (item.key_id, item.store_key, item.request_hash, item.samples, item.body, time.time()),
+        )
         self._db.execute(
             "UPDATE keys SET requests = requests + 1, samples = samples + ? WHERE id = ?",
             (item.samples, item.key_id),
         )
 
-    def forget_answers(self, older_than_hours: float) -> int:
-        """Drop stored answers older than the retention; returns how many."""
+    def purge(self, keyed_seconds: float, unkeyed_seconds: float, max_bytes: int) -> dict[str, int]:
+        """Drop stored answers past their time (``keyed_seconds`` for those under an Idempotency-Key,
+        ``unkeyed_seconds`` for the others), then, while the answers take more than ``max_bytes``,
+        the oldest: those without an Idempotency-Key first. Returns what was dropped and what is left."""
+        now = time.time()
+        implicit = f"substr(idempotency_key, 1, {len(IMPLICIT)}) = ?"
         with self._lock:
-            cur = self._db.execute(
-                "DELETE FROM answers WHERE created < ?", (time.time() - older_than_hours * 3600,)
-            )
-            return cur.rowcount
+            dropped = self._db.execute(
+                f"DELETE FROM answers WHERE created < ? OR ({implicit} AND created < ?)",
+                (now - keyed_seconds, IMPLICIT, now - unkeyed_seconds),
+            ).rowcount
+            total = self._db.execute("SELECT coalesce(sum(length(body)), 0) FROM answers").fetchone()[0]
+            for unkeyed in (True, False):
+                if total <= max_bytes:
+                    break
+                rows = self._db.execute(
+                    f"SELECT rowid, length(body) FROM answers WHERE ({implicit}) = ? ORDER BY created",
+                    (IMPLICIT, unkeyed),
+                ).fetchall()
+                doomed = []
+                for rowid, size in rows:
+                    if total <= max_bytes:
+                        break
+                    doomed.append(rowid)
+                    total -= size
+                self._db.executemany("DELETE FROM answers WHERE rowid = ?", [(r,) for r in doomed])
+                dropped += len(doomed)
+            left = self._db.execute("SELECT count(*) FROM answers").fetchone()[0]
+        return {"dropped": dropped, "answers": left, "bytes": total}
 
     def _one(self, sql: str, args: tuple):
         with self._read_lock:

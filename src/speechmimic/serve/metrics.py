@@ -53,6 +53,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.stored_answers = Gauge(
+            "speechmimic_stored_answers", "answers kept for free resends (see --max-store-bytes)", registry=r
+        )
+        self.stored_bytes = Gauge(
+            "speechmimic_stored_answer_bytes", "bytes of the stored answers", registry=r
+        )
         self.queue = Gauge("speechmimic_queue_depth", "requests waiting for the model", registry=r)
 
     def render(self) -> bytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -40,6 +41,7 @@ class ServerProcess:
         self.url: str | None = None
         self.proc: subprocess.Popen | None = None
         self.starts = 0
+        self.metrics_token = secrets.token_urlsafe(16)  # through the environment, as a user should
 
     def start(self) -> ServerProcess:
         ready = self.root / "ready.json"
@@ -49,12 +51,13 @@ class ServerProcess:
             import torch
 
             self.threads = torch.get_num_threads()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "SPEECHMIMIC_SERVE_METRICS_TOKEN": self.metrics_token}
         with open(self.root / f"server-{self.starts}.log", "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "speechmimic", "serve", "--target", self.target, "--db", str(self.db),
                  "--host", "127.0.0.1", "--port", str(self.port or 0), "--ready-file", str(ready),
                  "--threads", str(self.threads), *self.flags],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                stdout=log, stderr=subprocess.STDOUT, env=env,
             )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT
         while not ready.exists():
@@ -67,6 +70,13 @@ class ServerProcess:
         self.url = json.loads(ready.read_text())["url"]
         self.port = int(self.url.rsplit(":", 1)[1])
         return self
+
+    def metrics(self) -> str:
+        """The server's Prometheus metrics (with its metrics token)."""
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.metrics_token}"}
+        return httpx.get(self.url + "/metrics", headers=headers, timeout=30).raise_for_status().text
 
     def log(self) -> str:
         return (self.root / f"server-{self.starts}.log").read_text(errors="replace")

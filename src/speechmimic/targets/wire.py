@@ -23,7 +23,6 @@ import json
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
 
 from speechmimic.errors import SpeechmimicError
 
@@ -82,12 +81,33 @@ def encode_answer(
     cast = {k: np.ascontiguousarray(v, dtype=np.dtype(dtype).newbyteorder("<")) for k, v in arrays.items()}
     if fmt == "safetensors":
         meta = {"layers": json.dumps(list(cast)), "num_samples": str(int(num_samples))}
-        return st_save(cast, metadata=meta), SAFETENSORS
+        return safetensors_bytes(cast, meta), SAFETENSORS
     layers = [
         {"name": k, "shape": list(v.shape), "dtype": dtype, "data": base64.b64encode(v.tobytes()).decode()}
         for k, v in cast.items()
     ]
     return json.dumps({"num_samples": int(num_samples), "layers": layers}).encode(), JSON
+
+
+_ST_DTYPES = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<i2"): "I16"}
+
+
+def safetensors_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """``arrays`` (float32, float16 or int16) in the safetensors format, byte for byte the same for
+    the same input: the header keeps the order given (safetensors' own writer orders its metadata
+    by chance, so the same answer sent twice would differ)."""
+    header: dict = {"__metadata__": metadata}
+    offset, blobs = 0, []
+    for name, arr in arrays.items():
+        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+        blob = arr.tobytes()
+        header[name] = {"dtype": _ST_DTYPES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + len(blob)]}  # fmt: skip
+        offset += len(blob)
+        blobs.append(blob)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
 
 
 def decode_answer(body: bytes, content_type: str | None) -> tuple[dict[str, np.ndarray], int | None]:
