@@ -11,9 +11,13 @@ import time
 import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
+from speechmimic.serve.app import create_app
+from speechmimic.serve.config import ServeConfig
+from speechmimic.serve.keys import KeyStore
 from speechmimic.serve.process import ServerProcess
-from speechmimic.targets import wire
+from speechmimic.targets import load_backend, wire
 from speechmimic.testing import HostileClients
 
 TIMEOUT = 2.0  # the server's header and body deadlines in these tests
@@ -104,3 +108,42 @@ def test_garbage_after_a_request_does_not_lose_its_answer(server, clip):
     arrays, samples = wire.decode_answer(content, wire.SAFETENSORS)
     assert samples == len(clip) and all(np.isfinite(a).all() for a in arrays.values())
     assert server.usage("pipeliner").requests == 1  # charged once, and delivered
+
+
+def test_conflicting_credentials_are_refused_and_cost_nothing(server, clip):
+    alice, bob = server.key("alice"), server.key("bob")
+    body, raw = wire.encode_raw(clip), {"Content-Type": wire.RAW}
+    url = server.url + "/v1/embed"
+    for headers in (
+        [("Authorization", f"Bearer {alice}"), ("X-API-Key", bob)],  # two keys
+        [("Authorization", f"Bearer {alice}"), ("Authorization", f"Bearer {bob}")],  # two headers
+        [("X-API-Key", alice), ("X-API-Key", alice)],
+    ):
+        r = httpx.post(url, content=body, headers=[*raw.items(), *headers])
+        assert r.status_code == 400 and r.json()["type"] == "urn:speechmimic:problem:conflicting-credentials"
+    same = httpx.post(
+        url, content=body, headers={**raw, "Authorization": f"Bearer {alice}", "X-API-Key": alice}
+    )
+    assert same.status_code == 200
+    assert (server.usage("alice").requests, server.usage("bob").requests) == (1, 0)
+
+
+def test_metrics_docs_and_errors_expose_nothing_to_anonymous_callers(server, tmp_path, tiny_hf):
+    assert httpx.get(server.url + "/metrics").status_code == 401
+    wrong = httpx.get(server.url + "/metrics", headers={"Authorization": "Bearer guess"})
+    assert wrong.status_code == 401 and "alice" not in wrong.text
+    assert "speechmimic_requests_total" in server.metrics()  # with the token
+    # an upload that does not decode: the reason, never where the server put it
+    token = server.key("uploader")
+    r = httpx.post(server.url + "/v1/embed", content=b"RIFF" + bytes(100),
+                   headers={"Authorization": f"Bearer {token}", "Content-Type": "audio/wav"})  # fmt: skip
+    assert r.status_code == 422 and "/tmp" not in r.text and "speechmimic-upload" not in r.text, r.text
+    # without a metrics token there are no metrics; --no-docs leaves no schema to read
+    spec = f"hf:{tiny_hf['hubert']}?layers=all"
+    cfg = ServeConfig(target=spec, db=str(tmp_path / "k.sqlite"), docs=False)
+    app = create_app(load_backend(spec), KeyStore(cfg.db), cfg)
+    with TestClient(app) as client:  # in-process: no socket
+        assert client.get("/metrics").status_code == 404
+        for path in ("/docs", "/openapi.json", "/redoc"):
+            assert client.get(path).status_code == 404
+        assert client.get("/healthz").status_code == 200
