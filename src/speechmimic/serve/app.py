@@ -37,7 +37,7 @@ from speechmimic.serve.problems import PROBLEM, Problem
 from speechmimic.targets import Target, wire
 
 log = logging.getLogger("speechmimic.serve")
-_ENDPOINTS = {"/v1/embed", "/v1/info", "/v1/usage", "/healthz", "/metrics"}
+_ENDPOINTS = {"/v1/embed", "/v1/embed/batch", "/v1/info", "/v1/usage", "/healthz", "/metrics"}
 
 
 class ProblemDoc(BaseModel):
@@ -69,6 +69,7 @@ class Info(BaseModel):
     min_samples: int | None = None
     padding: str | None = None
     limits: dict[str, float] | None = None
+    batch: dict[str, int] | None = None
 
 
 class Usage(BaseModel):
@@ -233,6 +234,30 @@ def create_app(
         params = pipeline.Params(format, dtype, encoding, sample_rate)
         return await pipeline.embed(service, request, key, params)
 
+    @app.post(
+        "/v1/embed/batch",
+        summary="The target's layers for several clips, each charged and stored on its own",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "per clip, its layers or the problem that refused it (metadata 'results')",
+                "content": {wire.SAFETENSORS: _BINARY, wire.JSON: {"schema": {"type": "object"}}},
+            },
+            **_problems(400, 401, 403, 413, 415, 422, 429, 503),
+        },
+        openapi_extra={"requestBody": {"required": True, "content": {wire.SAFETENSORS: _BINARY},
+                                       "description": "clips as 1-D tensors 0..n-1 (see the wire format)"}},
+    )  # fmt: skip
+    async def embed_batch(
+        request: Request,
+        key: Key = Depends(authenticate),
+        format: Literal["safetensors", "json"] = Query(
+            "safetensors", description="how the answer is encoded"
+        ),
+        dtype: Literal["float32", "float16"] = Query("float32", description="precision of the answer"),
+    ) -> Response:
+        return await pipeline.embed_batch(service, request, key, pipeline.Params(format, dtype))
+
     @app.get("/v1/info", summary="What the API returns", response_model=Info,
              response_model_exclude_none=True,
              responses=_problems(404))  # fmt: skip
@@ -314,6 +339,7 @@ def _describe(target: Target, cfg: ServeConfig, chain: defences.Chain | None = N
         "min_samples": target.min_samples,
         "padding": target.padding,
         "limits": {"max_payload_bytes": cfg.max_payload_bytes, "max_clip_seconds": cfg.max_clip_seconds},
+        "batch": {"max_clips": cfg.max_batch_clips},
     }
     return {k: v for k, v in full.items() if k not in hidden}
 

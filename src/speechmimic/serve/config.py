@@ -10,7 +10,7 @@ from speechmimic.config import option
 from speechmimic.errors import InputError
 
 ENV_PREFIX = "SPEECHMIMIC_SERVE_"
-INFO_FIELDS = ("layers", "widths", "frame_rate", "min_samples", "padding", "limits")
+INFO_FIELDS = ("layers", "widths", "frame_rate", "min_samples", "padding", "limits", "batch")
 
 
 @dataclass
@@ -50,6 +50,9 @@ class ServeConfig:
         32 * 1024 * 1024, "largest request body accepted from any key (a key may allow less)"
     )
     max_clip_seconds: float = option(120.0, "longest clip accepted from any key (a key may allow less)")
+    max_batch_clips: int = option(
+        64, "clips one request to /v1/embed/batch may carry (the payload limit applies to the whole request)"
+    )
     hide_info: str = option(
         "",
         f"comma list of /v1/info fields to hide from clients, of {', '.join(INFO_FIELDS)}; 'all' hides it",
@@ -142,6 +145,7 @@ class ServeConfig:
             "max_batch_seconds",
             "max_payload_bytes",
             "max_clip_seconds",
+            "max_batch_clips",
             "max_queue",
             "model_workers",
             "header_timeout",

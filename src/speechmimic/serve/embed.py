@@ -75,42 +75,156 @@ class Params:
     sample_rate: int = audio.SAMPLE_RATE  # raw bodies only
 
 
+@dataclass
+class Answered:
+    """One clip's answer: the stored bytes (safetensors, float32), its samples, whether this request
+    was charged for it (else it came from the store, free), and its arrays when just computed."""
+
+    stored: bytes
+    samples: int
+    charged: bool
+    arrays: dict[str, np.ndarray] | None = None
+
+    def layers(self) -> dict[str, np.ndarray]:
+        return (
+            self.arrays if self.arrays is not None else wire.decode_answer(self.stored, wire.SAFETENSORS)[0]
+        )
+
+
 async def embed(service: Service, request: Request, key: Key, params: Params) -> Response:
-    """Answer one authenticated request (the steps of the module's docstring, in order)."""
+    """Answer one authenticated request of one clip (the steps of the module's docstring, in order)."""
     check_rate(service.limiter, key)
     idem = idempotency_key(request.headers.get("idempotency-key"))
     kind = media_kind(request.headers.get("content-type"))
     body, taken = await read_body(service, request, key)
+    held = [taken]
     try:
-        digest = request_hash(kind, params, body)
-        name = idem if idem is not None else IMPLICIT + digest
-        while True:  # nothing awaits between the store's answer and the claim: no duplicate slips in
-            stored = service.store.stored(key.id, name)
-            if stored is not None:
-                return replay(stored, digest, params, key, service.metrics)
-            first = service.reservations.answering(key.id, name)
-            if first is None:
-                break
-            await asyncio.shield(first)  # then its answer is stored (or it failed: this one tries)
-        with service.reservations.claim(key.id, name):
-            max_seconds = min(service.cfg.max_clip_seconds, key.max_seconds or math.inf)
-            args = (body, kind, params.encoding, params.sample_rate, max_seconds, service.target.min_samples)
+        digest = request_hash(kind, params.encoding, params.sample_rate, body)
+        args = (
+            body,
+            kind,
+            params.encoding,
+            params.sample_rate,
+            _max_seconds(service, key),
+            service.target.min_samples,
+        )
+        del body
+
+        async def wav() -> np.ndarray:
             # raw samples take microseconds to check; a file is decoded off the event loop
-            wav = decode(*args) if kind == wire.RAW else await run_in_threadpool(decode, *args)
-            del body, args
-            service.reservations.give_bytes(key.id, taken)
-            taken = 0
-            arrays, keep, earlier = await answer(service, key, wav, name, digest)
+            out = decode(*args) if kind == wire.RAW else await run_in_threadpool(decode, *args)
+            service.reservations.give_bytes(key.id, held.pop())  # the body's bytes are no longer held
+            return out
+
+        got = await clip_answer(service, key, idem if idem is not None else IMPLICIT + digest, digest, wav)
     finally:
-        if taken:
-            service.reservations.give_bytes(key.id, taken)
+        if held:
+            service.reservations.give_bytes(key.id, held.pop())
+    return respond(service.metrics, key, got, params)
+
+
+async def embed_batch(service: Service, request: Request, key: Key, params: Params) -> Response:
+    """Answer a request of several clips: each answered, charged, stored and replayable on its own
+    (a refused clip gets its problem document in the answer, and costs nothing); the payload limit
+    applies to the whole request, at most ``max_batch_clips`` clips, one token of the rate limit each."""
+    if wire.media_type(request.headers.get("content-type")) != wire.SAFETENSORS:
+        raise Problem(415, "unsupported-media-type", f"a batch is {wire.SAFETENSORS} (see the wire format)")
+    body, taken = await read_body(service, request, key)
+    try:
+        try:
+            clips, keys, rate = wire.decode_clips(body)
+        except wire.WireError as e:
+            raise Problem(422, "malformed-batch", str(e)) from None
+        del body
+        if not clips or len(clips) > service.cfg.max_batch_clips:
+            raise Problem(
+                413, "too-many-clips", f"{len(clips)} clips; a batch holds 1 to {service.cfg.max_batch_clips}"
+            )
+        if not audio.MIN_SAMPLE_RATE <= rate <= audio.MAX_SAMPLE_RATE:
+            raise Problem(422, "invalid-request", f"sample_rate {rate} out of range")
+        check_rate(service.limiter, key, len(clips))
+        for idem in keys:
+            idempotency_key(idem)
+        limit = _max_seconds(service, key)
+
+        async def one(raw: bytes, encoding: str, idem: str | None):
+            digest = request_hash(wire.RAW, encoding, rate, raw)
+
+            async def wav() -> np.ndarray:
+                return decode(raw, wire.RAW, encoding, rate, limit, service.target.min_samples)
+
+            try:
+                return await clip_answer(
+                    service, key, idem if idem is not None else IMPLICIT + digest, digest, wav
+                )
+            except Problem as p:
+                service.metrics.rejections.labels(reason=p.kind).inc()
+                return p
+
+        results = await asyncio.gather(
+            *(one(raw, enc, idem) for (raw, enc), idem in zip(clips, keys, strict=True))
+        )
+    finally:
+        service.reservations.give_bytes(key.id, taken)
+    answered = [r for r in results if isinstance(r, Answered)]
+    for got in answered:
+        _count(service.metrics, key, got)
+    content, media = wire.encode_batch_answer(
+        [(r.layers(), r.samples) if isinstance(r, Answered) else r.document() for r in results],
+        params.format,
+        params.dtype,
+    )
+    seconds = sum(r.samples for r in answered) / audio.SAMPLE_RATE
+    charged = sum(r.samples for r in answered if r.charged) / audio.SAMPLE_RATE
+    return Response(
+        content,
+        media_type=media,
+        headers={"X-Audio-Seconds": f"{seconds:g}", "X-Charged-Seconds": f"{charged:g}"},
+    )
+
+
+async def clip_answer(service: Service, key: Key, name: str, digest: str, wav) -> Answered:
+    """One clip's answer under ``name`` (its Idempotency-Key, or :data:`IMPLICIT` + its hash): from the
+    store if there (free), after the request computing it if one is (then from the store), else
+    decoded (``await wav()``) and computed by :func:`answer`."""
+    while True:  # nothing awaits between the store's answer and the claim: no duplicate slips in
+        stored = service.store.stored(key.id, name)
+        if stored is not None:
+            return _from_store(stored, digest)
+        first = service.reservations.answering(key.id, name)
+        if first is None:
+            break
+        await asyncio.shield(first)  # then its answer is stored (or it failed: this one tries)
+    with service.reservations.claim(key.id, name):
+        clip = await wav()
+        arrays, keep, earlier = await answer(service, key, clip, name, digest)
     if earlier is not None:
-        return replay(earlier, digest, params, key, service.metrics)
-    return respond(service.metrics, key, arrays, len(wav), keep, params)
+        return _from_store(earlier, digest)
+    return Answered(keep, len(clip), True, arrays)
 
 
-def check_rate(limiter: RateLimiter, key: Key) -> None:
-    wait = limiter.take(key.id, key.rate, key.burst)
+def _from_store(stored: StoredAnswer, digest: str) -> Answered:
+    if stored.request_hash != digest:
+        raise Problem(
+            422,
+            "idempotency-key-reused",
+            "this Idempotency-Key was used for another request; use a new key per clip",
+        )
+    return Answered(stored.body, stored.samples, False)
+
+
+def _max_seconds(service: Service, key: Key) -> float:
+    return min(service.cfg.max_clip_seconds, key.max_seconds or math.inf)
+
+
+def check_rate(limiter: RateLimiter, key: Key, n: int = 1) -> None:
+    """``n`` tokens of the key's bucket (one per clip), or 429 with the wait; a batch larger than the
+    bucket can never pass: 413."""
+    if key.rate is not None and n > limiter.size(key.rate, key.burst):
+        raise Problem(
+            413, "too-many-clips", f"{n} clips at once; this key's rate limit allows {key.burst or 1:g}"
+        )
+    wait = limiter.take(key.id, key.rate, key.burst, n)
     if wait is not None:
         raise Problem(
             429,
@@ -190,9 +304,10 @@ def media_kind(content_type: str | None) -> str:
     return kind
 
 
-def request_hash(kind: str, params: Params, body: bytes) -> str:
-    """What an ``Idempotency-Key`` is bound to: the body and everything that says how to read it."""
-    return hashlib.sha256(f"{kind}|{params.encoding}|{params.sample_rate}|".encode() + body).hexdigest()
+def request_hash(kind: str, encoding: str, sample_rate: int, body: bytes) -> str:
+    """What an answer is stored under (with an ``Idempotency-Key``, bound to): the clip's bytes and
+    everything that says how to read them. A clip sent alone or in a batch hashes the same."""
+    return hashlib.sha256(f"{kind}|{encoding}|{sample_rate}|".encode() + body).hexdigest()
 
 
 def decode(
@@ -275,50 +390,25 @@ def admit(chain: defences.Chain, account: str, wav: np.ndarray) -> defences.Quer
     return query
 
 
-def respond(
-    metrics: Metrics, key: Key, arrays: dict[str, np.ndarray], samples: int, keep: bytes, params: Params
-) -> Response:
-    seconds = samples / audio.SAMPLE_RATE
-    metrics.audio_seconds.inc(seconds)
-    metrics.key_requests.labels(key=key.name).inc()
-    metrics.key_seconds.labels(key=key.name).inc(seconds)
-    if keep and (params.format, params.dtype) == (
-        "safetensors",
-        "float32",
-    ):  # the stored bytes are the answer
-        content, media = keep, wire.SAFETENSORS
-    else:
-        content, media = wire.encode_answer(arrays, samples, params.format, params.dtype)
-    return Response(
-        content,
-        media_type=media,
-        headers={"X-Audio-Seconds": f"{seconds:g}", "X-Charged-Seconds": f"{seconds:g}"},
-    )
-
-
-def replay(stored: StoredAnswer, digest: str, params: Params, key: Key, metrics: Metrics) -> Response:
-    if stored.request_hash != digest:
-        raise Problem(
-            422,
-            "idempotency-key-reused",
-            "this Idempotency-Key was used for another request; use a new key per clip",
-        )
-    content, media = _encoded(stored.body, None, stored.samples, params)
-    metrics.replays.labels(key=key.name).inc()
-    headers = {
-        "X-Audio-Seconds": f"{stored.samples / audio.SAMPLE_RATE:g}",
-        "X-Charged-Seconds": "0",
-        "Idempotent-Replayed": "true",
-    }
+def respond(metrics: Metrics, key: Key, got: Answered, params: Params) -> Response:
+    """The answer as asked for; a replay says so and costs nothing."""
+    _count(metrics, key, got)
+    if (params.format, params.dtype) == ("safetensors", "float32"):  # the stored bytes are the answer
+        content, media = got.stored, wire.SAFETENSORS
+    else:  # (deterministic: a replay is the first answer, byte for byte)
+        content, media = wire.encode_answer(got.layers(), got.samples, params.format, params.dtype)
+    seconds = f"{got.samples / audio.SAMPLE_RATE:g}"
+    headers = {"X-Audio-Seconds": seconds, "X-Charged-Seconds": seconds if got.charged else "0"}
+    if not got.charged:
+        headers["Idempotent-Replayed"] = "true"
     return Response(content, media_type=media, headers=headers)
 
 
-def _encoded(stored: bytes, arrays: dict[str, np.ndarray] | None, samples: int, params: Params):
-    """The answer as asked for: the stored bytes themselves for safetensors in float32 (so a replay
-    is byte for byte the first answer), else encoded from ``arrays`` (read back from ``stored`` when
-    not given; the encoding is deterministic)."""
-    if (params.format, params.dtype) == ("safetensors", "float32"):
-        return stored, wire.SAFETENSORS
-    if arrays is None:
-        arrays, _ = wire.decode_answer(stored, wire.SAFETENSORS)
-    return wire.encode_answer(arrays, samples, params.format, params.dtype)
+def _count(metrics: Metrics, key: Key, got: Answered) -> None:
+    if got.charged:
+        seconds = got.samples / audio.SAMPLE_RATE
+        metrics.audio_seconds.inc(seconds)
+        metrics.key_requests.labels(key=key.name).inc()
+        metrics.key_seconds.labels(key=key.name).inc(seconds)
+    else:
+        metrics.replays.labels(key=key.name).inc()

@@ -16,18 +16,23 @@ class RateLimiter:
         self._buckets: dict[int, tuple[float, float]] = {}  # key id -> (tokens, at)
         self._lock = threading.Lock()
 
-    def take(self, key_id: int, rate: float | None, burst: float | None) -> float | None:
-        """Take one token from the key's bucket: ``None`` if there was one, else the seconds until there
-        will be (nothing is taken then). A key without a rate is never limited."""
+    @staticmethod
+    def size(rate: float, burst: float | None) -> float:
+        """The bucket's size: the most tokens a key can spend at once."""
+        return burst if burst is not None else max(1.0, rate)
+
+    def take(self, key_id: int, rate: float | None, burst: float | None, n: int = 1) -> float | None:
+        """Take ``n`` tokens from the key's bucket: ``None`` if it had them, else the seconds until it
+        will (nothing is taken then). A key without a rate is never limited."""
         if rate is None:
             return None
-        size = burst if burst is not None else max(1.0, rate)
+        size = self.size(rate, burst)
         now = self._clock()
         with self._lock:
             tokens, at = self._buckets.get(key_id, (size, now))
             tokens = min(size, tokens + (now - at) * rate)
-            if tokens >= 1.0:
-                self._buckets[key_id] = (tokens - 1.0, now)
+            if tokens >= n:
+                self._buckets[key_id] = (tokens - n, now)
                 return None
             self._buckets[key_id] = (tokens, now)
-            return (1.0 - tokens) / rate
+            return (n - tokens) / rate

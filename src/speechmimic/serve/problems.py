@@ -33,11 +33,15 @@ class Problem(Exception):
         status, kind = next((s, k) for c, s, k in AUDIO_PROBLEMS if isinstance(e, c))
         return cls(status, kind, e.reason)
 
-    def response(self) -> JSONResponse:
-        doc = {
+    def document(self) -> dict:
+        return {
             "type": f"urn:speechmimic:problem:{self.kind}",
             "title": self.kind.replace("-", " "),
             "status": self.status,
             "detail": self.detail,
         }
-        return JSONResponse(doc, status_code=self.status, headers=self.headers, media_type=PROBLEM)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(
+            self.document(), status_code=self.status, headers=self.headers, media_type=PROBLEM
+        )

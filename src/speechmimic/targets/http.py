@@ -12,8 +12,12 @@ What it promises the ledger:
   crash) of the same clip is answered from the server's store without a second charge, by any
   server that honours the header (ours does). Against one that does not, a retry after a lost
   answer may be charged again: set ``retries=0`` there.
-- **Never beyond the budget.** It sends only the clips the ledger gives it, one request each; the
-  ledger checks the budget before it hands them over.
+- **Never beyond the budget.** It sends only the clips the ledger gives it; the ledger checks the
+  budget before it hands them over.
+- **Batches where the API takes them**: an API whose ``/v1/info`` offers ``batch`` gets the clips of
+  a call in ``POST /v1/embed/batch`` requests (up to ``concurrency`` of them, each of at most the
+  offered clips and the payload limit), each clip with its own ``Idempotency-Key``; a clip the batch
+  could not place (the model's queue was full) is sent again alone. Otherwise one clip a request.
 - **Bounded concurrency**: at most ``concurrency`` requests in flight; retries with exponential
   backoff and full jitter on 5xx, 408, 409 (the same clip still in flight), timeouts and refused
   connections (``retries`` of them per clip); on 429 it waits what ``Retry-After`` says (at most
@@ -94,6 +98,9 @@ class HTTPTarget:
         self.frame_rate: float | None = float(rate) if isinstance(rate, int | float) else None
         self.min_samples = int(info["min_samples"]) if isinstance(info.get("min_samples"), int) else 0
         self.padding = str(info.get("padding", "remote"))
+        batch, limits = info.get("batch"), info.get("limits")
+        self.max_batch = int(batch.get("max_clips", 0)) if isinstance(batch, dict) else 0
+        self.max_payload = int(limits.get("max_payload_bytes", 0)) if isinstance(limits, dict) else 0
 
     def _info(self) -> dict:
         """What ``GET /v1/info`` says, or ``{}`` where the API has no such endpoint."""
@@ -116,37 +123,54 @@ class HTTPTarget:
             raise ValueError(f"{len(keys)} idempotency keys for {len(wavs)} clips")
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="http-target")
-        futures = [
-            self._pool.submit(self._embed, wav, keys[i] if keys else None) for i, wav in enumerate(wavs)
-        ]
-        answers: list[dict[str, np.ndarray] | None] = []
-        errors: dict[int, TargetError] = {}
-        for i, future in enumerate(futures):
-            try:
-                answers.append(future.result())
-            except TargetError as e:
-                answers.append(None)
-                errors[i] = e
+        keys = keys or [None] * len(wavs)
+        groups = self._groups(wavs)
+        if groups is None:  # one clip a request
+            futures = [
+                self._pool.submit(_attempt, self._embed, w, k) for w, k in zip(wavs, keys, strict=True)
+            ]
+            results = [f.result() for f in futures]
+        else:
+            futures = [
+                self._pool.submit(self._embed_batch, [wavs[i] for i in g], [keys[i] for i in g])
+                for g in groups
+            ]
+            results = [r for f in futures for r in f.result()]
+        errors = {i: r for i, r in enumerate(results) if isinstance(r, TargetError)}
         if errors:
-            raise PartialAnswers(answers, errors)
-        return answers  # type: ignore[return-value]
+            raise PartialAnswers([None if i in errors else r for i, r in enumerate(results)], errors)
+        return results  # type: ignore[return-value]
 
-    def _embed(self, wav: np.ndarray, key: str | None) -> dict[str, np.ndarray]:
-        body = wire.encode_raw(wav)
-        headers = {**self._headers, "Content-Type": wire.RAW}
-        if key:
-            headers["Idempotency-Key"] = key
-        params = {"encoding": "f32le", "sample_rate": "16000", "format": "safetensors", "dtype": self.dtype}
+    def _groups(self, wavs: list[np.ndarray]) -> list[list[int]] | None:
+        """The clips' indices in batches, or None where the API takes one clip a request (or there is one
+        clip): as many batches as requests may be in flight, within the API's clip and payload limits."""
+        if self.max_batch < 2 or len(wavs) < 2:
+            return None
+        size = min(self.max_batch, -(-len(wavs) // self.concurrency))
+        groups, current, nbytes = [], [], 0
+        for i, wav in enumerate(wavs):
+            clip_bytes = 4 * len(wav) + 256
+            if current and (
+                len(current) == size or (self.max_payload and nbytes + clip_bytes > self.max_payload)
+            ):
+                groups.append(current)
+                current, nbytes = [], 0
+            current.append(i)
+            nbytes += clip_bytes
+        return groups + [current]
+
+    def _send(self, path: str, body: bytes, headers: dict, params: dict) -> httpx.Response:
+        """POST until an answer that is not to be retried: refused connections, timeouts and the
+        retryable statuses are tried again with backoff, a 429 with ``Retry-After`` is waited out
+        (one without: a spent quota, which ends the run); returns a 200 or a refusal for the caller."""
         failures, waited = 0, 0.0
         while True:
             try:
-                r = self._client.post(f"{self.url}/v1/embed", content=body, headers=headers, params=params)
+                r = self._client.post(f"{self.url}{path}", content=body, headers=headers, params=params)
             except httpx.TransportError as e:  # refused, reset, timed out: the answer may be lost
                 failures += 1
                 self._backoff(failures, f"{type(e).__name__}: {e}")
                 continue
-            if r.status_code == 200:
-                return self._answer(r, len(wav))
             if r.status_code == 429:
                 wait = _retry_after(r.headers.get("Retry-After"))
                 if wait is None:
@@ -161,13 +185,56 @@ class HTTPTarget:
                 time.sleep(wait + self._jitter(0.1))
                 waited += wait
                 continue
-            if r.status_code in _CLIP_STATUSES or _refused_by_defence(r):
-                raise ClipRefused(f"the API refuses the clip: {r.status_code} {_detail(r)}")
             if r.status_code in _RETRY_STATUSES:
                 failures += 1
                 self._backoff(failures, f"{r.status_code} {_detail(r)}")
                 continue
+            return r
+
+    def _embed(self, wav: np.ndarray, key: str | None) -> dict[str, np.ndarray]:
+        headers = {**self._headers, "Content-Type": wire.RAW}
+        if key:
+            headers["Idempotency-Key"] = key
+        params = {"encoding": "f32le", "sample_rate": "16000", "format": "safetensors", "dtype": self.dtype}
+        r = self._send("/v1/embed", wire.encode_raw(wav), headers, params)
+        if r.status_code == 200:
+            return self._answer(r, len(wav))
+        if r.status_code in _CLIP_STATUSES or _refused_by_defence(r):
+            raise ClipRefused(f"the API refuses the clip: {r.status_code} {_detail(r)}")
+        raise TargetError(f"{self.url} refuses: {r.status_code} {_detail(r)}")
+
+    def _embed_batch(self, wavs: list[np.ndarray], keys: list[str | None]) -> list[dict | TargetError]:
+        """Each clip's answer, or the TargetError (a ClipRefused for the clip's own fault) it met."""
+        headers = {**self._headers, "Content-Type": wire.SAFETENSORS}
+        r = self._send("/v1/embed/batch", wire.encode_clips(wavs, keys), headers, {"dtype": self.dtype})
+        if r.status_code in (404, 405, 413, 415):  # no batches here, or not this many: one clip a request
+            if r.status_code != 413:
+                self.max_batch = 0
+            return [_attempt(self._embed, w, k) for w, k in zip(wavs, keys, strict=True)]
+        if r.status_code != 200:
             raise TargetError(f"{self.url} refuses: {r.status_code} {_detail(r)}")
+        try:
+            results = wire.decode_batch_answer(r.content, r.headers.get("Content-Type"))
+        except wire.WireError as e:
+            raise TargetError(f"{self.url} sent an unreadable answer: {e}") from None
+        if len(results) != len(wavs):
+            raise TargetError(f"{self.url} answered {len(results)} clips, {len(wavs)} were sent")
+        out: list[dict | TargetError] = []
+        for wav, key, result in zip(wavs, keys, results, strict=True):
+            kind = str(result.get("type", "")) if "status" in result else ""
+            if not kind:
+                if self.layers is None:
+                    self.layers = list(result)
+                out.append(result)
+            elif result["status"] in _CLIP_STATUSES or kind.endswith(":refused-by-defence"):
+                out.append(
+                    ClipRefused(f"the API refuses the clip: {result['status']} {result.get('detail')}")
+                )
+            elif kind.endswith(":quota-exhausted"):
+                out.append(TargetError(f"{self.url} refuses: {result.get('detail')} (quota spent)"))
+            else:  # not placed this time (the model's queue was full): alone, with the usual retries
+                out.append(_attempt(self._embed, wav, key))
+        return out
 
     def _answer(self, r, num_samples: int) -> dict[str, np.ndarray]:
         try:
@@ -193,6 +260,14 @@ class HTTPTarget:
         if self._pool is not None:
             self._pool.shutdown()
         self._client.close()
+
+
+def _attempt(fn, *args):
+    """``fn(*args)``, or the TargetError it raised."""
+    try:
+        return fn(*args)
+    except TargetError as e:
+        return e
 
 
 def _retry_after(value: str | None) -> float | None:

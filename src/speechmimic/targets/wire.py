@@ -13,6 +13,11 @@ An answer is the returned layers' frames, ``(T, D)`` each, in the target's order
   ``data`` the base64 of the little-endian array.
 
 Either in ``float32`` or ``float16`` (half the bytes; answers rounded to 3 significant digits).
+
+A batch (``POST /v1/embed/batch``) carries several clips in one ``application/x-safetensors`` body:
+1-D tensors ``0`` .. ``n-1`` (float32 or int16 samples), metadata ``sample_rate`` and, optionally,
+``idempotency_keys`` (a JSON list, one per clip, ``null`` for none). Its answer holds, per clip, a
+result (:func:`encode_batch_answer`): the clip's layers, or the problem document that refused it.
 """
 
 from __future__ import annotations
@@ -150,3 +155,89 @@ def _safetensors_metadata(body: bytes) -> dict[str, str]:
     if size > len(body) - 8:
         raise ValueError("header larger than the body")
     return json.loads(body[8 : 8 + size]).get("__metadata__") or {}
+
+
+def encode_clips(
+    wavs: list[np.ndarray], keys: list[str | None] | None = None, sample_rate: int = 16000
+) -> bytes:
+    """A batch request's body: the clips as float32 tensors ``0`` .. ``n-1``."""
+    meta = {"sample_rate": str(int(sample_rate))}
+    if keys is not None:
+        meta["idempotency_keys"] = json.dumps(list(keys))
+    return safetensors_bytes({str(i): np.asarray(w, dtype="<f4") for i, w in enumerate(wavs)}, meta)
+
+
+def decode_clips(body: bytes) -> tuple[list[tuple[bytes, str]], list[str | None], int]:
+    """A batch request's clips, each as (raw little-endian samples, their encoding), its idempotency
+    keys (None where a clip has none) and its sample rate."""
+    try:
+        tensors = st_load(body)
+        meta = _safetensors_metadata(body)
+    except (SafetensorError, ValueError) as e:
+        raise WireError(f"malformed batch: not safetensors ({e})") from None
+    n = len(tensors)
+    if sorted(tensors) != sorted(str(i) for i in range(n)):
+        raise WireError(f"a batch's tensors are named 0 .. n-1, got {sorted(tensors)[:5]}")
+    clips = []
+    for i in range(n):
+        arr = tensors[str(i)]
+        encoding = {np.dtype("float32"): "f32le", np.dtype("int16"): "s16le"}.get(arr.dtype)
+        if encoding is None or arr.ndim != 1:
+            raise WireError(f"clip {i}: 1-D float32 or int16 samples, got {arr.dtype} {arr.shape}")
+        clips.append((np.ascontiguousarray(arr, arr.dtype.newbyteorder("<")).tobytes(), encoding))
+    try:
+        keys = json.loads(meta.get("idempotency_keys", "null")) or [None] * n
+        rate = int(meta.get("sample_rate", "16000"))
+    except ValueError as e:
+        raise WireError(f"malformed batch metadata ({e})") from None
+    if not isinstance(keys, list) or len(keys) != n or not all(k is None or isinstance(k, str) for k in keys):
+        raise WireError(f"idempotency_keys: a list of {n} strings or nulls")
+    return clips, keys, rate
+
+
+def encode_batch_answer(
+    results: list[tuple[dict[str, np.ndarray], int] | dict], fmt: str, dtype: str
+) -> tuple[bytes, str]:
+    """A batch's answer: per clip, ``(arrays, num_samples)`` or a problem document (a dict)."""
+    if fmt not in FORMATS:
+        raise WireError(f"unknown format {fmt!r}; valid: {sorted(FORMATS)}")
+    np_dtype = np.dtype(dtype).newbyteorder("<")
+    summary, arrays = [], {}
+    for i, result in enumerate(results):
+        if isinstance(result, dict):
+            summary.append(result)
+            continue
+        layers, samples = result
+        summary.append({"status": 200, "num_samples": int(samples), "layers": list(layers)})
+        arrays.update({f"{i}/{k}": np.ascontiguousarray(v, dtype=np_dtype) for k, v in layers.items()})
+    if fmt == "safetensors":
+        return safetensors_bytes(arrays, {"results": json.dumps(summary)}), SAFETENSORS
+    for i, item in enumerate(summary):
+        if item["status"] == 200:
+            item["layers"] = [
+                {"name": k, "shape": list(arrays[f"{i}/{k}"].shape), "dtype": dtype,
+                 "data": base64.b64encode(arrays[f"{i}/{k}"].tobytes()).decode()}
+                for k in item["layers"]
+            ]  # fmt: skip
+    return json.dumps({"results": summary}).encode(), JSON
+
+
+def decode_batch_answer(body: bytes, content_type: str | None) -> list[dict[str, np.ndarray] | dict]:
+    """Per clip, its layers (float32) or the problem document that refused it (a dict with ``status``)."""
+    if media_type(content_type) != SAFETENSORS:
+        raise WireError(f"a batch answer is {SAFETENSORS}, got {content_type!r}")
+    try:
+        tensors = st_load(body)
+        summary = json.loads(_safetensors_metadata(body)["results"])
+    except (SafetensorError, ValueError, KeyError) as e:
+        raise WireError(f"malformed batch answer ({type(e).__name__}: {e})") from None
+    out = []
+    for i, item in enumerate(summary):
+        if item.get("status") != 200:
+            out.append(item)
+            continue
+        try:
+            out.append({k: tensors[f"{i}/{k}"].astype(np.float32, copy=False) for k in item["layers"]})
+        except KeyError as e:
+            raise WireError(f"batch answer lists layer {e} of clip {i} but holds none") from None
+    return out
