@@ -2,12 +2,13 @@
 against calling the same target in-process, at client concurrency 1, 8 and 32, side by side in one run.
 
 In-process, the target answers the clips in batches of ``concurrency`` clips (one call each). Over
-HTTP, the attack's own ``http://`` target sends them with ``concurrency`` requests in flight, one
-clip each, with the ledger's content keys as ``Idempotency-Key`` (so the server stores every answer
-with its charge, as in a real attack); the server batches concurrent requests dynamically. Each
-round over HTTP uses a fresh API key, so no answer is replayed from the store. Rounds alternate
-(in-process, HTTP) ``--repeats`` times and the medians are compared; latency percentiles are over
-every request of the HTTP rounds.
+HTTP, the attack's own ``http://`` target sends them with ``concurrency`` requests in flight, with
+the ledger's content keys as ``Idempotency-Key`` (the server stores every answer with its charge, as
+in a real attack): in batches (``POST /v1/embed/batch``, the server offers them), or one clip a
+request with ``--no-batches``; the server batches concurrent requests dynamically. Each round over
+HTTP uses a fresh API key, so no answer is replayed from the store. Rounds alternate (in-process,
+HTTP) ``--repeats`` times and the medians are compared; latency percentiles are over every HTTP
+request of the rounds.
 
     python benchmarks/serve.py                          # resemblyzer (the demo's target), 96 clips: ~1 min
     python benchmarks/serve.py --target hubert-base --clips 32    # a HuBERT Base-size encoder: ~4 min
@@ -49,9 +50,9 @@ class TimedHTTPTarget(HTTPTarget):
         super().__init__(*args, **kwargs)
         self.latencies: list[float] = []
 
-    def _embed(self, wav, key):
+    def _send(self, *args):
         t = time.perf_counter()
-        out = super()._embed(wav, key)
+        out = super()._send(*args)
         self.latencies.append(time.perf_counter() - t)
         return out
 
@@ -73,10 +74,12 @@ def in_process(target, wavs: list[np.ndarray], concurrency: int) -> float:
 
 
 def over_http(
-    server: ServerProcess, wavs, keys, concurrency: int, round_no: int
+    server: ServerProcess, wavs, keys, concurrency: int, round_no: int, batches: bool = True
 ) -> tuple[float, list[float]]:
     os.environ[KEY_ENV] = server.key(f"bench-c{concurrency}-r{round_no}")
     target = TimedHTTPTarget(server.url, key_env=KEY_ENV, concurrency=concurrency)
+    if not batches:
+        target.max_batch = 0
     t = time.perf_counter()
     target(wavs, keys=keys)
     elapsed = time.perf_counter() - t
@@ -102,6 +105,7 @@ def main() -> int:
     p.add_argument(
         "--max-batch-seconds", type=float, default=30.0, help="serve --max-batch-seconds (default: 30)"
     )
+    p.add_argument("--no-batches", action="store_true", help="one clip a request, as before batches")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -118,7 +122,7 @@ def main() -> int:
     print(
         f"target {target.spec}; {len(wavs)} clips, {seconds:.1f} s of audio per round; in-process "
         f"{args.threads} torch threads; server {args.model_workers} model workers x {args.server_threads} "
-        "torch threads"
+        f"torch threads; {'one clip a request' if args.no_batches else 'batches'}"
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,7 +138,7 @@ def main() -> int:
                 local, remote, latencies = [], [], []
                 for r in range(args.repeats):
                     local.append(in_process(target, wavs, c))
-                    elapsed, lat = over_http(server, wavs, keys, c, r)
+                    elapsed, lat = over_http(server, wavs, keys, c, r, not args.no_batches)
                     remote.append(elapsed)
                     latencies += lat
                 row = {

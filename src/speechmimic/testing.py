@@ -11,6 +11,10 @@ from __future__ import annotations
 import asyncio
 import glob
 import os
+import re
+import shutil
+import socket
+import subprocess
 import sys
 import tarfile
 import threading
@@ -197,3 +201,63 @@ class HostileClients:
             if closed:
                 self.lifetimes.append(time.monotonic() - t0)
             writer.close()
+
+
+class NginxProxy:
+    """``deploy/nginx.conf`` run by the system's nginx on a free loopback port in front of a server on
+    ``upstream_port``, for tests and benchmarks: its pid file, logs and temporary files in ``root``;
+    ``settings`` replace directives of the file (e.g. ``{"client_header_timeout": "2s"}``)."""
+
+    def __init__(self, conf: Path, root: Path, upstream_port: int, settings: dict[str, str] | None = None):
+        self.binary = shutil.which("nginx")
+        if self.binary is None:
+            raise FileNotFoundError("nginx is not installed (apt-get install nginx)")
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as s:  # a free port (nginx binds it a moment later)
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        text = Path(conf).read_text()
+        text = text.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream_port};")
+        text = text.replace("listen 127.0.0.1:8080;", f"listen 127.0.0.1:{self.port};")
+        text = text.replace("pid /run/speechmimic-nginx.pid;", f"pid {self.root / 'nginx.pid'};")
+        text = text.replace(
+            "error_log /var/log/nginx/speechmimic.error.log warn;",
+            f"error_log {self.root / 'error.log'} warn;",
+        )
+        for name, value in (settings or {}).items():
+            text, n = re.subn(rf"(?m)^(\s*){name} [^;]*;", rf"\g<1>{name} {value};", text)
+            if not n:
+                raise ValueError(f"deploy/nginx.conf has no directive {name}")
+        temp = "".join(
+            f"    {kind}_temp_path {self.root / kind};\n"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        text = text.replace("http {\n", "http {\n" + temp, 1)
+        if os.geteuid() == 0:  # workers would run as nobody, who cannot write into root's folders
+            text = "user root;\n" + text
+        self.conf = self.root / "nginx.conf"
+        self.conf.write_text(text)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def __enter__(self) -> NginxProxy:
+        self.proc = subprocess.Popen(
+            [self.binary, "-p", str(self.root), "-c", str(self.conf), "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL, stderr=open(self.root / "stderr.log", "wb"),
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"nginx exited: {(self.root / 'stderr.log').read_text()}") from None
+                time.sleep(0.05)
+        raise RuntimeError("nginx did not start listening within 30 s")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import secrets
 import signal
 import subprocess
@@ -29,7 +30,13 @@ class ServerProcess:
     lets the OS pick a free port on the first start; restarts keep it."""
 
     def __init__(
-        self, root: Path, target: str, *flags: str, port: int | None = None, threads: int | None = None
+        self,
+        root: Path,
+        target: str,
+        *flags: str,
+        port: int | None = None,
+        threads: int | None = None,
+        nofile: int | None = None,
     ):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -38,6 +45,7 @@ class ServerProcess:
         self.flags = flags
         self.port = port
         self.threads = threads
+        self.nofile = nofile  # the server's descriptor limit (ulimit -n), if set
         self.url: str | None = None
         self.proc: subprocess.Popen | None = None
         self.starts = 0
@@ -57,7 +65,7 @@ class ServerProcess:
                 [sys.executable, "-m", "speechmimic", "serve", "--target", self.target, "--db", str(self.db),
                  "--host", "127.0.0.1", "--port", str(self.port or 0), "--ready-file", str(ready),
                  "--threads", str(self.threads), *self.flags],
-                stdout=log, stderr=subprocess.STDOUT, env=env,
+                stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=self._limits,
             )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT
         while not ready.exists():
@@ -70,6 +78,10 @@ class ServerProcess:
         self.url = json.loads(ready.read_text())["url"]
         self.port = int(self.url.rsplit(":", 1)[1])
         return self
+
+    def _limits(self) -> None:
+        if self.nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def metrics(self) -> str:
         """The server's Prometheus metrics (with its metrics token)."""
