@@ -129,7 +129,7 @@ def main() -> int:
             results["bare"] = siege(server, server.url, server.port, args, bodies)
             print("bare:", json.dumps(results["bare"]), flush=True)
             if not args.no_proxy and shutil.which("nginx"):
-                settings = {"limit_conn": "per_client 100000"}
+                settings = {"limit_conn": "per_client 50000"}
                 with NginxProxy(CONF, Path(tmp) / "nginx", server.port, settings) as proxy:
                     results["proxy"] = siege(server, proxy.url, proxy.port, args, bodies)
                 print("through nginx:", json.dumps(results["proxy"]), flush=True)
