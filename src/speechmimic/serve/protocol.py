@@ -42,8 +42,10 @@ def _unread(transport) -> bool:
     sock = transport.get_extra_info("socket")
     if sock is None:
         return False
+    poller = select.poll()  # (select.select cannot watch descriptors above 1023)
     try:
-        return bool(select.select([sock.fileno()], [], [], 0)[0])
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError):
         return False
 
