@@ -3,6 +3,8 @@
 A spec is ``<kind>[:<location>][?key=value&...]``:
 
 - ``hf:<local dir or hub id>?layers=...&padding=per_clip|bucket&batch_seconds=60``
+- ``whisper:<tiny.en | base | DIR | hub id>?layers=...&window=real|native``: Whisper's encoder (see
+  :mod:`speechmimic.targets.whisper`)
 - ``resemblyzer?layers=...&padding=per_clip&weights=FILE`` (``weights``: a fine-tuned copy, e.g. a
   watermarked one, in resemblyzer's checkpoint layout)
 - ``http://host:port[/prefix]?key_env=VAR&concurrency=8&timeout=60&retries=8&dtype=float32`` (or
@@ -21,6 +23,7 @@ from speechmimic.targets.base import Target
 # How a spec of each kind is written, for messages that list them.
 FORMS = {
     "hf": "hf:<local dir or hub id>",
+    "whisper": "whisper:<tiny.en, base, a folder or a hub id>",
     "resemblyzer": "resemblyzer",
     "http": "http://host:port",
     "https": "https://host:port",
@@ -29,6 +32,7 @@ _HTTP_OPTIONS = ("key_env", "concurrency", "timeout", "retries", "dtype")
 # kind -> (takes a location, accepted option keys)
 _KINDS: dict[str, tuple[bool, tuple[str, ...]]] = {
     "hf": (True, ("layers", "padding", "batch_seconds")),
+    "whisper": (True, ("layers", "window")),
     "resemblyzer": (False, ("layers", "padding", "weights")),
     "http": (True, _HTTP_OPTIONS),
     "https": (True, _HTTP_OPTIONS),
@@ -100,6 +104,12 @@ def load_backend(spec: str, device: str = "cpu") -> Target:
             padding=options.get("padding", "per_clip"),
             batch_seconds=_number(options, "batch_seconds", float, 60.0, above=0),
             device=device,
+        )
+    if kind == "whisper":
+        from speechmimic.targets.whisper import WhisperTarget
+
+        return WhisperTarget(
+            location, layers=options.get("layers"), window=options.get("window", "real"), device=device
         )
     if kind in ("http", "https"):
         from speechmimic.targets.http import DEFAULT_KEY_ENV, HTTPTarget
