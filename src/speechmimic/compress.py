@@ -36,6 +36,7 @@ from speechmimic.errors import InputError
 from speechmimic.readahead import ReadAhead
 from speechmimic.student import HeadSpec, Student, StudentConfig, build_student
 from speechmimic.targets import Target
+from speechmimic.targets.whisper import WhisperEncoder
 from speechmimic.trainer import STATE_NAME, crop_start, record_of, save_trained, seed_all, train_loop
 
 SHAPES = ("distilhubert", "fithubert", "preset")
@@ -50,11 +51,18 @@ class CompressConfig(DistillConfig):
 
 
 def student_config(teacher: Target, heads: list[HeadSpec], cfg: CompressConfig, preset: str) -> StudentConfig:
-    """The student's shape for ``cfg.shape``, read off a transformers teacher's config."""
+    """The student's shape for ``cfg.shape``, read off a transformers teacher's config (or a Whisper
+    encoder's: ``distilhubert`` only, on a log-mel front end like Whisper's)."""
     model = getattr(teacher, "model", None)
     hf = getattr(model, "config", None)
     if cfg.shape == "preset":
         return build_student(preset, heads).cfg
+    if isinstance(model, WhisperEncoder):
+        if cfg.shape != "distilhubert":
+            raise InputError(f"a Whisper teacher ({teacher.spec}) gives shape distilhubert or preset")
+        dim, first = model.ln_post.normalized_shape[0], model.blocks[0]
+        return StudentConfig(frontend="fbank", dim=dim, layers=cfg.student_layers, heads=first.heads,
+                             ffn=first.fc1.out_features, norm_first=True, targets=list(heads))  # fmt: skip
     if hf is None or not hasattr(hf, "conv_dim"):
         raise InputError(
             f"shape {cfg.shape!r} copies a transformers teacher's shape; {teacher.spec} is not one: "
@@ -89,6 +97,8 @@ def student_config(teacher: Target, heads: list[HeadSpec], cfg: CompressConfig, 
 def copy_teacher_weights(student: Student, teacher_model: nn.Module) -> list[str]:
     """Copy every teacher tensor whose place and shape the student shares; returns the student
     parameters that were set."""
+    if isinstance(teacher_model, WhisperEncoder):
+        return _copy_whisper(student, teacher_model)
     src = teacher_model.state_dict()
     dst = student.state_dict()
     pairs: dict[str, torch.Tensor] = {}
@@ -120,6 +130,30 @@ def copy_teacher_weights(student: Student, teacher_model: nn.Module) -> list[str
             pairs[f"{s}norm1.{part}"] = src.get(f"{t}layer_norm.{part}")
             pairs[f"{s}norm2.{part}"] = src.get(f"{t}final_layer_norm.{part}")
     copied = {k: v for k, v in pairs.items() if v is not None and k in dst and dst[k].shape == v.shape}
+    student.load_state_dict(copied, strict=False)
+    return sorted(copied)
+
+
+def _copy_whisper(student: Student, encoder: WhisperEncoder) -> list[str]:
+    """Whisper's first layers into a pre-norm student of its width: the same computation (the
+    student's layers are PyTorch's pre-norm GELU transformer layers, as Whisper's are), its final
+    layer norm, and its strided convolution; Whisper's first convolution, log-mel and sinusoidal
+    positions have no counterpart in the student's front end, which learns its own."""
+    src, pairs = encoder.state_dict(), {}
+    for j in range(min(student.cfg.layers, len(encoder.blocks))):
+        t, s = f"blocks.{j}.", f"blocks.{j}."
+        for part in ("weight", "bias"):
+            pairs.update({
+                f"{s}self_attn.in_proj_{part}": src[f"{t}qkv.{part}"],
+                f"{s}self_attn.out_proj.{part}": src[f"{t}out.{part}"],
+                f"{s}linear1.{part}": src[f"{t}fc1.{part}"], f"{s}linear2.{part}": src[f"{t}fc2.{part}"],
+                f"{s}norm1.{part}": src[f"{t}attn_ln.{part}"], f"{s}norm2.{part}": src[f"{t}mlp_ln.{part}"],
+            })  # fmt: skip
+    for part in ("weight", "bias"):
+        pairs[f"final_norm.{part}"] = src[f"ln_post.{part}"]
+        pairs[f"frontend.conv2.{part}"] = src[f"conv2.{part}"]
+    dst = student.state_dict()
+    copied = {k: v for k, v in pairs.items() if k in dst and dst[k].shape == v.shape}
     student.load_state_dict(copied, strict=False)
     return sorted(copied)
 
