@@ -235,7 +235,8 @@ def _names(n_layers: int) -> dict[str, str]:
 def _ct2_state(variables: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], int]:
     """CTranslate2 encoder variables as this module's state dict, and the number of heads."""
     n_layers = sum(1 for k in variables if k.startswith("encoder/") and k.endswith("/linear_0/weight")) // 2
-    state = {ours: torch.from_numpy(np.array(variables[theirs], np.float32))  # (a copy: the file is read-only)
+    # (copies: the file's arrays are read-only)
+    state = {ours: torch.from_numpy(np.array(variables[theirs], np.float32))
              for ours, theirs in _names(n_layers).items()}  # fmt: skip
     return state, int(variables["encoder/num_heads"])
 
