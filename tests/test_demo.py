@@ -1,4 +1,5 @@
-"""The demo's promise, checked in full: a real extraction of resemblyzer in minutes on a CPU."""
+"""The demo's promise, checked in full: a real extraction of a pretrained transformer (Whisper tiny.en's
+encoder) in minutes on a CPU."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def test_demo_meets_its_promise(tmp_path):
     elapsed = time.time() - t0
     assert elapsed <= 600, f"demo took {elapsed:.0f} s"
     saved = json.loads((tmp_path / "d" / "report.json").read_text())
-    assert saved["target"].startswith("resemblyzer")
+    assert saved["target"].startswith("whisper:tiny.en")
     assert {"params", "path"} <= set(saved["student"]) and saved["timings"]
     (small, full) = sorted(saved["runs"], key=lambda r: r["queried_seconds"])
     for run in saved["runs"]:
@@ -35,14 +36,17 @@ def test_demo_meets_its_promise(tmp_path):
     assert (tmp_path / "d" / "report.md").exists() and (tmp_path / "d" / saved["plot"]).exists()
     upstream = load_upstream(saved["student"]["path"])
     states = upstream([torch.zeros(16000).uniform_(-0.1, 0.1)])["hidden_states"]
-    assert [s.shape[-1] for s in states[-3:]] == [256, 256, 256]
+    assert [s.shape[-1] for s in states[-5:]] == [384] * 5
     assert report["runs"][0]["fidelity"] == saved["runs"][0]["fidelity"]
     # Probes on held-out clips only: target, student and MFCC side by side, in json and markdown.
     assert set(saved["probes"]) == {"keywords", "speakers", "verification"}
     for row in saved["probes"].values():
         assert {"target", "student", "baseline", "ratio", "recovered"} <= set(row)
-    for name in ("keywords", "speakers"):
-        assert saved["probes"][name]["target"] > 0.5  # a real pretrained target on 10 words / 24 voices
+    words = saved["probes"]["keywords"]
+    assert words["target"] > 0.9 and words["recovered"] > 0.5  # a real pretrained target, and its copy
     asv = saved["probes"]["verification"]
     assert asv["metric"] == "eer" and asv["target"] < asv["baseline"]  # an EER: lower is better
+    # Whisper ignores the speaker: below MFCC on speaker ID, so no share of an advantage is claimed
+    sid = saved["probes"]["speakers"]
+    assert sid["target"] > sid["baseline"] or sid["recovered"] is None
     assert "## Downstream probes" in (tmp_path / "d" / "report.md").read_text()

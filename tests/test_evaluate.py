@@ -24,6 +24,8 @@ def test_recovered_share_and_ratio():
     # A student below the baseline recovers a negative share; equal target and baseline: undefined.
     assert compare({"target": 0.9, "student": 0.4, "baseline": 0.5}, "accuracy")["recovered"] < 0
     assert compare({"target": 0.5, "student": 0.4, "baseline": 0.5}, "accuracy")["recovered"] is None
+    # a target below the baseline has no advantage to recover (Whisper on speakers)
+    assert compare({"target": 0.2, "student": 0.4, "baseline": 0.6}, "accuracy")["recovered"] is None
 
 
 def test_evaluate_command_prints_table_and_merges_report(tmp_path, tiny_student, capsys):

@@ -1,6 +1,7 @@
 """``speechmimic demo``: a real extraction on a laptop CPU with nothing beyond ``pip install``.
 
-Target: resemblyzer's pretrained GE2E speaker encoder returning all three LSTM layers. Thief's pool
+Target: Whisper tiny.en's pretrained encoder returning all five states (a real transformer, 4 layers x
+384 at 50 Hz; ``target="resemblyzer?layers=all"`` attacks the GE2E speaker LSTM instead). Thief's pool
 and held-out clips: the synthetic corpus shipped in ``speechmimic/data/demo_corpus`` (its
 ``split`` label). Stage 2 runs at each budget with the same training compute (a grid of
 :mod:`speechmimic.experiment`, so an interrupted demo resumes), then the report compares held-out
@@ -40,7 +41,7 @@ from speechmimic.report import (
 from speechmimic.serve.process import ServerProcess
 from speechmimic.student import PRESET_HELP, PRESETS
 
-DEMO_TARGET = "resemblyzer?layers=all"
+DEMO_TARGET = "whisper:tiny.en?layers=all"
 DEMO_KEY_ENV = "SPEECHMIMIC_DEMO_KEY"
 
 
@@ -76,7 +77,11 @@ def server_usage(server: ServerProcess, ledgers: dict[str, Ledger]) -> list[dict
 class DemoConfig:
     """What the demo runs (``report.json`` records it under ``config``)."""
 
-    target: str = option(DEMO_TARGET, "target spec", metavar="SPEC")
+    target: str = option(
+        DEMO_TARGET,
+        "target spec ('resemblyzer?layers=all': the speaker LSTM the demo attacked before)",
+        metavar="SPEC",
+    )
     budgets: list[str] = option(
         help="budgets, comma-separated: N% of the pool's seconds, N clips or Ns/Nm",
         metavar="B,B",
@@ -115,7 +120,7 @@ def _run_demo(out_dir: Path, cfg: DemoConfig, target_spec: str, progress: bool, 
     t_start = time.time()
     pool, heldout = demo_corpus()
     pool_seconds = sum(c.duration for c in pool)
-    name = target_spec.partition("?")[0].partition(":")[0]  # "resemblyzer", "hf"
+    name = target_spec.partition("?")[0].partition(":")[0]  # "whisper", "resemblyzer", "hf"
     seed = cfg.seed
     grid = Grid(
         targets={name: target_spec},

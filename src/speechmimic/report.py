@@ -204,7 +204,7 @@ def probe_table(results: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        rec = "n/a" if r["recovered"] is None else f"{r['recovered']:.0%}"
+        rec = "n/a (target not above baseline)" if r["recovered"] is None else f"{r['recovered']:.0%}"
         ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}"
         lines.append(
             f"| {name} | {r['metric']} | {r['target']:.3f} | {r['student']:.3f} | "

@@ -10,9 +10,11 @@ from speechmimic.demo import DemoConfig
 def register(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="extract resemblyzer's real speaker encoder on the shipped corpus (about 5 min on 2 CPU cores)",
+        help="extract a real pretrained transformer (Whisper tiny.en's encoder) on the shipped corpus "
+        "(about 5 min on 2 CPU cores)",
         description="Run a complete, query-budgeted extraction of a real pretrained encoder "
-        "(resemblyzer's GE2E, all three LSTM layers returned) using the synthetic "
+        "(Whisper tiny.en's encoder, all five states returned; --target resemblyzer?layers=all for the GE2E "
+        "speaker LSTM) using the synthetic "
         "corpus shipped in the package: stage 2 at each budget, held-out fidelity, "
         "report.json, report.md and a plot in --out. Rerun to resume.",
     )
