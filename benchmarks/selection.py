@@ -127,9 +127,14 @@ def probe_student(cell: Cell, result: dict, sets: dict[str, ProbeSet], probed: d
     return state_scores(upstream, mine, keep=lambda s: s.startswith("pred."))
 
 
+WHISPER = {"whisper-base": "whisper:base?layers=all", "whisper-tiny": "whisper:tiny.en?layers=all"}
+
+
 def target_spec(name: str, work: Path) -> str:
     if name == "resemblyzer":
         return "resemblyzer?layers=all"
+    if name in WHISPER:
+        return WHISPER[name]
     path = work / "targets" / "tiny-hubert"
     if not (path / "config.json").exists():
         tiny_hf_model(path, "hubert", width=64, heads=4)

@@ -5,7 +5,8 @@ The thief, the pool, the held-out clips and the probes are the selection benchma
 (``benchmarks/selection.py``: FSDD train takes + the LibriSpeech subset of ``../shared/data`` in
 <= 4 s segments; probes on audio the attack never saw: 30 Speech Commands words, FSDD digits,
 speaker ID on half-second crops of the 10 LibriSpeech speakers, speaker verification (1 - EER) on
-3-s crops of them). The target is resemblyzer with its three layers. Every variant queries the same
+3-s crops of them). The target is resemblyzer with its three layers (``--target whisper-base``: Whisper
+base's encoder, its seven states; ``whisper-tiny``: tiny.en's five). Every variant queries the same
 clips (random, ``--budget`` of the pool, drawn by the seed) from one shared ledger, so variants
 differ only in how the answers are used:
 
@@ -55,6 +56,7 @@ from pathlib import Path
 import torch
 from selection import (
     PROBES,
+    WHISPER,
     _pct,
     add_shares,
     one_target_reference,
@@ -70,7 +72,7 @@ from speechmimic.pretrain import PretrainConfig
 from speechmimic.report import mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGET = "resemblyzer"
+TARGETS = ("resemblyzer", *WHISPER)
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="the shared data folder")
     ap.add_argument("--out", default="/tmp/speechmimic-bench-ablation", help="work folder (resumable)")
+    ap.add_argument(
+        "--target", default="resemblyzer", choices=TARGETS, help="the attacked encoder (default: resemblyzer)"
+    )
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
     ap.add_argument("--budget", default="10%", help="what each run queries (default: 10%%)")
@@ -181,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     pool, heldout = thief_corpus(data, work, 0, seed=0)
-    spec, sets, reference, probed = one_target_reference(TARGET, data, work)
-    specs = {TARGET: spec}
+    target = args.target
+    spec, sets, reference, probed = one_target_reference(target, data, work)
+    specs = {target: spec}
     print(reference_table(reference, list(reference)))
     measure = partial(probe_student, sets=sets, probed=probed)
 
@@ -230,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pool_s = sum(c.duration for c in pool)
     setup = (
-        f"Target {TARGET} (three layers); pool {len(pool)} clips, {pool_s:.0f} s; {args.budget} queried "
+        f"Target {spec}; pool {len(pool)} clips, {pool_s:.0f} s; {args.budget} queried "
         f"(random, the same clips for every variant of a seed); seeds {args.seeds}; baseline {args.steps} "
         f"stage-2 steps x {args.batch_seconds:g} s batches. Shares: of the target's advantage over MFCC "
         "on each probe (verification: on 1 - EER)."
@@ -247,11 +253,12 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
     )
-    (work / "ablation.md").write_text(text)
+    name = "ablation" if target == "resemblyzer" else f"ablation-{target}"
+    (work / f"{name}.md").write_text(text)
     summary = {"reference": reference, "rows": rows, "seconds": round(time.time() - t_start, 1)}
-    (work / "ablation.json").write_text(json.dumps(summary, indent=2))
+    (work / f"{name}.json").write_text(json.dumps(summary, indent=2))
     print(text)
-    print(f"wrote {work / 'ablation.md'} and {work / 'ablation.json'}")
+    print(f"wrote {work / f'{name}.md'} and {work / f'{name}.json'}")
     return 0
 
 
