@@ -1,20 +1,22 @@
-"""Proof of theft on real data: does a watermarked resemblyzer's mark survive extraction, does it stay
+"""Proof of theft on real data: does a watermarked encoder's mark survive extraction, does it stay
 silent on models made without the secret, what does it cost the owner, and does dataset inference
 tell stolen copies from independent ones?
 
-The owner marks resemblyzer (all three LSTM layers) on their own clips: the held-out part of the
+The owner marks resemblyzer (all three LSTM layers; ``--target 'whisper:base?layers=all'``: Whisper
+base's encoder, its seven states) on their own clips: the held-out part of the
 shared-data pool (FSDD train split and LibriSpeech segments of <= 4 s, split by source file; never
 queried by any thief). Thieves steal with ``extract`` (random selection, from scratch, stage 2 only)
 from the rest of the pool at each budget, from the marked encoder and from the unmarked original.
-Independent models: resemblyzer-shaped LSTMs with random weights, students stolen from such a random
-LSTM (independently trained, same shapes), and untrained students. Each suspect gets the watermark
+Independent models: encoders of the target's shape with random weights, students stolen from such a
+random encoder (independently trained, same shapes), and untrained students. Each suspect gets the watermark
 test (the trigger mixed into 64 random pool clips no thief was given) and dataset inference
 (private: the owner's clips, halves split by source file; public: 128 other random pool clips no
 thief was given). The owner's utility: the shared-data probes (30 words, short-crop speakers,
-verification) on the original and the marked encoder. The random LSTMs here use other seeds than
+verification) on the original and the marked encoder. The random encoders here use other seeds than
 those the embedding calibrates p0 on.
 
     python benchmarks/watermark.py --out /tmp/wm-bench       # ~23 min on 2 CPU cores; reruns resume
+    python benchmarks/watermark.py --out /tmp/wm-whisper --target 'whisper:base?layers=all'
 """
 
 from __future__ import annotations
@@ -37,15 +39,14 @@ from speechmimic.proof import Secret, WatermarkConfig, examine, mark
 from speechmimic.student import build_student
 from speechmimic.upstream import StudentUpstream, load_upstream
 
-TARGET = "resemblyzer?layers=all"
 
-
-def random_resemblyzer(out: Path, seed: int) -> str:
-    """A resemblyzer-shaped LSTM with freshly initialised weights, saved as a loadable spec."""
-    target = load_target(TARGET)
+def random_encoder(spec: str, out: Path, seed: int) -> str:
+    """The encoder's architecture with freshly initialised weights, saved as a loadable spec."""
+    target = load_target(spec)
     torch.manual_seed(seed)
-    for lstm in target.lstms:
-        lstm.reset_parameters()
+    for module in target.module.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
     return target.save_weights(out)
 
 
@@ -56,7 +57,12 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", default=["25%", "50%"])
     ap.add_argument("--steps", type=int, default=200, help="thieves' distillation steps")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--target", default="resemblyzer?layers=all", help="the owner's encoder (default: resemblyzer)"
+    )
     args = ap.parse_args()
+    target = args.target
+    kind_name = "LSTM" if target.startswith("resemblyzer") else "encoder"
     torch.set_num_threads(2)
     root = Path(args.out)
     suite = shared_suite(args.data, args.seed)
@@ -70,7 +76,7 @@ def main() -> None:
     t0 = time.time()
     secret_path = root / "owner" / "secret.npz"
     if not secret_path.exists():
-        mark(TARGET, private, root / "marked", secret_path, WatermarkConfig(seed=args.seed))
+        mark(target, private, root / "marked", secret_path, WatermarkConfig(seed=args.seed))
     secret = Secret.load(secret_path)
     print(f"embedding: {time.time() - t0:.0f} s, p0 = {secret.p0:.4f}", flush=True)
 
@@ -81,21 +87,21 @@ def main() -> None:
         ),
         "unmarked original": (
             "owner",
-            lambda: load_upstream(TARGET, ledger=Ledger(root / "ledgers" / "original")),
+            lambda: load_upstream(target, ledger=Ledger(root / "ledgers" / "original")),
         ),
     }
-    teachers = {"marked": secret.marked, "original": TARGET}
+    teachers = {"marked": secret.marked, "original": target}
     for j in range(3):
-        spec = random_resemblyzer(root / "independent" / f"random-lstm-{j}", 1000 + j)
-        suspects[f"random LSTM {j}"] = (
+        spec = random_encoder(target, root / "independent" / f"random-{j}", 1000 + j)
+        suspects[f"random {kind_name} {j}"] = (
             "independent",
             lambda s=spec, j=j: load_upstream(s, ledger=Ledger(root / "ledgers" / f"random-{j}")),
         )
         if j < 2:
-            teachers[f"random LSTM {j}"] = spec
+            teachers[f"random {kind_name} {j}"] = spec
     for j in range(2):
         torch.manual_seed(2000 + j)
-        student = build_student("small", [h for h in _heads(secret)])
+        student = build_student("small", _heads(load_target(target)))
         suspects[f"untrained student {j}"] = ("independent", lambda s=student: StudentUpstream(s, {}))
 
     times = {}
@@ -131,7 +137,7 @@ def main() -> None:
         )
 
     probes = {}
-    for name, spec in (("original", TARGET), ("marked", secret.marked)):
+    for name, spec in (("original", target), ("marked", secret.marked)):
         up = load_upstream(spec, ledger=Ledger(root / "ledgers" / f"probes-{name}"))
         probes[name] = {k: max(v.values()) for k, v in state_scores(up, suite.probes).items()}
     cost = {k: round(100 * (probes["original"][k] - probes["marked"][k]), 2) for k in probes["original"]}
@@ -153,10 +159,12 @@ def main() -> None:
     )
 
 
-def _heads(secret: Secret):
+def _heads(target):
+    """The students' heads for the target's layers: widths from one answer, the target's rate."""
     from speechmimic.student import HeadSpec
 
-    return [HeadSpec(name, 256, 100.0) for name in secret.layers]
+    answer = target([np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1])[0]
+    return [HeadSpec(name, answer[name].shape[1], float(target.frame_rate)) for name in target.layers]
 
 
 if __name__ == "__main__":
