@@ -336,15 +336,10 @@ class WhisperTarget:
         if window not in WINDOWS:
             raise InputError(f"window {window!r}: choose from {list(WINDOWS)}")
         self.location, self.window, self.device = location, window, torch.device(device)
-        self._ct2: tuple[dict, dict[str, np.ndarray], list] | None = None  # kept to save a marked copy
-        self._folder: Path | None = None  # its config.json and vocabulary, copied with a marked copy
-        if location in PACKAGED:
-            self._ct2, self._folder = read_ctranslate2(packaged_bytes(location)), packaged_folder(location)
-            state, heads = _ct2_state(self._ct2[1])
-        elif os.path.isfile(os.path.join(location, "model.bin")):
-            self._ct2 = read_ctranslate2(Path(location, "model.bin").read_bytes())
-            self._folder = Path(location)
-            state, heads = _ct2_state(self._ct2[1])
+        self._folder: Path | None = None  # a CTranslate2 model's folder (config.json, vocabulary)
+        if location in PACKAGED or os.path.isfile(os.path.join(location, "model.bin")):
+            self._folder = packaged_folder(location) if location in PACKAGED else Path(location)
+            state, heads = _ct2_state(self._ct2_file()[1])
         elif os.path.isfile(os.path.join(location, "config.json")):
             state, heads = _transformers_state(location, local=True)
         elif not os.path.exists(location) and HUB_ID.fullmatch(location):
@@ -430,8 +425,8 @@ class WhisperTarget:
         directory = os.path.abspath(directory)
         os.makedirs(directory, exist_ok=True)
         ours = _ct2_variables(self.model)
-        if self._ct2 is not None:
-            header, variables, aliases = self._ct2
+        if self._folder is not None:  # (read again: not kept in memory all the while it serves)
+            header, variables, aliases = self._ct2_file()
             variables = {**variables, **ours}
         else:  # the encoder alone: enough for this backend, not for CTranslate2's Whisper
             header, variables, aliases = {"version": 6, "name": "WhisperSpec", "revision": 3}, ours, []
@@ -442,5 +437,7 @@ class WhisperTarget:
                     shutil.copyfile(self._folder / extra, Path(directory) / extra)
         return self.spec.replace(f"whisper:{self.location}?", f"whisper:{directory}?", 1)
 
-    def close(self) -> None:
-        self._ct2 = None
+    def _ct2_file(self) -> tuple[dict, dict[str, np.ndarray], list[tuple[str, str]]]:
+        if self.location in PACKAGED:
+            return read_ctranslate2(packaged_bytes(self.location))
+        return read_ctranslate2(Path(self.location, "model.bin").read_bytes())
