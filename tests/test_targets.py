@@ -123,8 +123,8 @@ def test_a_missing_local_folder_is_not_taken_for_a_hub_id(tmp_path, location):
         load_backend(f"hf:{location}?layers=all")
     assert str(e.value) == (
         f"'hf:{location}?layers=all': '{location}' is no such directory, and not a hub id ('name' or "
-        "'namespace/name'); a target spec is one of hf:<local dir or hub id>, resemblyzer, "
-        "http://host:port, https://host:port, each with ?key=value&... options"
+        "'namespace/name'); a target spec is one of hf:<local dir or hub id>, "
+        "whisper:<tiny.en, base, a folder or a hub id>, resemblyzer, http://host:port, https://host:port, each with ?key=value&... options"
     )
     assert set(FORMS) == set(_KINDS)  # every kind is listed
 
@@ -142,7 +142,8 @@ def test_parse_spec():
 @pytest.mark.parametrize(
     "spec,match",
     [
-        ("whisper:x", "valid kinds"),
+        ("wav2vec:x", "valid kinds"),
+        ("whisper:x", "not a packaged model"),
         ("hf:", "needs a location"),
         ("hf:x?bogus=1", "valid options"),
         ("hf:x?layers", "malformed"),
