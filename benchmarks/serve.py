@@ -92,7 +92,8 @@ def main() -> int:
     p.add_argument(
         "--target",
         default="resemblyzer?layers=all",
-        help="target spec, or 'hubert-base' (HuBERT Base-size, random weights); default: resemblyzer, the lightest",
+        help="target spec, or 'hubert-base' (HuBERT Base-size, random weights); default: resemblyzer, the "
+        "lightest",
     )
     p.add_argument("--clips", type=int, default=96, help="clips of the demo corpus per round (default: 96)")
     p.add_argument("--concurrency", default="1,8,32", help="client concurrencies (default: 1,8,32)")
