@@ -124,7 +124,8 @@ def test_a_missing_local_folder_is_not_taken_for_a_hub_id(tmp_path, location):
     assert str(e.value) == (
         f"'hf:{location}?layers=all': '{location}' is no such directory, and not a hub id ('name' or "
         "'namespace/name'); a target spec is one of hf:<local dir or hub id>, "
-        "whisper:<tiny.en, base, a folder or a hub id>, resemblyzer, http://host:port, https://host:port, each with ?key=value&... options"
+        "whisper:<tiny.en, base, a folder or a hub id>, resemblyzer, http://host:port, https://host:port, "
+        "each with ?key=value&... options"
     )
     assert set(FORMS) == set(_KINDS)  # every kind is listed
 
