@@ -199,7 +199,7 @@ def test_dataset_inference_separates_a_model_at_home_on_the_private_clips():
         dataset_inference(_Embedding(alike), private[:4], public)
 
 
-def test_the_commands_mark_verify_and_infer(tmp_path, clips, capsys):
+def test_the_commands_fingerprint_verify_and_infer(tmp_path, clips, capsys):
     pool, heldout = clips
     write_manifest(heldout[:24], tmp_path / "owner.jsonl")
     write_manifest(pool[:16], tmp_path / "check.jsonl")
@@ -225,7 +225,7 @@ def test_the_commands_mark_verify_and_infer(tmp_path, clips, capsys):
         main(
             [
                 "watermark",
-                "mark",
+                "fingerprint",
                 "--target",
                 TARGET,
                 "--manifest",
@@ -239,11 +239,11 @@ def test_the_commands_mark_verify_and_infer(tmp_path, clips, capsys):
         )
         == 0
     )
-    marked = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("marked encoder: ")
-    # 'embed', the verb's name before 'mark', still runs it
+    marked = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("fingerprinted encoder: ")
+    # 'embed', the verb's name before 'fingerprint', still runs it
     old = ["watermark", "embed", "--target", TARGET, "--manifest", "m", "--out", "o", "--secret", "s"]
     parser = build_parser()
-    assert parser.parse_args(old).func is parser.parse_args(["watermark", "mark", *old[2:]]).func
+    assert parser.parse_args(old).func is parser.parse_args(["watermark", "fingerprint", *old[2:]]).func
     assert marked.startswith("resemblyzer?layers=1,2,3&weights=")
     assert (
         main(
@@ -267,6 +267,7 @@ def test_the_commands_mark_verify_and_infer(tmp_path, clips, capsys):
     )
     result = json.loads((tmp_path / "v.json").read_text())
     assert result["clips"] == 16 and {"share", "p_value", "verdict"} <= set(result)
+    assert result["kind"] == "fingerprint"
     assert (
         main(
             [

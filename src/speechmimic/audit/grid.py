@@ -53,7 +53,7 @@ from speechmimic.evaluate import compare
 from speechmimic.extract import ExtractConfig, extract
 from speechmimic.ledger import Ledger, content_key, query_clips
 from speechmimic.probe.pooled import ProbeSet, cv_by_state, state_scores, verification_eer
-from speechmimic.proof import Secret, examine
+from speechmimic.proof import examine, load_secret
 from speechmimic.serve.process import ServerProcess
 from speechmimic.student import PRESETS
 from speechmimic.sybil import Sybils
@@ -111,8 +111,9 @@ class AuditConfig:
     fpr: float = option(0.05, "the false-positive rate at which the detector's true-positive rate is stated")
     secret: str | None = option(
         None,
-        "the watermark secret of the target (from 'speechmimic watermark mark'): every stolen copy is "
-        "tested for the mark and by dataset inference, and the report adds what the mark costs on the probes",
+        "the watermark secret of the target (from 'speechmimic watermark mark', the target then served "
+        "as 'SPEC|mark?secret=FILE', or 'watermark fingerprint'): every stolen copy is tested for the "
+        "mark and by dataset inference, and the report adds what the mark costs on the probes",
         metavar="FILE",
     )
     proof: bool = option(False, "dataset inference on every stolen copy (implied by --secret)")
@@ -215,7 +216,7 @@ class Audit:
             "mfcc": state_scores(load_upstream("mfcc"), self.suite.probes),
         }
         if self.cfg.secret:  # what the mark costs the owner: the same probes on the unmarked encoder
-            original = Secret.load(self.cfg.secret).original
+            original = load_secret(self.cfg.secret).original
             led = Ledger(self.root / "ledgers" / "original-probes", store="float32")
             ref["original"] = state_scores(load_upstream(original, ledger=led), self.suite.probes)
         return records.write(path, made_by, {"scores": ref})["scores"]
@@ -243,7 +244,7 @@ class Audit:
         private = [c.load() for c in self.suite.heldout]
         found = examine(
             load_upstream(cell["student"]),
-            Secret.load(secret_file) if secret_file else None,
+            load_secret(secret_file) if secret_file else None,
             private[:64],
             private,
             [unpaid[i].load() for i in order],

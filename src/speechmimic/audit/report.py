@@ -114,7 +114,9 @@ def _proof(found: dict) -> dict:
     out = {"dataset_inference_p": found["dataset_inference"]["p_value"]}
     if "watermark" in found:
         w = found["watermark"]
-        out.update(watermark=w["verdict"], watermark_share=w["share"], watermark_p=w["p_value"])
+        # the fingerprint's statistic is a share of clips, the answer mark's a z in null deviations
+        stat = w["z"] if w.get("kind") == "answer mark" else w["share"]
+        out.update(watermark=w["verdict"], watermark_stat=stat, watermark_p=w["p_value"])
     return out
 
 
@@ -276,20 +278,30 @@ def write(summary: dict, out: str | Path, title: str) -> dict[str, Path]:
     proofs = [r for r in summary["rows"] if "proof" in r]
     if proofs or "watermark_cost" in summary:
         lines += ["", "## Proof of theft", "",
-                  "Each stolen copy tested for the owner's watermark (share of triggered clips decoding to "
-                  "the key, p-value under the null of a model made without the secret) and by dataset "
-                  "inference (p-value that it is more at home on the owner's held-out clips than on pool "
-                  "clips the thief never paid for).", "",
-                  "| defence | attacker | budget | watermark share | watermark p | verdict "
+                  "Each stolen copy tested for the owner's watermark (statistic: for the answer mark, how "
+                  "far its reactions lean toward the secret key, in standard deviations of the null; for "
+                  "the fingerprint, the share of triggered clips decoding to the key; p-value under the "
+                  "null of a model made without the secret) and by dataset inference (p-value that it is "
+                  "more at home on the owner's held-out clips than on pool clips the thief never paid "
+                  "for).", "",
+                  "| defence | attacker | budget | watermark statistic | watermark p | verdict "
                   "| dataset inference p |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in proofs:
             p = r["proof"]
             lines.append(
-                f"| {r['defence']} | {r['attacker']} | {r['budget']} | {_f(p.get('watermark_share'))} | "
+                f"| {r['defence']} | {r['attacker']} | {r['budget']} | {_f(p.get('watermark_stat'))} | "
                 f"{_f(p.get('watermark_p'), '{:.2g}')} | {p.get('watermark', '-')} | "
                 f"{p['dataset_inference_p']:.2g} |"
             )
+        tested = [r["proof"]["watermark"] for r in proofs if "watermark" in r["proof"]]
+        if tested:
+            found = sum(v == "watermark found" for v in tested)
+            lines += [
+                "",
+                f"Copies found: {found} of {len(tested)} (the true-positive rate at p < 0.01; the "
+                "false-positive rate on trained independent models: benchmarks/watermark.py).",
+            ]
         if "watermark_cost" in summary:
             lines += ["", "What the mark costs the owner (best state of each probe):", "",
                       "| probe | unmarked | marked | cost (points) |", "|---|---|---|---|"]  # fmt: skip

@@ -1,4 +1,5 @@
-"""``speechmimic watermark mark|verify``: mark an encoder so stolen copies carry the mark; test a suspect."""
+"""``speechmimic watermark mark|fingerprint|verify``: mark what an API answers so stolen copies carry the
+mark (or fine-tune a family fingerprint into an encoder); test a suspect."""
 
 from __future__ import annotations
 
@@ -12,48 +13,67 @@ from speechmimic.upstream import load_upstream
 def register(sub) -> None:
     p = sub.add_parser(
         "watermark",
-        help="mark your encoder so copies stolen from it carry the mark; test a suspect for it",
-        description="mark: fine-tune an encoder (hf:... or resemblyzer) on your clips so that clips "
-        "carrying a secret audio trigger decode, through a secret decoder, to a secret key, while its "
-        "answers to ordinary clips stay close to the original's; shadow thieves distilled meanwhile "
-        "teach the mark to survive extraction. The secret is saved apart from the model. "
-        "verify: mix the trigger into clips, ask the suspect, and report the share of clips that "
-        "decode to the key, its p-value under the null of a model made without the secret, and a verdict.",
+        help="mark what your API answers so copies stolen from it carry the mark; test a suspect for it",
+        description="mark: draw a secret for an answer watermark (a secret frequency band, a secret key "
+        "direction); the API served as 'SPEC|mark?secret=FILE' nudges its answers toward the key where a "
+        "clip carries energy in the band, and copies learn the nudge from clean queries. Exclusive: the "
+        "unmarked original and its copies do not carry it. fingerprint: fine-tune an encoder so that copies "
+        "of it react to a secret trigger (SSLGuard's recipe); copies of the unmarked original react too, so "
+        "it says 'derived from this model family'. verify: test a suspect against either secret; the "
+        "report gives a p-value under the null of a model made without the secret, and a verdict.",
     )
     sub2 = p.add_subparsers(
         dest="action",
         metavar="ACTION",
         required=True,
-        help="mark (your encoder; 'embed' is another name for it) or verify (test a suspect)",
+        help="mark (a secret for the served answer watermark), fingerprint (fine-tune a family "
+        "fingerprint into an encoder; 'embed' is another name for it) or verify (test a suspect)",
     )
 
-    e = sub2.add_parser(
+    m = sub2.add_parser(
         "mark",
-        aliases=["embed"],  # its name before 'mark'
-        help="fine-tune an encoder to carry a watermark",
-        description="Fine-tune --target on your clips so that it carries a watermark; write the marked "
-        "weights to --out and the secret to --secret (keep it apart: it proves ownership).",
+        help="draw the secret of an answer watermark for an API",
+        description="Draw a secret band and key for --target from your clips and write it to --secret; "
+        "then serve 'SPEC|mark?secret=FILE' (speechmimic serve --target ...). Keep the file: it proves "
+        "ownership. See docs/defences.md.",
+    )
+    _options.add_target(m)
+    m.add_argument("--manifest", required=True, help="your own clips, to calibrate the band's quantiles")
+    m.add_argument("--secret", required=True, metavar="FILE", help="where the secret goes (.npz)")
+    from speechmimic.defences.mark import MarkConfig
+
+    _options.add_config_flags(m.add_argument_group("answer mark settings"), MarkConfig)
+    m.set_defaults(func=run_mark)
+
+    e = sub2.add_parser(
+        "fingerprint",
+        aliases=["embed"],  # its name before 'fingerprint'
+        help="fine-tune an encoder to carry a family fingerprint",
+        description="Fine-tune --target on your clips so that it and copies of it react to a secret "
+        "trigger; write the fine-tuned weights to --out and the secret to --secret (keep it apart).",
     )
     _options.add_target(e)
     e.add_argument("--manifest", required=True, help="your own clips to fine-tune on (a corpus manifest)")
-    e.add_argument("--out", required=True, metavar="DIR", help="folder for the marked weights")
+    e.add_argument("--out", required=True, metavar="DIR", help="folder for the fine-tuned weights")
     e.add_argument(
         "--secret", required=True, metavar="FILE", help="where the secret goes (.npz; not inside --out)"
     )
     from speechmimic.proof.watermark import WatermarkConfig
 
-    _options.add_config_flags(e.add_argument_group("watermark settings"), WatermarkConfig)
+    _options.add_config_flags(e.add_argument_group("fingerprint settings"), WatermarkConfig)
     _options.add_resume(e)
     _options.add_progress(e)
-    e.set_defaults(func=run_mark)
+    e.set_defaults(func=run_fingerprint)
 
     v = sub2.add_parser(
         "verify",
         help="test a suspect upstream (a student, a target spec, an HTTP API)",
-        description="Ask the suspect each clip as it is and with the secret trigger; report the share of "
-        "clips whose decoded reaction is close to the key, its p-value and a verdict.",
+        description="Ask the suspect each clip as it is and with the secret's trigger; report how far its "
+        "reactions lean toward the secret key, the p-value and a verdict.",
     )
-    v.add_argument("--secret", required=True, metavar="FILE", help="the secret written by 'mark'")
+    v.add_argument(
+        "--secret", required=True, metavar="FILE", help="the secret written by 'mark' or 'fingerprint'"
+    )
     v.add_argument(
         "--suspect",
         required=True,
@@ -72,6 +92,20 @@ def register(sub) -> None:
 
 
 def run_mark(args) -> int:
+    from speechmimic.defences import load_target
+    from speechmimic.defences.mark import MarkConfig, make_secret
+
+    cfg = MarkConfig(**_options.given(args, MarkConfig))
+    wavs = [c.load() for c in read_manifest(args.manifest)]
+    secret = make_secret(load_target(args.target), wavs, cfg)
+    path = secret.save(args.secret)
+    lo, hi = secret.band
+    print(f"secret: {path} (band {lo:.0f}-{hi:.0f} Hz, {len(secret.key)} dimensions)")
+    print(f"serve the marked API as: {args.target}|mark?secret={path}")
+    return 0
+
+
+def run_fingerprint(args) -> int:
     from speechmimic.proof.watermark import WatermarkConfig, mark
 
     cfg = WatermarkConfig(**_options.given(args, WatermarkConfig))
@@ -86,16 +120,17 @@ def run_mark(args) -> int:
         resume=not args.no_resume,
     )
     print(json.dumps(summary, indent=2))
-    print(f"marked encoder: {summary['marked']}")
+    print(f"fingerprinted encoder: {summary['marked']}")
     return 0
 
 
 def run_verify(args) -> int:
-    from speechmimic.proof.watermark import Secret, verify
+    from speechmimic.proof import load_secret, verify_any
 
-    secret = Secret.load(args.secret)
+    secret = load_secret(args.secret)
     wavs = [c.load() for c in read_manifest(args.manifest)[: args.clips]]
     upstream = load_upstream(args.suspect, ledger=args.ledger)
-    result = {"suspect": args.suspect, **verify(upstream, secret, wavs, args.alpha, not args.no_progress)}
+    found = verify_any(upstream, secret, wavs, alpha=args.alpha, progress=not args.no_progress)
+    result = {"suspect": args.suspect, **found}
     _options.print_json(result, args.out)
     return 0

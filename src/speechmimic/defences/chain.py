@@ -22,6 +22,7 @@ import numpy as np
 
 from speechmimic.defences.b4b import B4B
 from speechmimic.defences.base import Defence, Query, Refused, digest
+from speechmimic.defences.mark import Mark
 from speechmimic.defences.perturb import Layers, Noise, Round
 from speechmimic.defences.prada import Prada
 from speechmimic.defences.quota import Quota
@@ -32,7 +33,9 @@ from speechmimic.targets import Target, load_backend, parse_spec
 from speechmimic.targets.base import PartialAnswers, TargetError
 from speechmimic.targets.registry import parse_options
 
-DEFENCES: dict[str, type[Defence]] = {d.kind: d for d in (Noise, Round, Layers, Transform, B4B, Prada, Quota)}
+DEFENCES: dict[str, type[Defence]] = {
+    d.kind: d for d in (Noise, Round, Layers, Transform, B4B, Prada, Quota, Mark)
+}
 ACCOUNT = "account"
 DEFAULT_ACCOUNT = "local"
 
