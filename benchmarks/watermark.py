@@ -321,6 +321,7 @@ def main() -> None:
     nulls = [
         ("10%", 1, "calibration"), ("25%", 2, "calibration"), ("50%", 2, "calibration"),
         ("10%", 2, "test"), ("25%", 1, "test"), ("25%", 3, "test"), ("50%", 1, "test"), ("10%", 3, "test"),
+        ("50%", 3, "test"),
     ]  # fmt: skip
     for budget, seed, group in nulls:
         path = steal(

@@ -163,3 +163,26 @@ def test_the_commands_mark_and_verify_and_their_errors(owner, tmp_path, capsys):
         load_target(f"{TARGET}|mark")
     with pytest.raises(InputError, match="marks .* not answered here"):
         load_target(f"resemblyzer?layers=1|mark?secret={secret}")
+
+
+def test_the_audit_tests_each_copy_for_the_answer_mark_and_prices_it(owner, tmp_path):
+    from speechmimic.audit.grid import Audit, AuditConfig
+    from speechmimic.audit.report import summarise, write
+    from speechmimic.audit.suites import demo_suite
+
+    _, path, _ = owner
+    suite = demo_suite()
+    suite.probes = {"keywords": suite.probes["keywords"]}
+    suite.benign = {}
+    served = f"{TARGET}|mark?secret={path}"
+    cfg = AuditConfig(
+        target=served, budgets=["25%"], defences={"none": ""}, steps=5, streams=0, secret=str(path)
+    )
+    report = summarise(Audit(load_target(served), suite, tmp_path, cfg, progress=False).run(), cfg)
+    proof = report["rows"][0]["proof"]
+    assert proof["watermark"] in ("watermark found", "no watermark") and 0 <= proof["watermark_p"] <= 1
+    assert isinstance(proof["watermark_stat"], float)  # the answer mark's z
+    cost = report["watermark_cost"]["keywords"]
+    assert abs(cost["cost_points"]) <= 100 and cost["original"] > 0
+    text = write(report, tmp_path, "audit with the answer mark")["md"].read_text()
+    assert "## Proof of theft" in text and "Copies found: " in text

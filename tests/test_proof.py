@@ -290,6 +290,7 @@ def test_the_commands_fingerprint_verify_and_infer(tmp_path, clips, capsys):
     assert 0 <= di["p_value"] <= 1 and di["private_clips"] == 12
 
 
+@pytest.mark.slow  # the default run audits with the answer mark (tests/test_answer_mark.py)
 def test_the_audit_tests_each_stolen_copy_and_prices_the_mark(marked, tmp_path):
     from speechmimic.audit.grid import Audit, AuditConfig
     from speechmimic.audit.report import summarise, write
