@@ -15,8 +15,8 @@ thief was given). The owner's utility: the shared-data probes (30 words, short-c
 verification) on the original and the marked encoder. The random encoders here use other seeds than
 those the embedding calibrates p0 on.
 
-    python benchmarks/watermark.py --out /tmp/wm-bench       # ~23 min on 2 CPU cores; reruns resume
-    python benchmarks/watermark.py --out /tmp/wm-whisper --target 'whisper:base?layers=all'
+    python benchmarks/fingerprint.py --out /tmp/wm-bench       # ~23 min on 2 CPU cores; reruns resume
+    python benchmarks/fingerprint.py --out /tmp/wm-whisper --target 'whisper:base?layers=all'
 """
 
 from __future__ import annotations
