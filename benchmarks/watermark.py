@@ -50,6 +50,8 @@ from speechmimic.defences.mark import MarkConfig, MarkSecret, make_secret
 from speechmimic.distill import DistillConfig, augmented
 from speechmimic.extract import ExtractConfig, extract
 from speechmimic.ledger import Ledger
+from speechmimic.masked import span_mask
+from speechmimic.pretrain import Data2VecPredictor
 from speechmimic.probe.pooled import pooled_features, state_scores
 from speechmimic.proof.answer_mark import verify
 from speechmimic.proof.watermark import ALPHA
@@ -191,6 +193,27 @@ def distilled(
         loss.backward()
         opt.step()
     return student.eval()
+
+
+def stage1_tuned(victim: Student, wavs: list[np.ndarray], steps: int, seed: int) -> Student:
+    """The copy fine-tuned with a stage-1 objective on the thief's own audio (data2vec: its masked
+    frames regress an EMA teacher's top layers); its heads stay as they were."""
+    rng, np_rng = random.Random(seed), np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    model = Data2VecPredictor(copy.deepcopy(victim)).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    for _ in range(steps):
+        x = torch.from_numpy(np.stack(crops(wavs, 8, 1.0, rng)))
+        t = int(model.student.cfg.num_frames(x.shape[1]))
+        mask = span_mask([t] * len(x), t, 0.08, 10, np_rng)
+        pred, target, valid = model(x, x, torch.full((len(x),), x.shape[1]), mask)
+        chosen = mask & valid
+        loss = F.mse_loss(pred[chosen], target[chosen])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.ema_update(0.999)
+    return model.student.eval()
 
 
 def transformed_pool(pool: list[Clip], out: Path, kind: str, seed: int) -> list[Clip]:

@@ -1,5 +1,5 @@
 """Defences that wrap any target: output perturbation, secret per-key transforms, B4B coverage noise,
-a PRADA-style detector and quotas, named in the target spec after ``|`` (see
+a PRADA-style detector, quotas and the answer watermark, named in the target spec after ``|`` (see
 :mod:`speechmimic.defences.chain`)."""
 
 from speechmimic.defences.b4b import calibrate

@@ -84,7 +84,7 @@ class MarkSecret:
 def band_score(wav: np.ndarray, band: tuple[float, float]) -> np.ndarray:
     """Per 10-ms frame: log energy of ``band`` over the mean of its two neighbours (each as wide),
     with a floor at a thousandth of the clip's mean frame energy so that silence scores 0."""
-    wav = np.asarray(wav, np.float32)
+    wav = np.ascontiguousarray(wav, np.float32)  # the strided view below assumes it
     if len(wav) < N_FFT:
         wav = np.pad(wav, (0, N_FFT - len(wav)))
     n = 1 + (len(wav) - N_FFT) // HOP
