@@ -52,7 +52,7 @@ from speechmimic.extract import ExtractConfig, extract
 from speechmimic.ledger import Ledger
 from speechmimic.masked import span_mask
 from speechmimic.pretrain import Data2VecPredictor
-from speechmimic.probe.pooled import pooled_features, state_scores
+from speechmimic.probe.pooled import state_scores
 from speechmimic.proof.answer_mark import verify
 from speechmimic.proof.watermark import ALPHA
 from speechmimic.recipes.demo import demo_corpus
@@ -130,19 +130,28 @@ class Aligned(nn.Module):
         self.upstream, self.layers = upstream, layers
         names = list(upstream.hidden_state_names)
         self.use = [i for i, n in enumerate(names) if n.startswith("pred.")] or list(range(len(names)))
-        x = np.concatenate([pooled_features(upstream, public, progress=False)[names[i]] for i in self.use], 1)
-        ref = pooled_features(reference, public, progress=False)
-        self.widths = [ref[k].shape[1] for k in layers]
-        self.ridge = Ridge(alpha=10.0).fit(x, np.concatenate([ref[k] for k in layers], 1))
+        x = np.stack([self.frames(w).mean(0) for w in public])
+        where = [list(reference.hidden_state_names).index(k) for k in layers]
+        y = []
+        for w in public:
+            with torch.no_grad():
+                states = reference([torch.from_numpy(w)])["hidden_states"]
+            y.append(np.concatenate([states[i][0].float().mean(0).numpy() for i in where]))
+        self.widths = [len(states[i][0][0]) for i in where]
+        self.ridge = Ridge(alpha=10.0).fit(x, np.stack(y))
         self.hidden_state_names = layers
+
+    @torch.no_grad()
+    def frames(self, wav) -> np.ndarray:
+        """(T, D): the upstream's chosen states side by side, frame by frame."""
+        states = self.upstream([torch.as_tensor(wav)])["hidden_states"]
+        return torch.cat([states[i][0].float() for i in self.use], 1).numpy()
 
     @torch.no_grad()
     def forward(self, wavs):
         out = {k: [] for k in self.layers}
         for w in wavs:
-            states = self.upstream([w])["hidden_states"]
-            frames = torch.cat([states[i][0].float() for i in self.use], 1).numpy()
-            y = np.split(self.ridge.predict(frames), np.cumsum(self.widths)[:-1], axis=1)
+            y = np.split(self.ridge.predict(self.frames(w)), np.cumsum(self.widths)[:-1], axis=1)
             for k, part in zip(self.layers, y, strict=True):
                 out[k].append(torch.from_numpy(part.astype(np.float32)))
         return {"hidden_states": [torch.stack(out[k]) for k in self.layers]}
@@ -429,7 +438,12 @@ def main() -> None:
             f"self-distilled, augmented, {steps} steps",
             lambda n=steps: distilled(victim, copy.deepcopy(victim), thief_wavs, n, 1, True),
         )
-    for steps in (200, 600):
+    for steps in strengths(100, 300):
+        attacked(
+            f"stage-1 objective (data2vec), {steps} steps",
+            lambda n=steps: stage1_tuned(victim, thief_wavs, n, 1),
+        )
+    for steps in strengths(200, 600):
 
         def fresh(n=steps):
             torch.manual_seed(7)
