@@ -3,13 +3,13 @@
 The owner compresses resemblyzer into a student of its own (``compress``, the ``small`` preset) on
 its private clips only: the held-out part of the shared-data pool (split by source file). Independent
 developers do the same on as many seconds of other pool clips (other seeds, other clips). Thieves
-steal the owner's student through its API (``extract``, random selection, from scratch) at 25% and 50%
-of the thief pool, two seeds each; one thief steals an independent model. Every suspect gets dataset
+steal the owner's student through its API (``extract``, random selection, from scratch) at 25% (two
+seeds) and 50% of the thief pool; one thief steals an independent model. Every suspect gets dataset
 inference (:func:`speechmimic.proof.dataset_inference`): private clips are the owner's training clips
 (halves split by source file), public clips 128 pool clips nobody trained on or queried. Resemblyzer
 itself, a public model that never saw the private clips, is the case where the test does not apply.
 
-    python benchmarks/dataset_inference.py --out /tmp/di          # ~25 min on 2 CPU cores; reruns resume
+    python benchmarks/dataset_inference.py --out /tmp/di          # ~12 min on 2 CPU cores; reruns resume
 """
 
 from __future__ import annotations
@@ -129,14 +129,10 @@ def main() -> None:
             )
         return Path(json.loads((out / "result.json").read_text())["student"]["path"])
 
-    for budget in ("25%", "50%"):
-        for seed in (1, 2):
-            path = steal(owner, f"owner-{budget[:-1]}-{seed}", budget, seed)
-            suspects[f"copy of the owner's model {budget} s{seed}"] = (
-                "copy",
-                lambda p=path: load_upstream(p),
-            )
-    for j, path in enumerate(independents):
+    for budget, seed in (("25%", 1), ("25%", 2), ("50%", 1)):
+        path = steal(owner, f"owner-{budget[:-1]}-{seed}", budget, seed)
+        suspects[f"copy of the owner's model {budget} s{seed}"] = ("copy", lambda p=path: load_upstream(p))
+    for j, path in enumerate(independents[:1]):
         copy = steal(path, f"independent-{j}-25-1", "25%", 1)
         suspects[f"copy of independent model {j} 25% s1"] = ("independent", lambda p=copy: load_upstream(p))
 
