@@ -9,7 +9,7 @@ inference (:func:`speechmimic.proof.dataset_inference`): private clips are the o
 (halves split by source file), public clips 128 pool clips nobody trained on or queried. Resemblyzer
 itself, a public model that never saw the private clips, is the case where the test does not apply.
 
-    python benchmarks/dataset_inference.py --out /tmp/di          # ~12 min on 2 CPU cores; reruns resume
+    python benchmarks/dataset_inference.py --out /tmp/di          # reruns resume (not yet timed)
 """
 
 from __future__ import annotations
