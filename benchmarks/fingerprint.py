@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from watermark import proof_split  # the same split as the answer mark's benchmark (this folder)
 
 from speechmimic.audit.suites import shared_suite
 from speechmimic.defences import load_target
@@ -66,12 +67,7 @@ def main() -> None:
     torch.set_num_threads(2)
     root = Path(args.out)
     suite = shared_suite(args.data, args.seed)
-    # verification, public and thief clips drawn at random from the pool, so they are alike
-    order = np.random.default_rng(args.seed).permutation(len(suite.pool))
-    verification = [suite.pool[i].load() for i in order[:64]]
-    public = [suite.pool[i].load() for i in order[64:192]]
-    thief_pool = [suite.pool[i] for i in sorted(order[192:])]
-    private = [c.load() for c in suite.heldout]
+    verification, public, thief_pool, private = proof_split(suite, args.seed)
 
     t0 = time.time()
     secret_path = root / "owner" / "secret.npz"

@@ -62,6 +62,16 @@ from speechmimic.upstream import load_upstream
 OTHER = {"resemblyzer": "whisper:tiny.en?layers=all", "whisper": "resemblyzer?layers=all"}
 
 
+def proof_split(suite, seed: int):
+    """(verification clips, public clips, the thieves' pool, the owner's private clips): verification,
+    public and thief clips drawn at random from the pool, so they are alike; private ones held out."""
+    order = np.random.default_rng(seed).permutation(len(suite.pool))
+    verification = [suite.pool[i].load() for i in order[:64]]
+    public = [suite.pool[i].load() for i in order[64:192]]
+    thief_pool = [suite.pool[i] for i in sorted(order[192:])]
+    return verification, public, thief_pool, [c.load() for c in suite.heldout]
+
+
 def steal(
     teacher: str, pool: list[Clip], out: Path, budget: str, seed: int, steps: int, ledger: Path
 ) -> Path:
@@ -272,11 +282,7 @@ def main() -> None:
     target, root = args.target, Path(args.out)
     other = OTHER["whisper" if target.startswith("whisper") else "resemblyzer"]
     suite = shared_suite(args.data, args.seed)
-    order = np.random.default_rng(args.seed).permutation(len(suite.pool))
-    verification = [suite.pool[i].load() for i in order[:64]]
-    public = [suite.pool[i].load() for i in order[64:192]]
-    thief_pool = [suite.pool[i] for i in sorted(order[192:])]
-    private = [c.load() for c in suite.heldout]
+    verification, public, thief_pool, private = proof_split(suite, args.seed)
     synthetic = demo_corpus()[0]
     t0 = time.time()
 
